@@ -1,0 +1,231 @@
+r"""Likelihoods p(y | f) on the model output f, and what the Fisher needs of them.
+
+Shapes: N examples, C outputs per example, K back-propagated columns.
+
+For each likelihood we provide
+
+* ``nll(f, y)``: the negative log-likelihood per example, shape (N,);
+* ``sample(f, n_samples, generator)``: labels y ~ p(y | f), shape (n_samples, N, ...);
+* ``grad_output(f, y)``: d nll / d f, shape (..., N, C) (closed form, no autograd);
+* ``hessian_sqrt(f)``: S of shape (N, C, K) with S S^T = H = d^2 nll / d f^2, the Hessian of the
+  negative log-likelihood w.r.t. the output. For these exponential-family likelihoods
+  E_y[g g^T] = H, so the exact Fisher equals the generalised Gauss-Newton matrix J^T H J.
+* ``hessian_matmul(f, v)``: H v for v of shape (..., N, C) without forming H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class Likelihood:
+    """Base class. Subclasses define the distribution of y given the model output f."""
+
+    #: human-readable name, also accepted by :func:`get_likelihood`
+    name: str = ""
+
+    def check_output(self, f: Tensor) -> Tensor:
+        """Validate the model output and return it as (N, C)."""
+        if f.ndim != 2:
+            raise ValueError(
+                f"likelihood '{self.name}' expects model outputs of shape (N, C), got "
+                f"{tuple(f.shape)}; flatten or pool the output inside the model"
+            )
+        return f
+
+    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+        """Validate labels against the output; return them in the form ``nll`` expects."""
+        return y
+
+    def nll(self, f: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def hessian_sqrt(self, f: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
+        # n: example, c/d: output, k: column of S; v: (..., N, C)
+        s = self.hessian_sqrt(f)
+        return torch.einsum("nck,ndk,...nd->...nc", s, s, v)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Categorical(Likelihood):
+    r"""Categorical likelihood on logits f (N, C): p = softmax(f), labels are class indices (N,).
+
+    H = diag(p) - p p^T; its square root S = diag(sqrt p) - p sqrt(p)^T, i.e. column k of S is
+    sqrt(p_k) (e_k - p), so that S S^T = diag(p) - p p^T (using sum p = 1).
+    """
+
+    name = "categorical"
+
+    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+        if y.ndim == 2 and y.shape == f.shape and y.is_floating_point():
+            raise ValueError(
+                "categorical likelihood expects class indices of shape (N,), got one-hot or "
+                f"probability targets of shape {tuple(y.shape)}; pass y.argmax(-1)"
+            )
+        if y.shape != f.shape[:1] or y.is_floating_point() or y.is_complex():
+            raise ValueError(
+                f"categorical likelihood expects integer class indices of shape ({f.shape[0]},), "
+                f"got {tuple(y.shape)} of dtype {y.dtype}"
+            )
+        return y
+
+    def nll(self, f: Tensor, y: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(f, y, reduction="none")
+
+    def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        p = torch.softmax(f.detach(), dim=-1)
+        y = torch.multinomial(p, n_samples, replacement=True, generator=generator)  # (N, S)
+        return y.T.contiguous()
+
+    def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        p = torch.softmax(f.detach(), dim=-1)
+        return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(p.dtype)
+
+    def hessian_sqrt(self, f: Tensor) -> Tensor:
+        p = torch.softmax(f.detach(), dim=-1)  # (N, C)
+        sq = p.sqrt()
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        # S[n, c, k] = sqrt(p_nk) (delta_ck - p_nc)
+        return (eye[None] - p[:, :, None]) * sq[:, None, :]
+
+    def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
+        p = torch.softmax(f.detach(), dim=-1)
+        return p * v - p * (p * v).sum(-1, keepdim=True)
+
+
+class Gaussian(Likelihood):
+    r"""Gaussian likelihood N(y; f, sigma^2 I) on outputs f (N, C), targets y (N, C).
+
+    nll = |y - f|^2 / (2 sigma^2) + C log(sigma sqrt(2 pi)); H = I / sigma^2, S = I / sigma.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float | Tensor = 1.0):
+        if not isinstance(sigma, Tensor) and (not math.isfinite(sigma) or sigma <= 0):
+            raise ValueError(f"Gaussian sigma must be a positive finite number, got {sigma}")
+        self.sigma = sigma
+
+    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+        if y.shape == f.shape[:1] and f.shape[1] == 1:
+            y = y[:, None]
+        if y.shape != f.shape:
+            raise ValueError(
+                f"gaussian likelihood expects targets of the output's shape {tuple(f.shape)}, "
+                f"got {tuple(y.shape)}"
+            )
+        return y.to(f.dtype)
+
+    def nll(self, f: Tensor, y: Tensor) -> Tensor:
+        sigma = torch.as_tensor(self.sigma, dtype=f.dtype, device=f.device)
+        c = f.shape[-1]
+        return ((y - f) ** 2).sum(-1) / (2 * sigma**2) + c * torch.log(sigma * math.sqrt(2 * math.pi))
+
+    def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(
+            (n_samples, *f.shape), dtype=f.dtype, device=f.device, generator=generator
+        )
+        return f.detach() + self.sigma * noise
+
+    def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        return (f.detach() - y) / self.sigma**2
+
+    def hessian_sqrt(self, f: Tensor) -> Tensor:
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        return (eye / self.sigma).expand(f.shape[0], -1, -1)
+
+    def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
+        return v / self.sigma**2
+
+    def __repr__(self) -> str:
+        return f"Gaussian(sigma={self.sigma})"
+
+
+class Bernoulli(Likelihood):
+    r"""Bernoulli likelihood on one logit per example: f of shape (N, 1) (or (N,)), y in {0, 1}.
+
+    p = sigmoid(f); H = p (1 - p); S = sqrt(p (1 - p)).
+    """
+
+    name = "bernoulli"
+
+    def check_output(self, f: Tensor) -> Tensor:
+        if f.ndim == 1:
+            f = f[:, None]
+        if f.ndim != 2 or f.shape[1] != 1:
+            raise ValueError(
+                f"bernoulli likelihood expects one logit per example, shape (N,) or (N, 1), got "
+                f"{tuple(f.shape)}; use likelihood='categorical' for several classes"
+            )
+        return f
+
+    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.shape != f.shape[:1]:
+            raise ValueError(f"bernoulli likelihood expects labels of shape ({f.shape[0]},), got {tuple(y.shape)}")
+        y = y.to(f.dtype)
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise ValueError("bernoulli likelihood expects labels in {0, 1}")
+        return y
+
+    def nll(self, f: Tensor, y: Tensor) -> Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(f[:, 0], y, reduction="none")
+
+    def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        p = torch.sigmoid(f.detach()[:, 0]).expand(n_samples, -1)
+        return torch.bernoulli(p, generator=generator)
+
+    def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
+        return (torch.sigmoid(f.detach()[:, 0]) - y)[..., None]
+
+    def hessian_sqrt(self, f: Tensor) -> Tensor:
+        p = torch.sigmoid(f.detach())
+        return (p * (1 - p)).sqrt()[:, :, None]
+
+    def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
+        p = torch.sigmoid(f.detach())
+        return p * (1 - p) * v
+
+
+_BY_NAME: dict[str, type[Likelihood]] = {
+    "categorical": Categorical,
+    "classification": Categorical,
+    "cross_entropy": Categorical,
+    "gaussian": Gaussian,
+    "regression": Gaussian,
+    "mse": Gaussian,
+    "bernoulli": Bernoulli,
+    "binary": Bernoulli,
+}
+
+
+def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    """Return a :class:`Likelihood` from an instance or a name ("categorical", "gaussian", "bernoulli")."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if isinstance(likelihood, str):
+        cls = _BY_NAME.get(likelihood.lower())
+        if cls is None:
+            raise ValueError(
+                f"unknown likelihood {likelihood!r}; use 'categorical', 'gaussian', 'bernoulli' "
+                "or an fl.Likelihood instance such as fl.Gaussian(sigma=0.1)"
+            )
+        return cls()
+    raise TypeError(
+        f"likelihood must be a name or an fl.Likelihood instance, got {type(likelihood).__name__}"
+    )
