@@ -1,0 +1,149 @@
+"""Data handling: one (x, y) batch, an iterable of batches or a DataLoader -> validated batches on
+the target device and dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _looks_like_one_batch(data: Any) -> bool:
+    """An (x, y) pair: y a tensor with a leading dim, x a tensor/dict/tuple of tensors of that size."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    x, y = data
+    if not isinstance(y, Tensor) or y.ndim == 0:
+        return False
+    if isinstance(x, (tuple, list)) and not all(isinstance(t, Tensor) for t in x):
+        return False
+    if not isinstance(x, (Tensor, Mapping, tuple, list)):
+        return False
+    try:
+        return batch_size(x) == y.shape[0]
+    except (TypeError, ValueError):
+        return False
+
+
+def move(x: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
+    """Move tensors (recursively in tuples/lists/dicts) to the device; cast floating ones to dtype."""
+    if isinstance(x, Tensor):
+        if x.is_floating_point() and dtype is not None:
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device) if device is not None else x
+    if isinstance(x, Mapping):
+        return {k: move(v, device, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(move(v, device, dtype) for v in x)
+    return x
+
+
+def batch_size(x: Any) -> int:
+    """Number of examples in an input (the leading dim of its first tensor)."""
+    if isinstance(x, Tensor):
+        if x.ndim == 0:
+            raise ValueError("model inputs must have a leading batch dimension, got a 0-d tensor")
+        return x.shape[0]
+    if isinstance(x, Mapping):
+        for v in x.values():
+            if isinstance(v, Tensor):
+                return batch_size(v)
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            if isinstance(v, Tensor):
+                return batch_size(v)
+    raise TypeError(
+        f"model inputs must be a tensor or a tuple/list/dict of tensors, got {type(x).__name__}"
+    )
+
+
+def call_model(model: torch.nn.Module, x: Any) -> Tensor:
+    """model(x) for a tensor or dict input, model(*x) for a tuple/list input."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def check_finite(t: Tensor, what: str, index: int) -> None:
+    """Raise if a floating tensor holds NaN or inf (one device sync per batch)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} of batch {index} contains NaN or inf; clean the data or the model")
+
+
+def _check_finite_any(x: Any, what: str, index: int) -> None:
+    if isinstance(x, Tensor):
+        check_finite(x, what, index)
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            _check_finite_any(v, what, index)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            _check_finite_any(v, what, index)
+
+
+def iter_batches(
+    data: Any,
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+    need_targets: bool = True,
+) -> Iterator[tuple[Any, Tensor | None]]:
+    """Yield (x, y) batches moved to device/dtype, validated. ``data`` is one (x, y) batch, an
+    iterable of (x, y) batches (a DataLoader), or, when ``need_targets`` is False, also x alone."""
+    if data is None:
+        raise ValueError("data is None; pass a DataLoader, an iterable of (x, y) batches or one (x, y) batch")
+    if isinstance(data, Tensor):
+        if need_targets:
+            raise TypeError(
+                "data is a single tensor; pass (x, y) batches (e.g. a DataLoader over a "
+                "TensorDataset(x, y)) or one (x, y) tuple"
+            )
+        batches: Iterable = [(data, None)]
+    elif _looks_like_one_batch(data):
+        batches = [data]
+    else:
+        batches = data
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"data must be a DataLoader, an iterable of (x, y) batches or one (x, y) batch, got "
+            f"{type(data).__name__}"
+        ) from None
+    count = 0
+    for index, batch in enumerate(iterator):
+        if isinstance(batch, Mapping) and not need_targets:
+            x, y = batch, None
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            x, y = batch
+        elif isinstance(batch, (tuple, list)) and len(batch) == 1 and not need_targets:
+            x, y = batch[0], None
+        elif isinstance(batch, Tensor) and not need_targets:
+            x, y = batch, None
+        else:
+            raise TypeError(
+                f"batch {index} is a {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                + "; each batch must be an (x, y) pair (x a tensor or tuple/dict of tensors)"
+            )
+        x = move(x, device, dtype)
+        n = batch_size(x)
+        if n == 0:
+            continue
+        _check_finite_any(x, "the input", index)
+        if y is not None:
+            if not isinstance(y, Tensor):
+                y = torch.as_tensor(y)
+            y = y.to(device) if device is not None else y
+            if y.ndim == 0 or y.shape[0] != n:
+                raise ValueError(
+                    f"batch {index}: targets have shape {tuple(y.shape)} but the input has {n} "
+                    "examples; y needs a leading dim of the same size"
+                )
+        count += 1
+        yield x, y
+    if count == 0:
+        raise ValueError("data is empty: no (x, y) batch with at least one example was found")

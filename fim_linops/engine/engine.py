@@ -1,0 +1,236 @@
+r"""The Jacobian engine: one forward per batch, hooks on ruled layers, one batched backward.
+
+For a batch of N examples with model output f (N, C), the engine forms K back-propagated columns
+V (K, N, C) of output-space vectors:
+
+* exact:     V[k, n] = S_n[:, k], the columns of the square root of the nll Hessian (K = C);
+* mc:        V[m, n] = d nll(f_n, y_m) / d f_n / sqrt(M) with y_m ~ p(y | f_n)     (K = M);
+* empirical: V[0, n] = d nll(f_n, y_n) / d f_n with the labels of the data       (K = 1);
+
+so that F = 1/N sum_n sum_k (J_n^T V[k, n]) (J_n^T V[k, n])^T. All K columns go back in one
+``torch.autograd.grad(..., is_grads_batched=True)`` call to the outputs of the ruled layers; each
+layer's rule turns (a, g) into its statistics. Parameters owned by modules without a rule, or shared
+between modules, get per-example gradients from torch.func (vmap over examples of vjp).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fim_linops.data import call_model, check_finite, iter_batches
+from fim_linops.engine import functional
+from fim_linops.engine.capture import Call, capturing
+from fim_linops.engine.rules import LayerRule, rule_for
+from fim_linops.engine.rules.base import chunk_size
+from fim_linops.layout import LayerBlock, ParamLayout
+from fim_linops.likelihoods import Likelihood
+
+
+class FisherType(enum.Enum):
+    """How the expectation over y ~ p(y | x) is taken."""
+
+    EXACT = "exact"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+    @classmethod
+    def parse(cls, value: str | FisherType) -> FisherType:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown fisher_type {value!r}; use 'exact' (closed-form expectation, = GGN), "
+                "'mc' (sampled labels, mc_samples=...) or 'empirical' (the data's labels)"
+            ) from None
+
+
+@dataclass
+class RuledBlock:
+    block: LayerBlock
+    module: nn.Module
+    rule: LayerRule
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: example count, the calls (a, g) per ruled block, and a closure for
+    per-example gradients of the torch.func blocks."""
+
+    n: int
+    k: int
+    calls: dict[int, list[tuple[Tensor, Tensor]]]  # index into engine.ruled -> [(a, g)]
+    x: Any
+    v: Tensor  # (K, N, C) back-propagated columns
+    engine: Engine
+
+    def block_grads(self, i: int, lo: int, hi: int) -> Tensor:
+        """Per-example gradients (K, hi-lo, p) of ruled block i for examples lo:hi."""
+        rb = self.engine.ruled[i]
+        out = None
+        for a, g in self.calls.get(i, []):
+            part = rb.rule.grads(rb.module, a[lo:hi], g[:, lo:hi], rb.block.local_names)
+            out = part if out is None else out + part
+        if out is None:  # the layer was not reached by the output: zero gradient
+            out = torch.zeros(self.k, hi - lo, rb.block.numel, dtype=self.v.dtype, device=self.v.device)
+        return out
+
+    def fallback_grads(self, lo: int, hi: int) -> dict[str, Tensor]:
+        """Per-example gradients name -> (K, hi-lo, *shape) of the torch.func parameters."""
+        return self.engine.functional_grads(self.x, self.v, lo, hi)
+
+    def all_block_grads(self, lo: int, hi: int) -> list[Tensor]:
+        """Per-example gradients (K, hi-lo, p_b) of every layout block, in the public order."""
+        fb = self.fallback_grads(lo, hi) if self.engine.fallback else {}
+        out = []
+        for bi, block in enumerate(self.engine.layout.blocks):
+            kind, idx = self.engine.block_kind[bi]
+            if kind == "ruled":
+                out.append(self.block_grads(idx, lo, hi))
+            else:
+                out.append(
+                    torch.cat([fb[e.name].reshape(self.k, hi - lo, -1) for e in block.entries], dim=-1)
+                )
+        return out
+
+    def chunks(self, p: int) -> Iterator[tuple[int, int]]:
+        """Example ranges so that (K, n, p) tensors stay within the memory budget."""
+        step = chunk_size(self.k, self.n, p, self.v.element_size())
+        for lo in range(0, self.n, step):
+            yield lo, min(self.n, lo + step)
+
+
+def _params_used_by_several_modules(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def prepare_model(
+    model: nn.Module, layout: ParamLayout, device: torch.device | None, dtype: torch.dtype | None
+) -> tuple[nn.Module, ParamLayout]:
+    """The model to run (a deep copy when another device or dtype is asked for) and its layout."""
+    p0 = layout.entries[0].param
+    if (device is None or torch.device(device) == p0.device) and (dtype is None or dtype == p0.dtype):
+        return model, layout
+    work = copy.deepcopy(model).to(device=device, dtype=dtype)
+    by_name = dict(work.named_parameters())
+    return work, ParamLayout.from_model(work, params=[by_name[e.name] for e in layout.entries])
+
+
+class Engine:
+    """Runs batches through the model and exposes per-layer (a, g) and per-example gradients."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        likelihood: Likelihood,
+        fisher_type: FisherType = FisherType.EXACT,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ):
+        self.model = model
+        self.layout = layout
+        self.likelihood = likelihood
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.generator = generator
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and any(
+                p.requires_grad for p in module.parameters()
+            ):
+                raise ValueError(
+                    f"module '{name}' ({type(module).__name__}) is in training mode: its batch "
+                    "statistics couple the examples, so there is no per-example Fisher; call "
+                    "model.eval() first (the Fisher is then computed with the running statistics)"
+                )
+        shared = _params_used_by_several_modules(model)
+        self.ruled: list[RuledBlock] = []
+        self.fallback: list[LayerBlock] = []
+        self.block_kind: dict[int, tuple[str, int]] = {}  # block index -> ("ruled"|"func", idx)
+        for bi, block in enumerate(layout.blocks):
+            rule = rule_for(block.module)
+            uses_shared = any(id(p) in shared for p in block.module._parameters.values() if p is not None)
+            if rule is not None and not uses_shared and all(
+                n in ("weight", "bias") for n in block.local_names
+            ):
+                self.block_kind[bi] = ("ruled", len(self.ruled))
+                self.ruled.append(RuledBlock(block, block.module, rule))
+            else:
+                self.block_kind[bi] = ("func", len(self.fallback))
+                self.fallback.append(block)
+        # modules that use a shared parameter but own none of the selected ones must not be hooked
+        self._hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
+        self._index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
+        self._func = functional.FunctionalModel(model, [e for b in self.fallback for e in b.entries])
+
+    # -- columns ---------------------------------------------------------------------------------
+    def columns(self, f: Tensor, y: Tensor | None, batch_index: int) -> Tensor:
+        """Back-propagated columns V (K, N, C) for the output f (N, C)."""
+        lik = self.likelihood
+        if self.fisher_type is FisherType.EXACT:
+            return lik.hessian_sqrt(f).permute(2, 0, 1)
+        if self.fisher_type is FisherType.MC:
+            ys = lik.sample(f, self.mc_samples, generator=self.generator)
+            return lik.grad_output(f, ys) / math.sqrt(self.mc_samples)
+        if y is None:
+            raise ValueError("fisher_type='empirical' needs labels: pass (x, y) batches")
+        return lik.grad_output(f, lik.check_target(f, y))[None]
+
+    def output(self, x: Any, y: Tensor | None, batch_index: int) -> Tensor:
+        f = self.likelihood.check_output(call_model(self.model, x))
+        check_finite(f.detach(), "the model output", batch_index)
+        if y is not None:
+            self.likelihood.check_target(f, y)
+        return f
+
+    # -- batches ---------------------------------------------------------------------------------
+    def run(
+        self,
+        data: Any,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+        need_grads: bool = True,
+        columns: list[Tensor] | None = None,
+    ) -> Iterator[BatchResult]:
+        """One forward and one batched backward per batch; yields a :class:`BatchResult`."""
+        batches = iter_batches(data, device, dtype, need_targets=self.fisher_type is FisherType.EMPIRICAL)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="fisher", unit="batch")
+        for index, (x, y) in enumerate(batches):
+            with capturing(self._hooked) as cap:
+                f = self.output(x, y, index)
+                v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
+                keys = list(cap.calls)
+                flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
+                grads: tuple = ()
+                if flat and need_grads:
+                    grads = torch.autograd.grad(
+                        f, [c.output for _, c in flat], grad_outputs=v,
+                        is_grads_batched=True, allow_unused=True,
+                    )
+                calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
+                for (key, c), g in zip(flat, grads, strict=False):
+                    if g is None:
+                        g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
+                    calls.setdefault(self._index[key], []).append((c.a, g.detach()))
+            yield BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
+
+    def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
+        return self._func.per_example_grads(x, v, lo, hi, self.likelihood)

@@ -1,0 +1,96 @@
+r"""The layer-rule interface and registry.
+
+A rule turns what one call of a module saw — its input features ``a`` (prepared in the forward
+hook) and the gradients ``g`` of the back-propagated columns w.r.t. its output — into the layer's
+per-example gradients, diagonal, Kronecker factors or NTK block, batched, with no Python loop over
+examples.
+
+Shapes: K back-propagated columns, N examples, p the block's trainable parameters (concatenated
+in the module's named_parameters order, the public order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class KronStats:
+    r"""Sums for one Kronecker block ``Left kron Right`` over the row-major matrix view M of the
+    block (shape (groups, rows, cols)): ``left_sum`` (groups, rows, rows), ``right_sum``
+    (groups, cols, cols); the operator uses Left = left_sum / left_count, Right = right_sum /
+    right_count where the counts are the numbers of examples (G side) or of input rows (A side).
+    ``left_is_a`` says which side the input covariance A sits on (False for Linear/Conv: the left
+    factor is G over outputs; True for Embedding: the left factor is A over the vocabulary)."""
+
+    left_sum: Tensor
+    right_sum: Tensor
+    a_rows: int  # number of input rows (examples x positions) summed into A
+    left_is_a: bool = False
+
+
+class LayerRule:
+    """One family of layers. Subclasses set ``types`` and implement the methods they support."""
+
+    types: tuple[type[nn.Module], ...] = ()
+    #: whether ``kfac`` is available for this family
+    has_kfac: bool = False
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this module instance can use the rule (e.g. BatchNorm only in eval mode)."""
+        return True
+
+    def unsupported_reason(self, module: nn.Module) -> str:
+        return ""
+
+    def prepare(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        """Features to keep from the forward call (detached): by default the input."""
+        return inputs[0].detach()
+
+    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        """Per-example gradients (K, N, p) of the trainable parameters ``names``."""
+        raise NotImplementedError
+
+    def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        """Sum over K, N of squared per-example gradients, shape (p,)."""
+        return (self.grads(module, a, g, names) ** 2).sum((0, 1))
+
+    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+        raise NotImplementedError(f"no KFAC rule for {type(module).__name__}")
+
+    def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
+        """(groups, rows, cols) of the block's matrix view for Kronecker structures."""
+        raise NotImplementedError(f"no Kronecker view for {type(module).__name__}")
+
+
+RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register(rule: LayerRule) -> LayerRule:
+    """Register a rule instance for each of its module types."""
+    for t in rule.types:
+        RULES[t] = rule
+    return rule
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule for this module's exact type (subclasses of nn.Linear etc. with a custom forward
+    go through torch.func instead: a subclass may compute anything)."""
+    rule = RULES.get(type(module))
+    if rule is None or not rule.supports(module):
+        return None
+    return rule
+
+
+def chunk_size(k: int, n: int, p: int, itemsize: int, budget_bytes: int = 1 << 28) -> int:
+    """How many examples to process at once so that a (K, n, p) tensor stays under the budget."""
+    per_example = max(1, k * p * itemsize)
+    return int(max(1, min(n, budget_bytes // per_example)))
+
+
+def flat_cat(parts: list[Tensor]) -> Tensor:
+    """Concatenate per-parameter (K, N, *shape) tensors into (K, N, p)."""
+    return torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in parts], dim=-1)

@@ -1,0 +1,78 @@
+r"""nn.Conv1d / nn.Conv2d with any stride, padding (any mode, 'same'), dilation and groups.
+
+Index convention: k back-propagated column, n example, r group, o output channel within the group,
+j patch entry (input channel within the group, kernel offsets; row-major like the weight), l output
+position.
+
+Patches U[n, r, j, l] come from ``unfold`` of the input padded exactly as the module pads it.
+Per-example gradient: dW[k, n, r, o, j] = sum_l g[k, n, r, o, l] U[n, r, j, l]; db = sum_l g.
+KFAC (Grosse & Martens 2016), one Kronecker pair per group (grouped convs have no cross-group
+weights): A_r = sum_{n,l} [u;1][u;1]^T over N*L rows, G_r = sum_{k,n,l} g g^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fim_linops.engine.rules.base import KronStats, LayerRule, flat_cat, register
+from fim_linops.engine.rules.linear import with_ones
+
+
+def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches, shape (N, groups, J, L)."""
+    pad = module._reversed_padding_repeated_twice
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)  # (N, C, 1, W)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    u = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*prod(k), L)
+    n, _, length = u.shape
+    return u.reshape(n, module.groups, -1, length)
+
+
+class ConvRule(LayerRule):
+    types = (nn.Conv1d, nn.Conv2d)
+    has_kfac = True
+
+    def prepare(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        return patches(module, inputs[0].detach())
+
+    @staticmethod
+    def _g(module: nn.Module, g: Tensor) -> Tensor:
+        """(K, N, O, *spatial) -> (K, N, groups, O/groups, L)."""
+        k, n, o = g.shape[:3]
+        return g.reshape(k, n, module.groups, o // module.groups, -1)
+
+    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        g5 = self._g(module, g)
+        k, n = g5.shape[:2]
+        parts = []
+        for name in names:
+            if name == "weight":
+                parts.append(torch.einsum("knrol,nrjl->knroj", g5, a).reshape(k, n, -1))
+            else:
+                parts.append(g5.sum(-1).reshape(k, n, -1))
+        return flat_cat(parts)
+
+    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+        g5 = self._g(module, g)
+        u = a.permute(1, 0, 3, 2).reshape(module.groups, -1, a.shape[2])  # (r, n*l, j)
+        u = with_ones(u, "weight" in names, "bias" in names)
+        gf = g5.permute(2, 0, 1, 4, 3).reshape(module.groups, -1, g5.shape[3])  # (r, k*n*l, o)
+        return KronStats(
+            left_sum=gf.transpose(1, 2) @ gf, right_sum=u.transpose(1, 2) @ u, a_rows=u.shape[1]
+        )
+
+    def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
+        j = module.weight.shape[1:].numel()
+        cols = (j if "weight" in names else 0) + (1 if "bias" in names else 0)
+        return module.groups, module.out_channels // module.groups, cols
+
+
+register(ConvRule())

@@ -1,0 +1,63 @@
+r"""nn.Embedding (dense gradients; not ``scale_grad_by_freq`` or ``max_norm``, which go through
+torch.func).
+
+Index convention: k back-propagated column, n example, t position, v vocabulary entry, d embedding
+feature. Tokens x[n, t]; per-example gradient dW[k, n, v, d] = sum_t [x[n,t] = v] g[k, n, t, d]
+(zero for ``padding_idx``). KFAC: W is (V, D) with the input on the rows, so the block is
+A kron G with A = diag(token counts) over N*T rows and G = sum_{k,n,t} g g^T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fim_linops.engine.rules.base import KronStats, LayerRule, register
+
+
+class EmbeddingRule(LayerRule):
+    types = (nn.Embedding,)
+    has_kfac = True
+
+    def supports(self, module: nn.Module) -> bool:
+        return not module.scale_grad_by_freq and module.max_norm is None and not module.sparse
+
+    def prepare(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        tokens = inputs[0].reshape(inputs[0].shape[0], -1)
+        if module.padding_idx is not None:
+            tokens = tokens.masked_fill(tokens == module.padding_idx, -1)  # -1: no gradient
+        return tokens
+
+    def _onehot(self, module: nn.Module, tokens: Tensor, dtype: torch.dtype) -> Tensor:
+        """(N, T, V) one-hot of the tokens, zero rows for padding_idx."""
+        valid = tokens >= 0
+        oh = torch.nn.functional.one_hot(tokens.clamp_min(0), module.num_embeddings).to(dtype)
+        return oh * valid[..., None].to(dtype)
+
+    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        k, n = g.shape[:2]
+        g4 = g.reshape(k, n, -1, g.shape[-1])
+        oh = self._onehot(module, a, g.dtype)
+        return torch.einsum("ntv,kntd->knvd", oh, g4).reshape(k, n, -1)
+
+    def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        k, n = g.shape[:2]
+        g4 = g.reshape(k, n, -1, g.shape[-1])
+        if g4.shape[2] == 1:  # one token per example: no cross terms
+            oh = self._onehot(module, a, g.dtype)[:, 0]  # (n, v)
+            return (oh.T @ (g4[:, :, 0] ** 2).sum(0)).reshape(-1)
+        return super().diag(module, a, g, names)
+
+    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+        counts = self._onehot(module, a, g.dtype).sum((0, 1))  # (v,)
+        gf = g.reshape(-1, g.shape[-1])
+        return KronStats(
+            left_sum=torch.diag(counts)[None], right_sum=(gf.T @ gf)[None], a_rows=a.numel(),
+            left_is_a=True,
+        )
+
+    def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
+        return 1, module.num_embeddings, module.embedding_dim
+
+
+register(EmbeddingRule())

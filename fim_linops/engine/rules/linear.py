@@ -1,0 +1,74 @@
+r"""nn.Linear, with inputs of any leading dims (N, *T, in).
+
+Index convention: k back-propagated column, n example, t position (the flattened leading dims
+after the batch dim, T = 1 when there are none), i input feature, o output feature.
+
+Per-example gradient: dW[k, n] = sum_t g[k, n, t] a[n, t]^T, db[k, n] = sum_t g[k, n, t].
+KFAC (Martens & Grosse 2015; the "expand" convention of Eschenhagen et al. 2023 for T > 1):
+A = sum_{n,t} [a;1][a;1]^T over N*T rows, G = sum_{k,n,t} g g^T; block (G/N) kron (A/(N T)) over
+row-major [W | b].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fim_linops.engine.rules.base import KronStats, LayerRule, flat_cat, register
+
+
+def _as_3d(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """a (N, *T, i) -> (N, T, i); g (K, N, *T, o) -> (K, N, T, o)."""
+    n = a.shape[0]
+    return a.reshape(n, -1, a.shape[-1]), g.reshape(g.shape[0], n, -1, g.shape[-1])
+
+
+def with_ones(a: Tensor, weight: bool, bias: bool) -> Tensor:
+    """The rows of the right factor: [a, 1] (both), a (weight only) or 1 (bias only)."""
+    parts = []
+    if weight:
+        parts.append(a)
+    if bias:
+        parts.append(torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+class LinearRule(LayerRule):
+    types = (nn.Linear,)
+    has_kfac = True
+
+    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        a3, g3 = _as_3d(a, g)
+        parts = []
+        for name in names:
+            if name == "weight":
+                parts.append(torch.einsum("knto,nti->knoi", g3, a3))
+            else:
+                parts.append(g3.sum(2))
+        return flat_cat(parts)
+
+    def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        a3, g3 = _as_3d(a, g)
+        if a3.shape[1] != 1:  # sums over positions come before the square: per-example grads
+            return super().diag(module, a, g, names)
+        g2 = (g3[:, :, 0] ** 2).sum(0)  # (n, o): sum over k of g^2
+        parts = []
+        for name in names:
+            if name == "weight":
+                parts.append((g2.T @ a3[:, 0] ** 2).reshape(-1))  # sum_n g2[n,o] a[n,i]^2 -> (o, i)
+            else:
+                parts.append(g2.sum(0))
+        return torch.cat(parts)
+
+    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+        a3, g3 = _as_3d(a, g)
+        ab = with_ones(a3.reshape(-1, a3.shape[-1]), "weight" in names, "bias" in names)
+        gf = g3.reshape(-1, g3.shape[-1])
+        return KronStats(left_sum=(gf.T @ gf)[None], right_sum=(ab.T @ ab)[None], a_rows=ab.shape[0])
+
+    def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
+        cols = (module.in_features if "weight" in names else 0) + (1 if "bias" in names else 0)
+        return 1, module.out_features, cols
+
+
+register(LinearRule())

@@ -1,0 +1,204 @@
+r"""fisher(): data -> engine -> statistics -> operator.
+
+F = 1/N sum_n E_{y ~ p(y|x_n)}[g g^T], g = grad_theta (-log p(y | x_n)) (NNGeometry's FIM
+normalisation), in the public vector order of ``parameters_to_vector`` over the trainable
+parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fim_linops import statistics
+from fim_linops.data import iter_batches
+from fim_linops.engine import Engine, FisherType, prepare_model
+from fim_linops.layout import ParamLayout
+from fim_linops.likelihoods import Likelihood, get_likelihood
+from fim_linops.operators import KFAC, BlockDiag, Dense, Diag, Implicit, KronSpec
+from fim_linops.operators.base import FisherOperator
+from fim_linops.state import preserved_state
+from fim_linops.structures import Structure
+
+#: default limit on the bytes of one dense (P x P) or block allocation before asking for consent
+MAX_DENSE_BYTES = 8 * 1024**3
+
+
+def _check_memory(structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int) -> None:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if structure is Structure.DENSE:
+        need = layout.numel**2 * itemsize
+        fix = "structure='kfac', 'block_diag', 'diag' or 'implicit'"
+    elif structure is Structure.BLOCK_DIAG:
+        need = sum(b.numel**2 for b in layout.blocks) * itemsize
+        fix = "structure='kfac', 'diag' or 'implicit'"
+    else:
+        return
+    if need > max_bytes:
+        raise MemoryError(
+            f"structure='{structure.value}' needs {need / 1024**3:.1f} GiB for P={layout.numel} "
+            f"parameters (limit {max_bytes / 1024**3:.1f} GiB); use {fix}, or pass "
+            "max_bytes=... to allow it"
+        )
+
+
+def _kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
+    factors: list[Tensor] = []
+    specs: list[KronSpec] = []
+    for rb, st in zip(engine.ruled, sums.extra["stats"], strict=True):
+        groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
+        if st is None:  # never reached: zero block
+            dtype = rb.block.entries[0].param.dtype
+            device = rb.block.entries[0].param.device
+            left = torch.zeros(groups, rows, rows, dtype=dtype, device=device)
+            right = torch.zeros(groups, cols, cols, dtype=dtype, device=device)
+            left_is_a = False
+        else:
+            a_count = max(st.a_rows, 1)
+            if st.left_is_a:
+                left, right = st.left_sum / a_count, st.right_sum / sums.n
+            else:
+                left, right = st.left_sum / sums.n, st.right_sum / a_count
+            left_is_a = st.left_is_a
+        factors += [left, right]
+        specs.append(
+            KronSpec(
+                rb.block.module_name, rb.block.start, rb.block.stop, groups, rows, cols,
+                has_weight="weight" in rb.block.local_names, has_bias="bias" in rb.block.local_names,
+                left_is_a=left_is_a,
+            )
+        )
+    return KFAC(*factors, specs=tuple(specs))
+
+
+def _check_kronecker(engine: Engine, structure: Structure) -> None:
+    if not engine.fallback:
+        return
+    bad = []
+    for block in engine.fallback:
+        kind = type(block.module).__name__
+        why = "no Kronecker rule"
+        shared = any(
+            p is not None and any(p is q for m in engine.model.modules() if m is not block.module
+                                  for q in m._parameters.values())
+            for p in block.module._parameters.values()
+        )
+        if shared:
+            why = "a parameter shared with another module"
+        name = block.module_name or "<model>"
+        bad.append(f"'{name}' ({kind}: {why})")
+    raise ValueError(
+        f"structure='{structure.value}' has no rule for module " + ", ".join(bad)
+        + "; use structure='block_diag', 'diag' or 'implicit', or restrict params= to the "
+        "Linear/Conv/Embedding layers"
+    )
+
+
+def fisher(
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood = "categorical",
+    structure: str | Structure = "kfac",
+    fisher_type: str | FisherType = "exact",
+    mc_samples: int = 1,
+    params: Any = None,
+    rank: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    max_bytes: int = MAX_DENSE_BYTES,
+) -> FisherOperator:
+    r"""The Fisher information matrix of ``model`` on ``data`` as a LinearOperator (P, P).
+
+    Args:
+        model: any ``nn.Module``; left exactly as found (parameters, ``.grad``, mode, hooks).
+        data: a DataLoader, an iterable of (x, y) batches, or one (x, y) batch.
+        likelihood: "categorical" (logits), "gaussian" (unit variance unless fl.Gaussian(sigma)),
+            "bernoulli" (one logit), or an ``fl.Likelihood``.
+        structure: "dense", "block_diag", "diag", "kfac" or "implicit".
+        fisher_type: "exact" (closed-form expectation = GGN), "mc" (``mc_samples`` sampled
+            labels, drawn with ``generator``) or "empirical" (the labels in ``data``).
+        params: None (all trainable parameters) or an iterable of parameters/modules.
+        device, dtype: where and in which precision to compute (the model is copied if needed).
+        progress: tqdm progress bar over the batches.
+        max_bytes: memory guard for dense and block-diagonal storage.
+
+    Returns:
+        A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
+    """
+    lik = get_likelihood(likelihood)
+    struct = Structure.parse(structure)
+    ftype = FisherType.parse(fisher_type)
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    if struct in (Structure.EKFAC, Structure.QUASI_DIAG, Structure.LOWRANK, Structure.KRON_SUM):
+        raise NotImplementedError(
+            f"structure='{struct.value}' is not available yet; use 'kfac', 'diag', 'block_diag', "
+            "'dense' or 'implicit'"
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    layout = ParamLayout.from_model(model, params)
+    for e in layout.entries:
+        if e.param.dtype in (torch.float16, torch.bfloat16) and dtype is None:
+            raise TypeError(
+                f"parameter '{e.name}' is {e.param.dtype}; Fisher statistics in half precision are "
+                "not accurate: pass dtype=torch.float32 (the model is copied and upcast)"
+            )
+    with preserved_state(model):
+        work, work_layout = prepare_model(model, layout, device, dtype)
+        dev = work_layout.entries[0].param.device
+        dt = work_layout.entries[0].param.dtype
+        _check_memory(struct, work_layout, dt, max_bytes)
+        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+        if struct is Structure.IMPLICIT:
+            return _implicit(engine, data, dev, dt, ftype)
+        if struct.kronecker:
+            _check_kronecker(engine, struct)
+        results = engine.run(data, dev, dt, progress=progress)
+        if struct is Structure.DIAG:
+            sums = statistics.diag_sums(engine, results)
+            return Diag(sums.tensors[0] / sums.n)
+        if struct is Structure.BLOCK_DIAG:
+            sums = statistics.block_sums(engine, results)
+            return BlockDiag(
+                *[b / sums.n for b in sums.tensors],
+                names=tuple(b.module_name for b in work_layout.blocks),
+            )
+        if struct is Structure.DENSE:
+            sums = statistics.dense_sums(engine, results)
+            return Dense(sums.tensors[0] / sums.n)
+        sums = statistics.kfac_sums(engine, results)
+        return _kfac_operator(engine, sums)
+
+
+def _implicit(engine: Engine, data: Any, device, dtype, ftype: FisherType) -> Implicit:
+    """Collect the batches (and, for MC/empirical, their fixed output columns)."""
+    batches = []
+    n = 0
+    need_y = ftype is FisherType.EMPIRICAL
+    for index, (x, y) in enumerate(iter_batches(data, device, dtype, need_targets=need_y)):
+        cols = None
+        if ftype is not FisherType.EXACT:
+            with torch.no_grad():
+                f = engine.output(x, y, index)
+                cols = engine.columns(f, y, index).to(f.dtype)
+        else:
+            with torch.no_grad():
+                engine.output(x, y, index)  # validates shapes, labels and finiteness
+        batches.append((x, cols))
+        n += batches[-1][1].shape[1] if cols is not None else _count(x)
+    params = tuple(e.param.detach().clone() for e in engine.layout.entries)
+    return Implicit(
+        *params, model=engine.model, layout=engine.layout, batches=batches,
+        likelihood=engine.likelihood, n_examples=n,
+    )
+
+
+def _count(x: Any) -> int:
+    from fim_linops.data import batch_size
+
+    return batch_size(x)

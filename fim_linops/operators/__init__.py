@@ -1,0 +1,14 @@
+"""One LinearOperator subclass per structure."""
+
+from fim_linops.operators.base import EigenOperator, FisherOperator
+from fim_linops.operators.block_diag import BlockDiag
+from fim_linops.operators.dense import Dense
+from fim_linops.operators.diag import Diag
+from fim_linops.operators.implicit import Implicit
+from fim_linops.operators.kfac import KFAC
+from fim_linops.operators.kron import KronBasis, KronSpec
+
+__all__ = [
+    "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
+    "KronBasis", "KronSpec",
+]

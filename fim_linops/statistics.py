@@ -1,0 +1,111 @@
+r"""Statistics per structure, accumulated over batches from the engine's (a, g) and per-example
+gradients. Everything here is a *sum* over examples; :func:`fim_linops.fisher.fisher` divides by
+the example count once at the end (which also keeps an all-reduce across processes exact).
+
+Shapes: K columns, n examples in a chunk, p a block's parameters, P all parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fim_linops.engine import BatchResult, Engine
+from fim_linops.engine.rules.base import KronStats
+
+
+@dataclass
+class Sums:
+    """Accumulated sums and the number of examples they cover."""
+
+    n: int = 0
+    tensors: list[Tensor] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def _zeros(engine: Engine, *shape: int, like: Tensor) -> Tensor:
+    return torch.zeros(*shape, dtype=like.dtype, device=like.device)
+
+
+def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
+    """sum_n sum_k (J_n^T V[k, n])^2, elementwise, shape (P,)."""
+    out = Sums()
+    total = None
+    for res in results:
+        if total is None:
+            total = _zeros(engine, engine.layout.numel, like=res.v)
+        for i, rb in enumerate(engine.ruled):
+            calls = res.calls.get(i, [])
+            sl = slice(rb.block.start, rb.block.stop)
+            if len(calls) == 1:
+                a, g = calls[0]
+                total[sl] += rb.rule.diag(rb.module, a, g, rb.block.local_names)
+            elif len(calls) > 1:  # shared module: sum the calls' gradients, then square
+                for lo, hi in res.chunks(rb.block.numel):
+                    total[sl] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
+        if engine.fallback:
+            p_fb = sum(b.numel for b in engine.fallback)
+            for lo, hi in res.chunks(p_fb):
+                grads = res.fallback_grads(lo, hi)
+                for block in engine.fallback:
+                    for e in block.entries:
+                        total[e.start : e.stop] += (grads[e.name] ** 2).sum((0, 1)).reshape(-1)
+        out.n += res.n
+    out.tensors = [total]
+    return out
+
+
+def block_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
+    """Per layout block, sum_n sum_k g g^T with g the block's per-example gradient, (p_b, p_b)."""
+    out = Sums()
+    blocks: list[Tensor] | None = None
+    widest = max(b.numel for b in engine.layout.blocks)
+    for res in results:
+        if blocks is None:
+            blocks = [_zeros(engine, b.numel, b.numel, like=res.v) for b in engine.layout.blocks]
+        for lo, hi in res.chunks(widest):
+            for bi, g in enumerate(res.all_block_grads(lo, hi)):
+                gf = g.reshape(-1, g.shape[-1])
+                blocks[bi] += gf.T @ gf
+        out.n += res.n
+    out.tensors = blocks
+    return out
+
+
+def dense_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
+    """sum_n sum_k g g^T with g the full per-example gradient, (P, P)."""
+    out = Sums()
+    total = None
+    for res in results:
+        if total is None:
+            total = _zeros(engine, engine.layout.numel, engine.layout.numel, like=res.v)
+        for lo, hi in res.chunks(engine.layout.numel):
+            g = torch.cat(res.all_block_grads(lo, hi), dim=-1).reshape(-1, engine.layout.numel)
+            total += g.T @ g
+        out.n += res.n
+    out.tensors = [total]
+    return out
+
+
+def kfac_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
+    """Per ruled block, the Kronecker factor sums (left, right) and the A-row count."""
+    out = Sums()
+    stats: list[KronStats | None] = [None] * len(engine.ruled)
+    for res in results:
+        for i, rb in enumerate(engine.ruled):
+            for a, g in res.calls.get(i, []):
+                s = rb.rule.kfac(rb.module, a, g, rb.block.local_names)
+                if stats[i] is None:
+                    stats[i] = s
+                else:
+                    prev = stats[i]
+                    stats[i] = KronStats(
+                        prev.left_sum + s.left_sum, prev.right_sum + s.right_sum,
+                        prev.a_rows + s.a_rows, s.left_is_a,
+                    )
+        out.n += res.n
+    out.extra["stats"] = stats
+    return out
