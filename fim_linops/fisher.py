@@ -10,14 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fim_linops import statistics
-from fim_linops.data import iter_batches
+from fim_linops.builders import BUILDERS, BuildContext
 from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
-from fim_linops.operators import KFAC, BlockDiag, Dense, Diag, Implicit, KronSpec
 from fim_linops.operators.base import FisherOperator
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
@@ -42,35 +40,6 @@ def _check_memory(structure: Structure, layout: ParamLayout, dtype: torch.dtype,
             f"parameters (limit {max_bytes / 1024**3:.1f} GiB); use {fix}, or pass "
             "max_bytes=... to allow it"
         )
-
-
-def _kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
-    factors: list[Tensor] = []
-    specs: list[KronSpec] = []
-    for rb, st in zip(engine.ruled, sums.extra["stats"], strict=True):
-        groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
-        if st is None:  # never reached: zero block
-            dtype = rb.block.entries[0].param.dtype
-            device = rb.block.entries[0].param.device
-            left = torch.zeros(groups, rows, rows, dtype=dtype, device=device)
-            right = torch.zeros(groups, cols, cols, dtype=dtype, device=device)
-            left_is_a = False
-        else:
-            a_count = max(st.a_rows, 1)
-            if st.left_is_a:
-                left, right = st.left_sum / a_count, st.right_sum / sums.n
-            else:
-                left, right = st.left_sum / sums.n, st.right_sum / a_count
-            left_is_a = st.left_is_a
-        factors += [left, right]
-        specs.append(
-            KronSpec(
-                rb.block.module_name, rb.block.start, rb.block.stop, groups, rows, cols,
-                has_weight="weight" in rb.block.local_names, has_bias="bias" in rb.block.local_names,
-                left_is_a=left_is_a,
-            )
-        )
-    return KFAC(*factors, specs=tuple(specs))
 
 
 def _check_kronecker(engine: Engine, structure: Structure) -> None:
@@ -134,11 +103,6 @@ def fisher(
     ftype = FisherType.parse(fisher_type)
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    if struct in (Structure.EKFAC, Structure.QUASI_DIAG, Structure.LOWRANK, Structure.KRON_SUM):
-        raise NotImplementedError(
-            f"structure='{struct.value}' is not available yet; use 'kfac', 'diag', 'block_diag', "
-            "'dense' or 'implicit'"
-        )
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     layout = ParamLayout.from_model(model, params)
@@ -154,51 +118,15 @@ def fisher(
         dt = work_layout.entries[0].param.dtype
         _check_memory(struct, work_layout, dt, max_bytes)
         engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
-        if struct is Structure.IMPLICIT:
-            return _implicit(engine, data, dev, dt, ftype)
         if struct.kronecker:
             _check_kronecker(engine, struct)
-        results = engine.run(data, dev, dt, progress=progress)
-        if struct is Structure.DIAG:
-            sums = statistics.diag_sums(engine, results)
-            return Diag(sums.tensors[0] / sums.n)
-        if struct is Structure.BLOCK_DIAG:
-            sums = statistics.block_sums(engine, results)
-            return BlockDiag(
-                *[b / sums.n for b in sums.tensors],
-                names=tuple(b.module_name for b in work_layout.blocks),
+        builder = BUILDERS.get(struct)
+        if builder is None:
+            raise NotImplementedError(
+                f"structure='{struct.value}' is not available yet; use 'kfac', 'diag', "
+                "'block_diag', 'dense' or 'implicit'"
             )
-        if struct is Structure.DENSE:
-            sums = statistics.dense_sums(engine, results)
-            return Dense(sums.tensors[0] / sums.n)
-        sums = statistics.kfac_sums(engine, results)
-        return _kfac_operator(engine, sums)
+        ctx = BuildContext(engine, data, dev, dt, progress=progress, rank=rank)
+        return builder(ctx)
 
 
-def _implicit(engine: Engine, data: Any, device, dtype, ftype: FisherType) -> Implicit:
-    """Collect the batches (and, for MC/empirical, their fixed output columns)."""
-    batches = []
-    n = 0
-    need_y = ftype is FisherType.EMPIRICAL
-    for index, (x, y) in enumerate(iter_batches(data, device, dtype, need_targets=need_y)):
-        cols = None
-        if ftype is not FisherType.EXACT:
-            with torch.no_grad():
-                f = engine.output(x, y, index)
-                cols = engine.columns(f, y, index).to(f.dtype)
-        else:
-            with torch.no_grad():
-                engine.output(x, y, index)  # validates shapes, labels and finiteness
-        batches.append((x, cols))
-        n += batches[-1][1].shape[1] if cols is not None else _count(x)
-    params = tuple(e.param.detach().clone() for e in engine.layout.entries)
-    return Implicit(
-        *params, model=engine.model, layout=engine.layout, batches=batches,
-        likelihood=engine.likelihood, n_examples=n,
-    )
-
-
-def _count(x: Any) -> int:
-    from fim_linops.data import batch_size
-
-    return batch_size(x)

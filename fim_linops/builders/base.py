@@ -1,0 +1,44 @@
+"""The builder registry and the context a builder receives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fim_linops.engine import BatchResult, Engine
+from fim_linops.operators.base import FisherOperator
+from fim_linops.structures import Structure
+
+
+@dataclass
+class BuildContext:
+    """What a builder needs: the engine (model, layout, likelihood, columns), the data and options.
+
+    ``results()`` runs the data through the engine (one forward and one batched backward per batch)
+    and may be called more than once (e.g. EKFAC's second pass)."""
+
+    engine: Engine
+    data: Any
+    device: torch.device
+    dtype: torch.dtype
+    progress: bool = False
+    rank: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def results(self, columns: list | None = None) -> Iterator[BatchResult]:
+        return self.engine.run(self.data, self.device, self.dtype, progress=self.progress, columns=columns)
+
+
+Builder = Callable[[BuildContext], FisherOperator]
+BUILDERS: dict[Structure, Builder] = {}
+
+
+def register(structure: Structure) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        BUILDERS[structure] = fn
+        return fn
+
+    return deco

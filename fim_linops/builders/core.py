@@ -1,0 +1,100 @@
+"""Builders of the core structures: diag, block_diag, dense, kfac, implicit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fim_linops import statistics
+from fim_linops.builders.base import BuildContext, register
+from fim_linops.data import batch_size, iter_batches
+from fim_linops.engine import Engine, FisherType
+from fim_linops.operators import KFAC, BlockDiag, Dense, Diag, Implicit, KronSpec
+from fim_linops.structures import Structure
+
+
+@register(Structure.DIAG)
+def build_diag(ctx: BuildContext) -> Diag:
+    sums = statistics.diag_sums(ctx.engine, ctx.results())
+    return Diag(sums.tensors[0] / sums.n)
+
+
+@register(Structure.BLOCK_DIAG)
+def build_block_diag(ctx: BuildContext) -> BlockDiag:
+    sums = statistics.block_sums(ctx.engine, ctx.results())
+    names = tuple(b.module_name for b in ctx.engine.layout.blocks)
+    return BlockDiag(*[b / sums.n for b in sums.tensors], names=names)
+
+
+@register(Structure.DENSE)
+def build_dense(ctx: BuildContext) -> Dense:
+    sums = statistics.dense_sums(ctx.engine, ctx.results())
+    return Dense(sums.tensors[0] / sums.n)
+
+
+@register(Structure.KFAC)
+def build_kfac(ctx: BuildContext) -> KFAC:
+    sums = statistics.kfac_sums(ctx.engine, ctx.results())
+    return kfac_operator(ctx.engine, sums)
+
+
+@register(Structure.IMPLICIT)
+def build_implicit(ctx: BuildContext) -> Implicit:
+    return implicit_operator(ctx.engine, ctx.data, ctx.device, ctx.dtype)
+
+
+def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
+    factors: list[Tensor] = []
+    specs: list[KronSpec] = []
+    for rb, st in zip(engine.ruled, sums.extra["stats"], strict=True):
+        groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
+        if st is None:  # never reached: zero block
+            dtype = rb.block.entries[0].param.dtype
+            device = rb.block.entries[0].param.device
+            left = torch.zeros(groups, rows, rows, dtype=dtype, device=device)
+            right = torch.zeros(groups, cols, cols, dtype=dtype, device=device)
+            left_is_a = False
+        else:
+            a_count = max(st.a_rows, 1)
+            if st.left_is_a:
+                left, right = st.left_sum / a_count, st.right_sum / sums.n
+            else:
+                left, right = st.left_sum / sums.n, st.right_sum / a_count
+            left_is_a = st.left_is_a
+        factors += [left, right]
+        specs.append(
+            KronSpec(
+                rb.block.module_name, rb.block.start, rb.block.stop, groups, rows, cols,
+                has_weight="weight" in rb.block.local_names, has_bias="bias" in rb.block.local_names,
+                left_is_a=left_is_a,
+            )
+        )
+    return KFAC(*factors, specs=tuple(specs))
+
+
+def implicit_operator(engine: Engine, data: Any, device, dtype) -> Implicit:
+    ftype = engine.fisher_type
+    """Collect the batches (and, for MC/empirical, their fixed output columns)."""
+    batches = []
+    n = 0
+    need_y = ftype is FisherType.EMPIRICAL
+    for index, (x, y) in enumerate(iter_batches(data, device, dtype, need_targets=need_y)):
+        cols = None
+        if ftype is not FisherType.EXACT:
+            with torch.no_grad():
+                f = engine.output(x, y, index)
+                cols = engine.columns(f, y, index).to(f.dtype)
+        else:
+            with torch.no_grad():
+                engine.output(x, y, index)  # validates shapes, labels and finiteness
+        batches.append((x, cols))
+        n += batch_size(x)
+    params = tuple(e.param.detach().clone() for e in engine.layout.entries)
+    return Implicit(
+        *params, model=engine.model, layout=engine.layout, batches=batches,
+        likelihood=engine.likelihood, n_examples=n,
+    )
+
+
