@@ -81,6 +81,11 @@ class Categorical(Likelihood):
                 f"categorical likelihood expects integer class indices of shape ({f.shape[0]},), "
                 f"got {tuple(y.shape)} of dtype {y.dtype}"
             )
+        if y.numel() and bool((y.min() < 0) | (y.max() >= f.shape[-1])):
+            raise ValueError(
+                f"categorical labels out of range: the model has {f.shape[-1]} classes, labels must "
+                f"lie in [0, {f.shape[-1] - 1}] (got min {int(y.min())}, max {int(y.max())})"
+            )
         return y
 
     def nll(self, f: Tensor, y: Tensor) -> Tensor:

@@ -75,12 +75,11 @@ def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
 
 
 def implicit_operator(engine: Engine, data: Any, device, dtype) -> Implicit:
-    ftype = engine.fisher_type
     """Collect the batches (and, for MC/empirical, their fixed output columns)."""
+    ftype = engine.fisher_type
     batches = []
     n = 0
-    need_y = ftype is FisherType.EMPIRICAL
-    for index, (x, y) in enumerate(iter_batches(data, device, dtype, need_targets=need_y)):
+    for index, (x, y) in enumerate(iter_batches(data, device, dtype, need_targets=True)):
         cols = None
         if ftype is not FisherType.EXACT:
             with torch.no_grad():

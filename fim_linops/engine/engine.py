@@ -208,7 +208,7 @@ class Engine:
         columns: list[Tensor] | None = None,
     ) -> Iterator[BatchResult]:
         """One forward and one batched backward per batch; yields a :class:`BatchResult`."""
-        batches = iter_batches(data, device, dtype, need_targets=self.fisher_type is FisherType.EMPIRICAL)
+        batches = iter_batches(data, device, dtype, need_targets=True)
         if progress:
             from tqdm.auto import tqdm
 

@@ -67,6 +67,30 @@ class FisherOperator(LinearOperator):
         return super()._mul_constant(other)
 
     # -- LinearOperator interface -----------------------------------------------------------------
+    def check_vector(self, rhs: Tensor, what: str = "vector") -> None:
+        """Raise a clear error for a right-hand side of the wrong length, dtype or device."""
+        if not isinstance(rhs, Tensor):
+            return
+        p = self._numel()
+        if rhs.ndim == 0 or (rhs.shape[0] != p if rhs.ndim == 1 else rhs.shape[-2] != p):
+            raise ValueError(
+                f"{what} of shape {tuple(rhs.shape)} for an operator of size {p} x {p}: the length "
+                "must be the number of trainable parameters P (use fl.ParamLayout.flatten)"
+            )
+        if rhs.dtype != self.dtype:
+            raise ValueError(
+                f"{what} has dtype {rhs.dtype} but the operator is {self.dtype}; use "
+                f"v.to({self.dtype}) or F.to({rhs.dtype})"
+            )
+        if rhs.device != self.device:
+            raise ValueError(
+                f"{what} is on {rhs.device} but the operator is on {self.device}; move one of them"
+            )
+
+    def matmul(self, other):
+        self.check_vector(other)
+        return super().matmul(other)
+
     def _size(self) -> torch.Size:
         p = self._numel()
         return torch.Size([p, p])
@@ -158,6 +182,7 @@ class EigenOperator(FisherOperator):
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         """(F + delta I)^-1 right (or left @ (F + delta I)^-1 right), exactly."""
+        self.check_vector(right_tensor, "right-hand side")
         res = self.apply_power(right_tensor, -1.0)
         return res if left_tensor is None else left_tensor @ res
 

@@ -1,0 +1,186 @@
+"""Bad input gets a clear ValueError/TypeError that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fim_linops as fl
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    return model, x, y
+
+
+def test_unknown_likelihood() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="unknown likelihood 'poisson'.*categorical"):
+        fl.fisher(model, (x, y), likelihood="poisson")
+
+
+def test_likelihood_of_wrong_type() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="likelihood must be"):
+        fl.fisher(model, (x, y), likelihood=3)
+
+
+def test_unknown_structure() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="unknown structure 'kfca'"):
+        fl.fisher(model, (x, y), structure="kfca")
+
+
+def test_unknown_fisher_type() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="unknown fisher_type 'true'"):
+        fl.fisher(model, (x, y), fisher_type="true")
+
+
+def test_mc_samples_below_one() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="mc_samples"):
+        fl.fisher(model, (x, y), fisher_type="mc", mc_samples=0)
+
+
+def test_label_out_of_range_for_empirical() -> None:
+    model, x, _ = _setup()
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])
+    with pytest.raises(ValueError, match="out of range"):
+        fl.fisher(model, (x, y), fisher_type="empirical", structure="diag")
+
+
+def test_float_labels_for_categorical() -> None:
+    model, x, _ = _setup()
+    with pytest.raises(ValueError, match="class indices"):
+        fl.fisher(model, (x, torch.rand(8)), structure="diag")
+
+
+def test_output_shape_that_does_not_fit_bernoulli() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="bernoulli likelihood expects one logit"):
+        fl.fisher(model, (x, y.float().clamp(max=1)), likelihood="bernoulli", structure="diag")
+
+
+def test_output_with_extra_dims() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)))
+    with pytest.raises(ValueError, match="outputs of shape \\(N, C\\)"):
+        fl.fisher(model, (torch.randn(5, 4), torch.zeros(5, dtype=torch.long)), structure="diag")
+
+
+def test_gaussian_target_shape() -> None:
+    model, x, _ = _setup()
+    with pytest.raises(ValueError, match="gaussian likelihood expects targets"):
+        fl.fisher(model, (x, torch.randn(8, 2)), likelihood="gaussian", fisher_type="empirical", structure="diag")
+
+
+def test_nan_in_inputs_names_the_batch() -> None:
+    model, x, y = _setup()
+    x2 = x.clone()
+    x2[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="batch 1 contains NaN"):
+        fl.fisher(model, [(x, y), (x2, y)], structure="diag")
+
+
+def test_inf_in_outputs_names_the_batch() -> None:
+    model, x, y = _setup()
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+    with pytest.raises(ValueError, match="model output of batch 0 contains NaN or inf"):
+        fl.fisher(model, (x, y), structure="diag")
+
+
+def test_empty_data() -> None:
+    model, _, _ = _setup()
+    with pytest.raises(ValueError, match="data is empty"):
+        fl.fisher(model, [], structure="diag")
+
+
+def test_data_none() -> None:
+    model, _, _ = _setup()
+    with pytest.raises(ValueError, match="data is None"):
+        fl.fisher(model, None, structure="diag")
+
+
+def test_data_that_is_a_single_tensor() -> None:
+    model, x, _ = _setup()
+    with pytest.raises(TypeError, match="\\(x, y\\) batches"):
+        fl.fisher(model, x, structure="diag")
+
+
+def test_batches_that_are_not_pairs() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="batch 0 is a tuple of length 3"):
+        fl.fisher(model, [(x, y, y)], structure="diag")
+
+
+def test_targets_of_wrong_length() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="targets have shape \\(7,\\)"):
+        fl.fisher(model, [(x, y[:7])], structure="diag")
+
+
+def test_model_without_trainable_parameters() -> None:
+    model, x, y = _setup()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fl.fisher(model, (x, y), structure="diag")
+
+
+def test_params_not_of_the_model() -> None:
+    model, x, y = _setup()
+    other = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        fl.fisher(model, (x, y), structure="diag", params=[other.weight])
+    with pytest.raises(ValueError, match="not part of the model"):
+        fl.fisher(model, (x, y), structure="diag", params=[other])
+
+
+def test_kfac_on_unsupported_layer_names_it_and_suggests() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="no rule for module '1' \\(PReLU.*block_diag"):
+        fl.fisher(model, (x, y), structure="kfac")
+
+
+def test_batchnorm_in_training_mode() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="model.eval\\(\\)"):
+        fl.fisher(model, (x, y), structure="diag")
+
+
+def test_half_precision_model() -> None:
+    model, x, y = _setup()
+    model.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype=torch.float32"):
+        fl.fisher(model, (x.bfloat16(), y), structure="diag")
+
+
+def test_dense_memory_guard() -> None:
+    model, x, y = _setup()
+    with pytest.raises(MemoryError, match="use structure='kfac'.*max_bytes"):
+        fl.fisher(model, (x, y), structure="dense", max_bytes=1000)
+
+
+def test_matmul_with_vector_of_wrong_length() -> None:
+    model, x, y = _setup()
+    F = fl.fisher(model, (x, y), structure="diag")
+    with pytest.raises((ValueError, RuntimeError), match="size|shape|length"):
+        F @ torch.randn(F.shape[-1] + 1)
+
+
+def test_quad_with_vector_of_wrong_length() -> None:
+    model, x, y = _setup()
+    F = fl.fisher(model, (x, y), structure="kfac")
+    with pytest.raises(ValueError, match="vector of length"):
+        fl.quad(F, torch.randn(3))
+
+
+def test_model_that_is_not_a_module() -> None:
+    _, x, y = _setup()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fl.fisher(lambda t: t, (x, y), structure="diag")
