@@ -1,5 +1,6 @@
 """fim_linops: Fisher, Gauss-Newton and NTK matrices of PyTorch models as LinearOperators."""
 
+from fim_linops import operators
 from fim_linops.engine import FisherType
 from fim_linops.fisher import fisher
 from fim_linops.layout import ParamLayout
@@ -23,6 +24,7 @@ __all__ = [
     "Implicit",
     "Likelihood",
     "ParamLayout",
+    "operators",
     "Structure",
     "fisher",
     "frobenius_norm",
