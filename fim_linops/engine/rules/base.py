@@ -50,13 +50,22 @@ class LayerRule:
         """Features to keep from the forward call (detached): by default the input."""
         return inputs[0].detach()
 
-    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
-        """Per-example gradients (K, N, p) of the trainable parameters ``names``."""
+    def param_grads(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> list[Tensor]:
+        """Per-example gradients, one (K, N, *shape) tensor per trainable parameter in ``names``."""
         raise NotImplementedError
 
+    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        """Per-example gradients (K, N, p) of the trainable parameters ``names``."""
+        return flat_cat(self.param_grads(module, a, g, names))
+
     def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
-        """Sum over K, N of squared per-example gradients, shape (p,)."""
-        return (self.grads(module, a, g, names) ** 2).sum((0, 1))
+        """Sum over K, N of squared per-example gradients, shape (p,) (squares in place, no
+        concatenation of the per-example tensors)."""
+        return torch.cat(
+            [t.square_().sum((0, 1)).reshape(-1) for t in self.param_grads(module, a, g, names)]
+        )
 
     def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
         raise NotImplementedError(f"no KFAC rule for {type(module).__name__}")

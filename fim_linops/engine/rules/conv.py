@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fim_linops.engine.rules.base import KronStats, LayerRule, flat_cat, register
+from fim_linops.engine.rules.base import KronStats, LayerRule, register
 from fim_linops.engine.rules.linear import with_ones
 
 
@@ -49,7 +49,9 @@ class ConvRule(LayerRule):
         k, n, o = g.shape[:3]
         return g.reshape(k, n, module.groups, o // module.groups, -1)
 
-    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+    def param_grads(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> list[Tensor]:
         g5 = self._g(module, g)
         k, n = g5.shape[:2]
         parts = []
@@ -58,7 +60,7 @@ class ConvRule(LayerRule):
                 parts.append(torch.einsum("knrol,nrjl->knroj", g5, a).reshape(k, n, -1))
             else:
                 parts.append(g5.sum(-1).reshape(k, n, -1))
-        return flat_cat(parts)
+        return parts
 
     def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
         g5 = self._g(module, g)

@@ -34,11 +34,13 @@ class EmbeddingRule(LayerRule):
         oh = torch.nn.functional.one_hot(tokens.clamp_min(0), module.num_embeddings).to(dtype)
         return oh * valid[..., None].to(dtype)
 
-    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+    def param_grads(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> list[Tensor]:
         k, n = g.shape[:2]
         g4 = g.reshape(k, n, -1, g.shape[-1])
         oh = self._onehot(module, a, g.dtype)
-        return torch.einsum("ntv,kntd->knvd", oh, g4).reshape(k, n, -1)
+        return [torch.einsum("ntv,kntd->knvd", oh, g4)]
 
     def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
         k, n = g.shape[:2]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fim_linops.engine.rules.base import KronStats, LayerRule, flat_cat, register
+from fim_linops.engine.rules.base import KronStats, LayerRule, register
 
 
 def _as_3d(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,7 +37,9 @@ class LinearRule(LayerRule):
     types = (nn.Linear,)
     has_kfac = True
 
-    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+    def param_grads(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> list[Tensor]:
         a3, g3 = _as_3d(a, g)
         parts = []
         for name in names:
@@ -45,7 +47,7 @@ class LinearRule(LayerRule):
                 parts.append(torch.einsum("knto,nti->knoi", g3, a3))
             else:
                 parts.append(g3.sum(2))
-        return flat_cat(parts)
+        return parts
 
     def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
         a3, g3 = _as_3d(a, g)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fim_linops.engine.rules.base import LayerRule, flat_cat, register
+from fim_linops.engine.rules.base import LayerRule, register
 
 
 class _AffineNormRule(LayerRule):
@@ -28,7 +28,9 @@ class _AffineNormRule(LayerRule):
         with torch.no_grad():
             return self.x_hat(module, inputs[0].detach())
 
-    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+    def param_grads(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> list[Tensor]:
         k, n = g.shape[:2]
         gs = self._to_ncs(module, g.reshape(k * n, *g.shape[2:])).reshape(k, n, *self._cs(module, a))
         xs = self._to_ncs(module, a)
@@ -38,7 +40,7 @@ class _AffineNormRule(LayerRule):
                 parts.append(torch.einsum("kncs,ncs->knc", gs, xs))
             else:
                 parts.append(gs.sum(-1))
-        return flat_cat(parts)
+        return parts
 
     def _cs(self, module: nn.Module, a: Tensor) -> tuple[int, int]:
         xs = self._to_ncs(module, a)
