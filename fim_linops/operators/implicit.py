@@ -66,9 +66,21 @@ class Implicit(FisherOperator):
 
         return _ScaledImplicit(self, c)
 
+    def _tangents(self, rhs: Tensor) -> dict[str, Tensor]:
+        """name -> (M, *shape) tangents; rows of Embedding ``padding_idx`` are zeroed, since
+        reverse mode defines their gradient as zero while forward mode would propagate them."""
+        tangents = self.layout.unflatten(rhs.T)
+        for e in self.layout.entries:
+            module = dict(self.model.named_modules()).get(e.module_name)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None and e.local_name == "weight":
+                t = tangents[e.name].clone()
+                t[:, module.padding_idx] = 0
+                tangents[e.name] = t
+        return tangents
+
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
         params = self._param_dict()
-        tangents = self.layout.unflatten(rhs.T)  # name -> (M, *shape)
+        tangents = self._tangents(rhs)  # name -> (M, *shape)
         out = None
         for x, cols in self._batches():
             f = output_fn(self.model, x, self.likelihood)
@@ -125,7 +137,7 @@ class Implicit(FisherOperator):
     def quad_exact(self, v: Tensor) -> Tensor:
         """v^T (F + delta I) v with one JVP per batch (no VJP)."""
         params = self._param_dict()
-        tangents = self.layout.unflatten(v[None])
+        tangents = self._tangents(v[:, None])
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for x, cols in self._batches():
             f = output_fn(self.model, x, self.likelihood)
