@@ -78,7 +78,34 @@ class Implicit(FisherOperator):
                 tangents[e.name] = t
         return tangents
 
+    def _matvec_forward_ad(self, rhs: Tensor) -> Tensor:
+        """One column: a single forward carrying the tangent (forward-mode dual numbers) that
+        also records the reverse graph, then one backward: J^T H (J v) at about 2x the cost of a
+        plain forward+backward."""
+        import torch.autograd.forward_ad as fwad
+
+        tangents = self._tangents(rhs)
+        out = torch.zeros(self._numel(), dtype=self.dtype, device=self.device)
+        for x, cols in self._batches():
+            params = {n: p.detach().requires_grad_() for n, p in self._param_dict().items()}
+            # linear_operator calls _matmul inside an autograd.Function, where forward-mode AD
+            # is switched off: switch it on for this forward
+            with torch.enable_grad(), fwad._set_fwd_grad_enabled(True), fwad.dual_level():
+                duals = {n: fwad.make_dual(p, tangents[n][0]) for n, p in params.items()}
+                primal, jv = fwad.unpack_dual(output_fn(self.model, x, self.likelihood)(duals))
+                jv = torch.zeros_like(primal) if jv is None else jv
+            if cols is None:
+                u = self.likelihood.hessian_matmul(primal.detach(), jv)
+            else:
+                u = torch.einsum("knc,knd,nd->nc", cols, cols, jv)
+            grads = torch.autograd.grad(primal, list(params.values()), u, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)]
+            out += self.layout.flatten(grads)
+        return out[:, None] / self.n_examples
+
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
+        if rhs.shape[1] == 1 and not rhs.requires_grad:
+            return self._matvec_forward_ad(rhs)
         params = self._param_dict()
         tangents = self._tangents(rhs)  # name -> (M, *shape)
         out = None
