@@ -43,9 +43,13 @@ def _check_memory(structure: Structure, layout: ParamLayout, dtype: torch.dtype,
 
 
 def _check_kronecker(engine: Engine, structure: Structure) -> None:
-    if not engine.fallback:
+    bad = [
+        f"'{rb.block.module_name}' ({type(rb.module).__name__}: no Kronecker factorisation)"
+        for rb in engine.ruled
+        if not rb.rule.has_kfac
+    ]
+    if not engine.fallback and not bad:
         return
-    bad = []
     for block in engine.fallback:
         kind = type(block.module).__name__
         why = "no Kronecker rule"
@@ -60,7 +64,8 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         bad.append(f"'{name}' ({kind}: {why})")
     raise ValueError(
         f"structure='{structure.value}' has no rule for module " + ", ".join(bad)
-        + "; use structure='block_diag', 'diag' or 'implicit', or restrict params= to the "
+        + "; use structure='block_diag', 'diag' or 'implicit', a per-layer mix such as "
+        "{nn.Linear: 'kfac', 'default': 'block_diag'}, or restrict params= to the "
         "Linear/Conv/Embedding layers"
     )
 
