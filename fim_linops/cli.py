@@ -61,10 +61,25 @@ def top_eigenvalues(op, k: int) -> torch.Tensor:
     """Top-k eigenvalues: closed form where the structure has it, Lanczos otherwise."""
     if isinstance(op, fl.operators.EigenOperator):
         return torch.sort(op.eigvalsh(), descending=True).values[:k]
-    from fim_linops.spectral import lanczos
-
+    try:
+        from fim_linops.spectral import lanczos
+    except ImportError:  # pragma: no cover - spectral tools not installed
+        return _eigsh_top(op, k)
     evals, _ = lanczos(op, k, which="LA")
     return torch.sort(evals, descending=True).values
+
+
+def _eigsh_top(op, k: int) -> torch.Tensor:
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return (op @ torch.as_tensor(v, dtype=op.dtype).reshape(-1)).numpy()
+
+    p = op.shape[-1]
+    evals = eigsh(LinearOperator((p, p), matvec=matvec, dtype=np.float64), k=k, which="LA")[0]
+    return torch.sort(torch.as_tensor(evals), descending=True).values
 
 
 def demo(out: Path, seconds: float, n_examples: int, seed: int, progress: bool) -> list[dict]:
