@@ -3,13 +3,22 @@ where the approximation is exact, and its exact linear algebra against its own d
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import fim_linops as fl
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These tests compare against float64 references: float64 by default, restored after."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> bool:
@@ -155,24 +164,26 @@ def test_kfac_refuses_layers_it_cannot_factorise_and_names_them() -> None:
 
 
 # -- exact linear algebra of every stored structure against its own dense form -----------------------
-def _operators():
+@functools.cache
+def operators() -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 6), nn.Tanh(),
         nn.Linear(6, 3),
     )
-    x = torch.randn(40, 2, 4, 4)
+    model = model.double()
+    x = torch.randn(40, 2, 4, 4, dtype=torch.float64)
     y = torch.zeros(40, dtype=torch.long)
     return {s: fl.fisher(model, (x, y), structure=s) for s in ("dense", "block_diag", "diag", "kfac")}
 
 
-OPS = _operators()
+STRUCTURES = ["dense", "block_diag", "diag", "kfac"]
 
 
-@pytest.mark.parametrize("structure", list(OPS))
+@pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("damping", [1e-3, 0.5])
 def test_exact_algebra_matches_the_dense_form(structure: str, damping: float) -> None:
-    F = OPS[structure]
+    F = operators()[structure]
     D = F.to_dense()
     p = D.shape[0]
     Fd = F.add_diagonal(torch.tensor(damping))
@@ -197,9 +208,9 @@ def test_exact_algebra_matches_the_dense_form(structure: str, damping: float) ->
     assert close((2.0 * F).to_dense(), 2 * D)
 
 
-@pytest.mark.parametrize("structure", list(OPS))
+@pytest.mark.parametrize("structure", STRUCTURES)
 def test_operators_move_between_dtypes_and_survive_pickling(structure: str, tmp_path) -> None:
-    F = OPS[structure]
+    F = operators()[structure]
     F32 = F.to(torch.float32)
     assert F32.dtype == torch.float32
     assert close(F32.to_dense().double(), F.to_dense(), rtol=1e-6)
