@@ -5,7 +5,10 @@ operator. ``fisher()`` looks the structure up here; new structures register them
 :func:`register`.
 """
 
-from fim_linops.builders import core  # noqa: F401,E402  (registration)
+from fim_linops.builders import (
+    core,  # noqa: F401,E402  (registration)
+    ekfac,  # noqa: F401,E402,I001  (registration)
+)
 from fim_linops.builders.base import BUILDERS, BuildContext, register
 
 __all__ = ["BUILDERS", "BuildContext", "register"]

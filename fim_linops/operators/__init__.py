@@ -4,6 +4,7 @@ from fim_linops.operators.base import EigenOperator, FisherOperator
 from fim_linops.operators.block_diag import BlockDiag
 from fim_linops.operators.dense import Dense
 from fim_linops.operators.diag import Diag
+from fim_linops.operators.ekfac import EKFAC
 from fim_linops.operators.implicit import Implicit
 from fim_linops.operators.kfac import KFAC
 from fim_linops.operators.kron import KronBasis, KronSpec
@@ -12,3 +13,4 @@ __all__ = [
     "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
     "KronBasis", "KronSpec",
 ]
+__all__ += ["EKFAC"]
