@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fim_linops.builders import BUILDERS, BuildContext
+from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
@@ -84,6 +85,7 @@ def fisher(
     progress: bool = False,
     generator: torch.Generator | None = None,
     max_bytes: int = MAX_DENSE_BYTES,
+    process_group: Any = None,
 ) -> FisherOperator:
     r"""The Fisher information matrix of ``model`` on ``data`` as a LinearOperator (P, P).
 
@@ -99,6 +101,9 @@ def fisher(
         device, dtype: where and in which precision to compute (the model is copied if needed).
         progress: tqdm progress bar over the batches.
         max_bytes: memory guard for dense and block-diagonal storage.
+        process_group: a torch.distributed group; by default the world group when
+            torch.distributed is initialised. Each rank passes its own shard of the data; the
+            statistics are all-reduced once (implicit products once per product).
 
     Returns:
         A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
@@ -131,7 +136,9 @@ def fisher(
                 f"structure='{struct.value}' is not available yet; use 'kfac', 'diag', "
                 "'block_diag', 'dense' or 'implicit'"
             )
-        ctx = BuildContext(engine, data, dev, dt, progress=progress, rank=rank)
+        ctx = BuildContext(
+            engine, data, dev, dt, progress=progress, rank=rank, group=resolve_group(process_group)
+        )
         return builder(ctx)
 
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from fim_linops.distributed import all_reduce_, all_reduce_count
 from fim_linops.engine import BatchResult, Engine
 from fim_linops.operators.base import FisherOperator
+from fim_linops.statistics import Sums
 from fim_linops.structures import Structure
 
 
@@ -27,6 +29,13 @@ class BuildContext:
     progress: bool = False
     rank: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    group: Any = None  # torch.distributed process group, None in a single process
+
+    def reduce(self, sums: Sums) -> Sums:
+        """All-reduce the sums and the example count over the process group (once per build)."""
+        all_reduce_(sums.tensors, self.group)
+        sums.n = all_reduce_count(sums.n, self.group, self.device)
+        return sums
 
     def results(self, columns: list | None = None) -> Iterator[BatchResult]:
         return self.engine.run(self.data, self.device, self.dtype, progress=self.progress, columns=columns)

@@ -10,39 +10,68 @@ from torch import Tensor
 from fim_linops import statistics
 from fim_linops.builders.base import BuildContext, register
 from fim_linops.data import batch_size, iter_batches
+from fim_linops.distributed import all_reduce_count
 from fim_linops.engine import Engine, FisherType
+from fim_linops.engine.rules.base import KronStats
 from fim_linops.operators import KFAC, BlockDiag, Dense, Diag, Implicit, KronSpec
 from fim_linops.structures import Structure
 
 
 @register(Structure.DIAG)
 def build_diag(ctx: BuildContext) -> Diag:
-    sums = statistics.diag_sums(ctx.engine, ctx.results())
+    sums = ctx.reduce(statistics.diag_sums(ctx.engine, ctx.results()))
     return Diag(sums.tensors[0] / sums.n)
 
 
 @register(Structure.BLOCK_DIAG)
 def build_block_diag(ctx: BuildContext) -> BlockDiag:
-    sums = statistics.block_sums(ctx.engine, ctx.results())
+    sums = ctx.reduce(statistics.block_sums(ctx.engine, ctx.results()))
     names = tuple(b.module_name for b in ctx.engine.layout.blocks)
     return BlockDiag(*[b / sums.n for b in sums.tensors], names=names)
 
 
 @register(Structure.DENSE)
 def build_dense(ctx: BuildContext) -> Dense:
-    sums = statistics.dense_sums(ctx.engine, ctx.results())
+    sums = ctx.reduce(statistics.dense_sums(ctx.engine, ctx.results()))
     return Dense(sums.tensors[0] / sums.n)
 
 
 @register(Structure.KFAC)
 def build_kfac(ctx: BuildContext) -> KFAC:
     sums = statistics.kfac_sums(ctx.engine, ctx.results())
+    stats = fill_kron_stats(ctx.engine, sums.extra["stats"], ctx.dtype, ctx.device)
+    sums.tensors = [t for st in stats for t in (st.left_sum, st.right_sum)]
+    sums.tensors.append(torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device))
+    ctx.reduce(sums)
+    rows = sums.tensors[-1]
+    sums.extra["stats"] = [
+        KronStats(sums.tensors[2 * i], sums.tensors[2 * i + 1], int(rows[i]), st.left_is_a)
+        for i, st in enumerate(stats)
+    ]
     return kfac_operator(ctx.engine, sums)
+
+
+def fill_kron_stats(engine: Engine, stats: list, dtype: torch.dtype, device: torch.device) -> list[KronStats]:
+    """Zero statistics for layers this process never reached (so every rank reduces the same
+    tensors)."""
+    out = []
+    for rb, st in zip(engine.ruled, stats, strict=True):
+        if st is None:
+            groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
+            left_is_a = rb.rule.kron_left_is_a
+            st = KronStats(
+                torch.zeros(groups, rows, rows, dtype=dtype, device=device),
+                torch.zeros(groups, cols, cols, dtype=dtype, device=device),
+                0,
+                left_is_a,
+            )
+        out.append(st)
+    return out
 
 
 @register(Structure.IMPLICIT)
 def build_implicit(ctx: BuildContext) -> Implicit:
-    return implicit_operator(ctx.engine, ctx.data, ctx.device, ctx.dtype)
+    return implicit_operator(ctx.engine, ctx.data, ctx.device, ctx.dtype, ctx.group)
 
 
 def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
@@ -50,19 +79,12 @@ def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
     specs: list[KronSpec] = []
     for rb, st in zip(engine.ruled, sums.extra["stats"], strict=True):
         groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
-        if st is None:  # never reached: zero block
-            dtype = rb.block.entries[0].param.dtype
-            device = rb.block.entries[0].param.device
-            left = torch.zeros(groups, rows, rows, dtype=dtype, device=device)
-            right = torch.zeros(groups, cols, cols, dtype=dtype, device=device)
-            left_is_a = False
+        a_count = max(st.a_rows, 1)
+        if st.left_is_a:
+            left, right = st.left_sum / a_count, st.right_sum / sums.n
         else:
-            a_count = max(st.a_rows, 1)
-            if st.left_is_a:
-                left, right = st.left_sum / a_count, st.right_sum / sums.n
-            else:
-                left, right = st.left_sum / sums.n, st.right_sum / a_count
-            left_is_a = st.left_is_a
+            left, right = st.left_sum / sums.n, st.right_sum / a_count
+        left_is_a = st.left_is_a
         factors += [left, right]
         specs.append(
             KronSpec(
@@ -74,7 +96,7 @@ def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
     return KFAC(*factors, specs=tuple(specs))
 
 
-def implicit_operator(engine: Engine, data: Any, device, dtype) -> Implicit:
+def implicit_operator(engine: Engine, data: Any, device, dtype, group: Any = None) -> Implicit:
     """Collect the batches (and, for MC/empirical, their fixed output columns)."""
     ftype = engine.fisher_type
     batches = []
@@ -93,7 +115,7 @@ def implicit_operator(engine: Engine, data: Any, device, dtype) -> Implicit:
     params = tuple(e.param.detach().clone() for e in engine.layout.entries)
     return Implicit(
         *params, model=engine.model, layout=engine.layout, batches=batches,
-        likelihood=engine.likelihood, n_examples=n,
+        likelihood=engine.likelihood, n_examples=all_reduce_count(n, group, device), group=group,
     )
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from fim_linops.data import move
+from fim_linops.distributed import all_reduce_
 from fim_linops.engine.functional import FunctionalModel, jvp_columns, output_fn
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.layout import ParamLayout
@@ -37,13 +38,15 @@ class Implicit(FisherOperator):
         batches: list[tuple[Any, Tensor | None]],
         likelihood: Likelihood,
         n_examples: int,
+        group: Any = None,
     ):
         if damping is None:
             damping = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
         super().__init__(
             *params, damping=damping, model=model, layout=layout, batches=batches,
-            likelihood=likelihood, n_examples=n_examples,
+            likelihood=likelihood, n_examples=n_examples, group=group,
         )
+        self.group = group
         self.params = params
         self.model = model
         self.layout = layout
@@ -101,6 +104,7 @@ class Implicit(FisherOperator):
             grads = torch.autograd.grad(primal, list(params.values()), u, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)]
             out += self.layout.flatten(grads)
+        all_reduce_([out], self.group)
         return out[:, None] / self.n_examples
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
@@ -120,6 +124,7 @@ class Implicit(FisherOperator):
                 u = torch.einsum("knc,knd,mnd->mnc", cols, cols, jv)
             g = self.layout.flatten(vmap(pullback)(u)[0])  # (M, P)
             out = g if out is None else out + g
+        all_reduce_([out], self.group)
         return out.T / self.n_examples
 
     def per_example_grads(self):
@@ -141,18 +146,22 @@ class Implicit(FisherOperator):
         total = torch.zeros(self._numel(), dtype=self.dtype, device=self.device)
         for g in self.per_example_grads():
             total += (g**2).sum(0)
+        all_reduce_([total], self.group)
         return total / self.n_examples
 
     def to_dense(self) -> Tensor:
         total = torch.zeros(self._numel(), self._numel(), dtype=self.dtype, device=self.device)
         for g in self.per_example_grads():
             total += g.T @ g
+        all_reduce_([total], self.group)
         return total / self.n_examples + self.damping * torch.eye(
             self._numel(), dtype=self.dtype, device=self.device
         )
 
     def _frobenius_sq_undamped(self) -> Tensor:
         # ||F||_F^2 = ||G^T G||_F^2 / N^2 = ||G G^T||_F^2 / N^2 over stacked per-example gradients
+        if self.group is not None:
+            return (self.to_dense() ** 2).sum()
         chunks = list(self.per_example_grads())
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for i, gi in enumerate(chunks):
@@ -175,6 +184,7 @@ class Implicit(FisherOperator):
                 total = total + (jv * self.likelihood.hessian_matmul(fx, jv)).sum()
             else:
                 total = total + (torch.einsum("knc,nc->kn", cols, jv) ** 2).sum()
+        all_reduce_([total], self.group)
         return total / self.n_examples + self.damping * (v * v).sum()
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:

@@ -38,6 +38,8 @@ class LayerRule:
     types: tuple[type[nn.Module], ...] = ()
     #: whether ``kfac`` is available for this family
     has_kfac: bool = False
+    #: whether the left Kronecker factor is the input covariance A (Embedding: W is (V, D))
+    kron_left_is_a: bool = False
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this module instance can use the rule (e.g. BatchNorm only in eval mode)."""

@@ -18,6 +18,7 @@ from fim_linops.engine.rules.base import KronStats, LayerRule, register
 class EmbeddingRule(LayerRule):
     types = (nn.Embedding,)
     has_kfac = True
+    kron_left_is_a = True
 
     def supports(self, module: nn.Module) -> bool:
         return not module.scale_grad_by_freq and module.max_norm is None and not module.sparse
