@@ -171,3 +171,36 @@ def test_ekfac_mc_reuses_the_sampled_labels_in_its_second_pass() -> None:
     e = kfac.eigh()[1].to_dense()
     s = torch.einsum("pi,pq,qi->i", e, mc, e)
     assert close(ekfac.to_dense(), e @ torch.diag(s) @ e.T)
+
+
+# -- low rank ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "cnn", "normed"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_lowrank_holds_the_top_eigenpairs_of_the_exact_fisher(name: str, k: int) -> None:
+    model, data = make(name)
+    F_ref = reference(name)
+    F = fl.fisher(model, data, structure="lowrank", rank=k)
+    lam, q = torch.linalg.eigh(F_ref)
+    expected = (q[:, -k:] * lam[-k:]) @ q[:, -k:].T
+    assert close(F.to_dense(), expected, rtol=1e-9)
+    assert close(torch.sort(F.evals).values, lam[-k:])
+
+
+def test_lowrank_by_subspace_iteration_matches_the_svd_route(monkeypatch) -> None:
+    from fim_linops.builders import lowrank
+
+    model, data = make("mlp")
+    F_svd = fl.fisher(model, data, structure="lowrank", rank=4)
+    monkeypatch.setattr(lowrank, "SVD_MAX_BYTES", 0)
+    F_it = fl.fisher(model, data, structure="lowrank", rank=4)
+    assert close(F_it.evals, F_svd.evals, rtol=1e-9)
+    assert close(F_it.to_dense(), F_svd.to_dense(), rtol=1e-8)
+
+
+def test_lowrank_rank_larger_than_p_is_a_clear_error() -> None:
+    model, data = make("mlp")
+    p = sum(q.numel() for q in model.parameters())
+    with pytest.raises(ValueError, match=f"rank={p + 1} exceeds the number of parameters P={p}"):
+        fl.fisher(model, data, structure="lowrank", rank=p + 1)
+    with pytest.raises(ValueError, match="needs rank=k"):
+        fl.fisher(model, data, structure="lowrank")

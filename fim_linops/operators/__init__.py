@@ -8,9 +8,10 @@ from fim_linops.operators.ekfac import EKFAC
 from fim_linops.operators.implicit import Implicit
 from fim_linops.operators.kfac import KFAC
 from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.operators.lowrank import HouseholderBasis, LowRank
 
 __all__ = [
     "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
     "KronBasis", "KronSpec",
 ]
-__all__ += ["EKFAC"]
+__all__ += ["EKFAC", "HouseholderBasis", "LowRank"]
