@@ -137,11 +137,13 @@ class FisherOperator(LinearOperator):
         return f"{type(self).__name__}(P={self._numel()})"
 
 
-def sym_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+def sym_eigh(m: Tensor, upcast: bool = False) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a (batch of) symmetric PSD matrices: symmetrised first, eigenvalues
-    clamped at zero (they are PSD by construction; negatives are round-off)."""
-    evals, evecs = torch.linalg.eigh((m + m.transpose(-1, -2)) / 2)
-    return evals.clamp_min(0), evecs
+    clamped at zero (they are PSD by construction; negatives are round-off). ``upcast`` runs the
+    decomposition in float64 for lower-precision inputs (used for small Kronecker factors)."""
+    work = m.double() if upcast and m.dtype in (torch.float32, torch.float16, torch.bfloat16) else m
+    evals, evecs = torch.linalg.eigh((work + work.transpose(-1, -2)) / 2)
+    return evals.clamp_min(0).to(m.dtype), evecs.to(m.dtype)
 
 
 def pinv_scale(lam: Tensor, power: float = -1.0) -> Tensor:

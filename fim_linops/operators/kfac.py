@@ -79,7 +79,11 @@ class KFAC(EigenOperator):
         """Per block (lambda_L (g, rows), Q_L, lambda_R (g, cols), Q_R)."""
         cache = self.__dict__.setdefault("_fl_cache", {})
         if "eig" not in cache:
-            cache["eig"] = [(*sym_eigh(left), *sym_eigh(right)) for _, left, right in self.pairs()]
+            # factors are small: decompose them in float64 even for a float32 operator
+            cache["eig"] = [
+                (*sym_eigh(left, upcast=True), *sym_eigh(right, upcast=True))
+                for _, left, right in self.pairs()
+            ]
         return cache["eig"]
 
     def _block_eigenvalues(self) -> list[Tensor]:
