@@ -204,3 +204,48 @@ def test_lowrank_rank_larger_than_p_is_a_clear_error() -> None:
         fl.fisher(model, data, structure="lowrank", rank=p + 1)
     with pytest.raises(ValueError, match="needs rank=k"):
         fl.fisher(model, data, structure="lowrank")
+
+
+# -- quasi-diagonal ---------------------------------------------------------------------------------
+def quasi_mask(model: nn.Module, size: int) -> torch.Tensor:
+    """The diagonal plus (weight row b, bias b) pairs of Linear/Conv/norm layers."""
+    mask = torch.eye(size, dtype=torch.bool)
+    for b in fl.ParamLayout.from_model(model).blocks:
+        w, bias = b.entry("weight"), b.entry("bias")
+        if w is None or bias is None or isinstance(b.module, nn.Embedding):
+            continue
+        width = w.numel // bias.numel
+        for o in range(bias.numel):
+            rows = slice(w.start + o * width, w.start + (o + 1) * width)
+            mask[rows, bias.start + o] = mask[bias.start + o, rows] = True
+    return mask
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_quasi_diag_keeps_the_diagonal_and_each_neurons_weight_bias_terms(name: str) -> None:
+    model, data = make(name)
+    F_ref = reference(name)
+    F = fl.fisher(model, data, structure="quasi_diag")
+    expected = torch.where(quasi_mask(model, F_ref.shape[0]), F_ref, torch.zeros_like(F_ref))
+    assert close(F.to_dense(), expected)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_quasi_diag_closed_forms_match_its_dense_form(damping: float) -> None:
+    model, data = make("cnn")
+    F = fl.fisher(model, data, structure="quasi_diag").add_diagonal(torch.tensor(damping))
+    D = F.to_dense()
+    b = torch.randn(D.shape[0], 3)
+    assert close(F.solve(b), torch.linalg.solve(D, b), rtol=1e-9)
+    inv_quad, logdet = F.inv_quad_logdet(b, logdet=True)
+    assert close(inv_quad, (b * torch.linalg.solve(D, b)).sum(), rtol=1e-9)
+    if torch.linalg.eigvalsh(D)[0] < 0:  # Ollivier's arrowhead blocks need not be PSD
+        assert torch.isnan(logdet) == torch.isnan(torch.logdet(D))
+        with pytest.raises(ValueError, match="indefinite"):
+            F.root_decomposition()
+        return
+    assert close(logdet, torch.logdet(D))
+    r = F.root_decomposition().root.to_dense()
+    assert close(r @ r.T, D)
+    s = F.root_inv_decomposition().root.to_dense()
+    assert close(s @ s.T, torch.linalg.inv(D), rtol=1e-9)

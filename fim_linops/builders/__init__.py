@@ -9,6 +9,7 @@ from fim_linops.builders import (
     core,  # noqa: F401,E402  (registration)
     ekfac,  # noqa: F401,E402,I001  (registration)
     lowrank,  # noqa: F401  (registration)
+    quasi_diag,  # noqa: F401  (registration)
 )
 from fim_linops.builders.base import BUILDERS, BuildContext, register
 

@@ -9,9 +9,10 @@ from fim_linops.operators.implicit import Implicit
 from fim_linops.operators.kfac import KFAC
 from fim_linops.operators.kron import KronBasis, KronSpec
 from fim_linops.operators.lowrank import HouseholderBasis, LowRank
+from fim_linops.operators.quasi_diag import QuasiDiag, QuasiSpec
 
 __all__ = [
     "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
     "KronBasis", "KronSpec",
 ]
-__all__ += ["EKFAC", "HouseholderBasis", "LowRank"]
+__all__ += ["EKFAC", "HouseholderBasis", "LowRank", "QuasiDiag", "QuasiSpec"]
