@@ -114,6 +114,8 @@ def iter_batches(
             f"{type(data).__name__}"
         ) from None
     count = 0
+    x: Any
+    y: Any
     for index, batch in enumerate(iterator):
         if isinstance(batch, Mapping) and not need_targets:
             x, y = batch, None

@@ -123,7 +123,8 @@ def fisher(
                 "not accurate: pass dtype=torch.float32 (the model is copied and upcast)"
             )
     with preserved_state(model):
-        work, work_layout = prepare_model(model, layout, device, dtype)
+        dev_arg = torch.device(device) if device is not None else None
+        work, work_layout = prepare_model(model, layout, dev_arg, dtype)
         dev = work_layout.entries[0].param.device
         dt = work_layout.entries[0].param.dtype
         _check_memory(struct, work_layout, dt, max_bytes)
