@@ -64,6 +64,10 @@ class Twice(nn.Module):
         return self.o(torch.tanh(self.l(torch.tanh(self.l(x)))))
 
 
+def conv() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+
+
 def normed() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
 
@@ -74,6 +78,7 @@ MODELS = {
     "seq": (Seq, lambda: torch.randint(0, 7, (N, 3))),
     "twice": (Twice, lambda: torch.randn(N, 4)),
     "normed": (normed, lambda: torch.randn(N, 4)),
+    "conv": (conv, lambda: torch.randn(N, 2, 5, 5)),
 }
 KRON_MODELS = ["mlp", "cnn", "seq", "twice"]
 
@@ -249,3 +254,136 @@ def test_quasi_diag_closed_forms_match_its_dense_form(damping: float) -> None:
     assert close(r @ r.T, D)
     s = F.root_inv_decomposition().root.to_dense()
     assert close(s @ s.T, torch.linalg.inv(D), rtol=1e-9)
+
+
+# -- Kronecker sums ---------------------------------------------------------------------------------
+def rearranged_blocks(model: nn.Module, F: torch.Tensor) -> list[torch.Tensor]:
+    """Per Linear layer, R(F_block) (rows^2, cols^2) over the row-major [W | b] view."""
+    out = []
+    for b in fl.ParamLayout.from_model(model).blocks:
+        rows, inp = b.module.out_features, b.module.in_features
+        cols = inp + 1
+        # public index of M[o, c]: W row-major, then the bias
+        idx = torch.tensor(
+            [o * inp + c if c < inp else rows * inp + o for o in range(rows) for c in range(cols)]
+        )
+        blk = F[b.start : b.stop, b.start : b.stop][idx][:, idx]
+        out.append(
+            blk.reshape(rows, cols, rows, cols)
+            .permute(0, 2, 1, 3)
+            .reshape(rows * rows, cols * cols)
+        )
+    return out
+
+
+def test_kron_sum_rank_one_is_the_frobenius_optimal_kronecker_product() -> None:
+    model, data = make("mlp")
+    F_ref = reference("mlp")
+    F = fl.fisher(model, data, structure="kron_sum", rank=1)
+    errs = []
+    got = rearranged_blocks(model, F.to_dense())
+    for g, r in zip(got, rearranged_blocks(model, F_ref), strict=True):
+        u, s, vh = torch.linalg.svd(r)
+        best = s[0] * torch.outer(u[:, 0], vh[0])
+        errs.append(torch.linalg.matrix_norm(g - best) / torch.linalg.matrix_norm(best))
+    assert max(errs) < 1e-9
+
+
+def test_kron_sum_error_is_non_increasing_in_r_and_zero_when_exact() -> None:
+    model, data = make("mlp")
+    F_ref = reference("mlp")
+    mask = block_mask(model, F_ref.shape[0])
+    target = torch.where(mask, F_ref, torch.zeros_like(F_ref))
+    errs = [
+        torch.linalg.matrix_norm(
+            fl.fisher(model, data, structure="kron_sum", rank=r).to_dense() - target
+        )
+        for r in (1, 2, 3, 5)
+    ]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:], strict=False))
+    assert errs[-1] < errs[0]
+    # two examples through one linear layer: each block is exactly a sum of 2 Kronecker products
+    torch.manual_seed(1)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(2, 4)
+    exact = reference_fisher(lin, x)
+    F2 = fl.fisher(lin, (x, torch.zeros(2, dtype=torch.long)), structure="kron_sum", rank=2)
+    assert close(F2.to_dense(), exact)
+    F1 = fl.fisher(lin, (x[:1], torch.zeros(1, dtype=torch.long)), structure="kron_sum", rank=1)
+    assert close(F1.to_dense(), reference_fisher(lin, x[:1]))
+
+
+@pytest.mark.parametrize("name", ["conv", "seq", "twice"])
+def test_kron_sum_with_enough_terms_is_the_exact_block(name: str) -> None:
+    model, data = make(name)
+    F_ref = reference(name)
+    target = torch.where(block_mask(model, F_ref.shape[0]), F_ref, torch.zeros_like(F_ref))
+    big = max(b.numel for b in fl.ParamLayout.from_model(model).blocks)
+    F = fl.fisher(model, data, structure="kron_sum", rank=big)
+    assert close(F.to_dense(), target, rtol=1e-8)
+
+
+# -- exact linear algebra of the new structures against their own dense form -------------------------
+@functools.cache
+def built(structure: str, rank: int | None = None):
+    model, data = make("conv")
+    return fl.fisher(model, data, structure=structure, rank=rank)
+
+
+EIGEN = [("ekfac", None), ("lowrank", 6), ("kron_sum", 1)]
+SOLVABLE = [*EIGEN, ("quasi_diag", None), ("kron_sum", 3)]
+
+
+@pytest.mark.parametrize("structure,rank", SOLVABLE)
+@pytest.mark.parametrize("damping", [0.05, 0.5])
+def test_solve_and_products_match_the_dense_form(
+    structure: str, rank: int | None, damping: float
+) -> None:
+    F = built(structure, rank)
+    D = F.to_dense()
+    p = D.shape[0]
+    Fd = F.add_diagonal(torch.tensor(damping))
+    assert type(Fd) is type(F)
+    Dd = D + damping * torch.eye(p)
+    assert close(Fd.to_dense(), Dd)
+    b = torch.randn(p, 2)
+    assert close(Fd @ b, Dd @ b)
+    assert close(Fd.solve(b), torch.linalg.solve(Dd, b), rtol=1e-9)
+    assert close(Fd.solve(b[:, 0]), torch.linalg.solve(Dd, b[:, 0]), rtol=1e-9)
+    assert close(F.diagonal(), D.diagonal())
+    assert close(fl.trace(Fd), Dd.trace())
+    assert close(fl.frobenius_norm(Fd), torch.linalg.matrix_norm(Dd))
+    assert close((2.0 * F).to_dense(), 2 * D)
+
+
+@pytest.mark.parametrize("structure,rank", EIGEN)
+@pytest.mark.parametrize("damping", [0.05, 0.5])
+def test_logdet_root_and_eigh_are_exact(structure: str, rank: int | None, damping: float) -> None:
+    Fd = built(structure, rank).add_diagonal(torch.tensor(damping))
+    Dd = Fd.to_dense()
+    inv_quad, logdet = Fd.inv_quad_logdet(torch.randn(Dd.shape[0], 2), logdet=True)
+    assert close(logdet, torch.logdet(Dd))
+    root = Fd.root_decomposition().root.to_dense()
+    assert close(root @ root.T, Dd)
+    s = Fd.root_inv_decomposition().root.to_dense()
+    assert close(s @ s.T, torch.linalg.inv(Dd), rtol=1e-9)
+    evals, evecs = Fd.eigh()
+    assert close(torch.sort(evals).values, torch.linalg.eigvalsh(Dd), rtol=1e-9)
+    q = evecs.to_dense()
+    assert close(q @ torch.diag(evals) @ q.T, Dd, rtol=1e-9)
+    assert close(q.T @ q, torch.eye(q.shape[0]), rtol=1e-9)
+
+
+def test_kron_sum_of_two_terms_without_damping_has_an_exact_logdet_and_root() -> None:
+    torch.manual_seed(1)
+    lin = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    x = torch.randn(6, 4)
+    F = fl.fisher(lin, (x, torch.randn(6, 3)), likelihood="gaussian", structure="kron_sum", rank=2)
+    assert F._forms()[0] is not None  # the simultaneous diagonalisation applies
+    D = F.to_dense()
+    b = torch.randn(D.shape[0])
+    assert close(F.solve(b), torch.linalg.solve(D, b), rtol=1e-8)
+    if torch.linalg.eigvalsh(D)[0] > 0:  # a truncated Kronecker sum need not be PSD
+        assert close(F.logdet(), torch.logdet(D), rtol=1e-9)
+        r = F.root_decomposition().root.to_dense()
+        assert close(r @ r.T, D)

@@ -8,6 +8,7 @@ operator. ``fisher()`` looks the structure up here; new structures register them
 from fim_linops.builders import (
     core,  # noqa: F401,E402  (registration)
     ekfac,  # noqa: F401,E402,I001  (registration)
+    kron_sum,  # noqa: F401  (registration)
     lowrank,  # noqa: F401  (registration)
     quasi_diag,  # noqa: F401  (registration)
 )

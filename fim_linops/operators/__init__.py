@@ -8,6 +8,7 @@ from fim_linops.operators.ekfac import EKFAC
 from fim_linops.operators.implicit import Implicit
 from fim_linops.operators.kfac import KFAC
 from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.operators.kron_sum import KronSum
 from fim_linops.operators.lowrank import HouseholderBasis, LowRank
 from fim_linops.operators.quasi_diag import QuasiDiag, QuasiSpec
 
@@ -15,4 +16,4 @@ __all__ = [
     "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
     "KronBasis", "KronSpec",
 ]
-__all__ += ["EKFAC", "HouseholderBasis", "LowRank", "QuasiDiag", "QuasiSpec"]
+__all__ += ["EKFAC", "HouseholderBasis", "KronSum", "LowRank", "QuasiDiag", "QuasiSpec"]
