@@ -173,7 +173,7 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
             stacklevel=2,
         )
     factors: list[Tensor] = []
-    for s, yi, qxi, (_, _, _, v), b in zip(specs, y, qx, prev, width, strict=True):
+    for yi, qxi, (_, _, _, v), b in zip(y, qx, prev, width, strict=True):
         k = min(r, b)
         left = torch.einsum("jgab,gjs->sgab", yi, v[:, :, :k])  # sigma_s L_s = R(F) v_s
         right = torch.einsum("jgcd,gjs->sgcd", qxi, v[:, :, :k])
