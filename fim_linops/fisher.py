@@ -94,7 +94,8 @@ def fisher(
         data: a DataLoader, an iterable of (x, y) batches, or one (x, y) batch.
         likelihood: "categorical" (logits), "gaussian" (unit variance unless fl.Gaussian(sigma)),
             "bernoulli" (one logit), or an ``fl.Likelihood``.
-        structure: "dense", "block_diag", "diag", "kfac" or "implicit".
+        structure: "dense", "block_diag", "diag", "kfac" or "implicit"; or a per-layer mix
+            {module type | module | module name | "default": structure} (block-diagonal by group).
         fisher_type: "exact" (closed-form expectation = GGN), "mc" (``mc_samples`` sampled
             labels, drawn with ``generator``) or "empirical" (the labels in ``data``).
         params: None (all trainable parameters) or an iterable of parameters/modules.
@@ -108,6 +109,14 @@ def fisher(
     Returns:
         A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
     """
+    if isinstance(structure, dict):  # per-layer mix: one fisher() per structure group
+        from fim_linops.builders.mixed import fisher_mixed
+
+        return fisher_mixed(
+            fisher, model, data, structure, params=params, likelihood=likelihood,
+            fisher_type=fisher_type, mc_samples=mc_samples, rank=rank, device=device, dtype=dtype,
+            progress=progress, generator=generator, max_bytes=max_bytes, process_group=process_group,
+        )
     lik = get_likelihood(likelihood)
     struct = Structure.parse(structure)
     ftype = FisherType.parse(fisher_type)

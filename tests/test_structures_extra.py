@@ -387,3 +387,53 @@ def test_kron_sum_of_two_terms_without_damping_has_an_exact_logdet_and_root() ->
         assert close(F.logdet(), torch.logdet(D), rtol=1e-9)
         r = F.root_decomposition().root.to_dense()
         assert close(r @ r.T, D)
+
+
+# -- per-layer mixes --------------------------------------------------------------------------------
+def test_a_per_layer_mix_is_block_diagonal_with_each_layers_own_structure() -> None:
+    model, data = make("normed")
+    F_ref = reference("normed")
+    mix = fl.fisher(
+        model, data, structure={nn.Linear: "kfac", model[3]: "ekfac", "default": "block_diag"}
+    )
+    assert isinstance(mix, fl.operators.Mixed)
+    kfac = fl.fisher(model, data, structure="kfac", params=[model[0]]).to_dense()
+    ekfac = fl.fisher(model, data, structure="ekfac", params=[model[3]]).to_dense()
+    blocks = fl.ParamLayout.from_model(model).blocks
+    norm = F_ref[blocks[1].start : blocks[1].stop, blocks[1].start : blocks[1].stop]
+    assert close(mix.to_dense(), torch.block_diag(kfac, norm, ekfac))
+    # exact algebra group by group, damping included
+    Fd = mix.add_diagonal(torch.tensor(0.1))
+    D = Fd.to_dense()
+    b = torch.randn(D.shape[0], 2)
+    assert close(Fd.solve(b), torch.linalg.solve(D, b), rtol=1e-9)
+    assert close(Fd.inv_quad_logdet(logdet=True)[1], torch.logdet(D))
+    r = Fd.root_decomposition().root.to_dense()
+    assert close(r @ r.T, D)
+    evals, evecs = Fd.eigh()
+    q = evecs.to_dense()
+    assert close(q @ torch.diag(evals) @ q.T, D, rtol=1e-9)
+    assert close(mix.diagonal(), torch.block_diag(kfac, norm, ekfac).diagonal())
+    assert close(fl.frobenius_norm(Fd), torch.linalg.matrix_norm(D))
+
+
+def test_a_mix_by_module_name_and_non_contiguous_groups() -> None:
+    model, data = make("mlp")
+    F_ref = reference("mlp")
+    mix = fl.fisher(model, data, structure={"2": "dense", "default": "diag"})
+    blocks = fl.ParamLayout.from_model(model).blocks
+    expected = torch.diag(F_ref.diagonal())
+    sl = slice(blocks[1].start, blocks[1].stop)
+    expected[sl, sl] = F_ref[sl, sl]
+    assert close(mix.to_dense(), expected)
+    b = torch.randn(F_ref.shape[0])
+    damped = expected + 0.1 * torch.eye(F_ref.shape[0])
+    assert close(
+        mix.add_diagonal(torch.tensor(0.1)).solve(b), torch.linalg.solve(damped, b), rtol=1e-9
+    )
+
+
+def test_a_mix_that_misses_a_layer_names_it() -> None:
+    model, data = make("normed")
+    with pytest.raises(ValueError, match="'1' \\(LayerNorm\\)"):
+        fl.fisher(model, data, structure={nn.Linear: "kfac"})

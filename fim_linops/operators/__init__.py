@@ -10,10 +10,11 @@ from fim_linops.operators.kfac import KFAC
 from fim_linops.operators.kron import KronBasis, KronSpec
 from fim_linops.operators.kron_sum import KronSum
 from fim_linops.operators.lowrank import HouseholderBasis, LowRank
+from fim_linops.operators.mixed import GroupBlocks, Mixed
 from fim_linops.operators.quasi_diag import QuasiDiag, QuasiSpec
 
 __all__ = [
     "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
     "KronBasis", "KronSpec",
 ]
-__all__ += ["EKFAC", "HouseholderBasis", "KronSum", "LowRank", "QuasiDiag", "QuasiSpec"]
+__all__ += ["EKFAC", "GroupBlocks", "HouseholderBasis", "KronSum", "LowRank", "Mixed", "QuasiDiag", "QuasiSpec"]
