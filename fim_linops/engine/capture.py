@@ -1,9 +1,12 @@
 """Forward hooks that keep, for each call of each ruled module, its prepared input features and its
 output tensor (to differentiate the back-propagated columns with respect to it).
 
-The hook returns a clone of the output to the rest of the network, so that a later in-place
-operation (``ReLU(inplace=True)``) cannot rewrite the tensor whose gradient we ask for. Hooks are
-registered in a context manager and removed on exit, also when an exception flies.
+A later in-place operation (``ReLU(inplace=True)``, ``x += ...``) would rewrite the tensors we keep
+(the output whose gradient we ask for, the input features). The hooks record each kept tensor's
+version counter; :meth:`Capture.modified` tells whether any changed during the forward, and the
+engine then reruns the batch in ``safe`` mode, where the hook hands a clone of the output to the
+rest of the network and keeps private copies of the inputs. Hooks are registered in a context
+manager and removed on exit, also when an exception flies.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Call:
 
     a: Tensor
     output: Tensor
+    watched: tuple[tuple[Tensor, int], ...] = ()  # (tensor, version at capture)
 
 
 @dataclass
@@ -34,9 +38,13 @@ class Capture:
     def clear(self) -> None:
         self.calls.clear()
 
+    def modified(self) -> bool:
+        """Whether an in-place operation changed a kept tensor after its capture."""
+        return any(t._version != v for calls in self.calls.values() for c in calls for t, v in c.watched)
+
 
 @contextmanager
-def capturing(modules: dict[int, tuple[nn.Module, LayerRule]]) -> Iterator[Capture]:
+def capturing(modules: dict[int, tuple[nn.Module, LayerRule]], safe: bool = False) -> Iterator[Capture]:
     """Register forward hooks on ``modules`` (id -> (module, rule)) for the duration of the block."""
     capture = Capture()
     handles = []
@@ -45,8 +53,17 @@ def capturing(modules: dict[int, tuple[nn.Module, LayerRule]]) -> Iterator[Captu
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return output
-            capture.calls.setdefault(key, []).append(Call(rule.prepare(module, inputs, output), output))
-            return output.clone()
+            if safe:
+                inputs = tuple(i.clone() if isinstance(i, Tensor) else i for i in inputs)
+                a = rule.prepare(module, inputs, output)
+                capture.calls.setdefault(key, []).append(Call(a, output))
+                return output.clone()
+            a = rule.prepare(module, inputs, output)
+            watched = [(output, output._version)]
+            if isinstance(inputs[0], Tensor):
+                watched.append((inputs[0], inputs[0]._version))
+            capture.calls.setdefault(key, []).append(Call(a, output, tuple(watched)))
+            return output
 
         return hook
 

@@ -175,6 +175,7 @@ class Engine:
         # modules that use a shared parameter but own none of the selected ones must not be hooked
         self._hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
         self._index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
+        self._safe = False  # becomes True once an in-place op is seen on a kept tensor
         self._func = functional.FunctionalModel(model, [e for b in self.fallback for e in b.entries])
 
     # -- columns ---------------------------------------------------------------------------------
@@ -214,23 +215,35 @@ class Engine:
 
             batches = tqdm(batches, desc="fisher", unit="batch")
         for index, (x, y) in enumerate(batches):
-            with capturing(self._hooked) as cap:
-                f = self.output(x, y, index)
-                v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
-                keys = list(cap.calls)
-                flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
-                grads: tuple = ()
-                if flat and need_grads:
-                    grads = torch.autograd.grad(
-                        f, [c.output for _, c in flat], grad_outputs=v,
-                        is_grads_batched=True, allow_unused=True,
-                    )
-                calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
-                for (key, c), g in zip(flat, grads, strict=False):
-                    if g is None:
-                        g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
-                    calls.setdefault(self._index[key], []).append((c.a, g.detach()))
-            yield BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
+            result = self._batch(x, y, index, columns, need_grads, safe=self._safe)
+            if result is None:  # an in-place op rewrote a kept tensor: redo with private copies
+                self._safe = True
+                result = self._batch(x, y, index, columns, need_grads, safe=True)
+            yield result
+
+    def _batch(
+        self, x: Any, y: Tensor | None, index: int, columns: list[Tensor] | None, need_grads: bool,
+        safe: bool,
+    ) -> BatchResult | None:
+        with capturing(self._hooked, safe=safe) as cap:
+            f = self.output(x, y, index)
+            if cap.modified():
+                return None
+            v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
+            keys = list(cap.calls)
+            flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
+            grads: tuple = ()
+            if flat and need_grads:
+                grads = torch.autograd.grad(
+                    f, [c.output for _, c in flat], grad_outputs=v,
+                    is_grads_batched=True, allow_unused=True,
+                )
+            calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            for (key, c), g in zip(flat, grads, strict=False):
+                if g is None:
+                    g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
+                calls.setdefault(self._index[key], []).append((c.a, g.detach()))
+        return BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
         return self._func.per_example_grads(x, v, lo, hi, self.likelihood)
