@@ -12,9 +12,10 @@ from fim_linops.operators.kron_sum import KronSum
 from fim_linops.operators.lowrank import HouseholderBasis, LowRank
 from fim_linops.operators.mixed import GroupBlocks, Mixed
 from fim_linops.operators.quasi_diag import QuasiDiag, QuasiSpec
+from fim_linops.operators.sum import Power, Sum, SymmetricPower
 
 __all__ = [
     "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
     "KronBasis", "KronSpec",
 ]
-__all__ += ["EKFAC", "GroupBlocks", "HouseholderBasis", "KronSum", "LowRank", "Mixed", "QuasiDiag", "QuasiSpec"]
+__all__ += ["EKFAC", "GroupBlocks", "HouseholderBasis", "KronSum", "LowRank", "Mixed", "Power", "QuasiDiag", "QuasiSpec", "Sum", "SymmetricPower"]
