@@ -184,7 +184,7 @@ class ParamLayout:
         if vec.shape[-1] != self.numel:
             raise ValueError(f"unflatten: expected a vector of length {self.numel}, got {vec.shape[-1]}")
         lead = vec.shape[:-1]
-        return {e.name: vec[..., e.start : e.stop].reshape(*lead, *e.shape) for e in self.entries}
+        return {e.name: vec[..., e.start : e.stop].reshape((*lead, *e.shape)) for e in self.entries}
 
     def vector(self) -> Tensor:
         """The current parameter values as a flat vector (parameters_to_vector order)."""

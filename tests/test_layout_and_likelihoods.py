@@ -1,0 +1,121 @@
+"""ParamLayout follows parameters_to_vector; likelihoods: nll, sampling, S S^T = H."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian, vmap
+
+import fim_linops as fl
+
+
+class TiedAndFrozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.mid = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight  # tied: appears once, at its first name
+        self.mid.bias.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mid(self.emb(x).mean(1))) / self.temperature
+
+
+def test_layout_order_is_parameters_to_vector_over_trainable_parameters() -> None:
+    model = TiedAndFrozen()
+    layout = fl.ParamLayout.from_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert layout.names == ["temperature", "emb.weight", "mid.weight"]
+    vec = torch.nn.utils.parameters_to_vector(trainable)
+    assert torch.equal(layout.vector(), vec)
+    assert layout.numel == vec.numel()
+    parts = layout.unflatten(vec)
+    assert all(torch.equal(parts[n], p) for n, p in zip(layout.names, trainable, strict=True))
+    assert torch.equal(layout.flatten(parts), vec)
+    assert torch.equal(layout.flatten([parts[n] for n in layout.names]), vec)
+    # batched: a leading dim is kept
+    batch = torch.stack([vec, 2 * vec])
+    assert torch.equal(layout.flatten(layout.unflatten(batch)), batch)
+    # blocks: one per owning module, contiguous
+    assert [b.module_name for b in layout.blocks] == ["", "emb", "mid"]
+    assert [(b.start, b.stop) for b in layout.blocks] == [(0, 1), (1, 16), (16, 25)]
+
+
+def test_layout_params_subset_by_module_and_parameter() -> None:
+    model = TiedAndFrozen()
+    layout = fl.ParamLayout.from_model(model, params=[model.mid, model.temperature])
+    assert layout.names == ["temperature", "mid.weight"]  # model order, frozen bias skipped
+    with pytest.raises(ValueError, match="frozen parameter"):
+        fl.ParamLayout.from_model(model, params=[model.mid.bias])
+    with pytest.raises(ValueError, match="flatten: missing"):
+        layout.flatten({"temperature": torch.ones(())})
+    with pytest.raises(ValueError, match="unflatten: expected a vector of length 10"):
+        layout.unflatten(torch.zeros(3))
+
+
+def _nll_reference(name: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if name == "categorical":
+        return nn.functional.cross_entropy(f, y, reduction="none")
+    if name == "bernoulli":
+        return nn.functional.binary_cross_entropy_with_logits(f[:, 0], y, reduction="none")
+    return -torch.distributions.Normal(f, 0.7).log_prob(y).sum(-1)
+
+
+LIKS = {"categorical": fl.Categorical(), "gaussian": fl.Gaussian(sigma=0.7), "bernoulli": fl.Bernoulli()}
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_likelihood_nll_hessian_sqrt_and_grad_output(name: str) -> None:
+    torch.manual_seed(0)
+    lik = LIKS[name]
+    c = 1 if name == "bernoulli" else 4
+    f = torch.randn(6, c, dtype=torch.float64)
+    y = {"categorical": torch.randint(0, c, (6,)), "gaussian": torch.randn(6, c, dtype=torch.float64),
+         "bernoulli": torch.randint(0, 2, (6,)).double()}[name]
+    assert torch.allclose(lik.nll(f, y), _nll_reference(name, f, y))
+    h = vmap(hessian(lambda fn, yn: lik.nll(fn[None], yn[None])[0]))(f, y)
+    s = lik.hessian_sqrt(f)
+    assert torch.allclose(s @ s.transpose(1, 2), h, atol=1e-12)
+    v = torch.randn(3, 6, c, dtype=torch.float64)
+    assert torch.allclose(lik.hessian_matmul(f, v), torch.einsum("ncd,knd->knc", h, v), atol=1e-12)
+    g = torch.func.grad(lambda ff: lik.nll(ff, y).sum())(f)
+    assert torch.allclose(lik.grad_output(f, y), g)
+
+
+@pytest.mark.parametrize("name", list(LIKS))
+def test_sampling_is_reproducible_and_has_the_right_distribution(name: str) -> None:
+    lik = LIKS[name]
+    c = 1 if name == "bernoulli" else 3
+    f = torch.tensor([[0.5, -1.0, 2.0][:c], [0.0, 0.3, -0.2][:c]], dtype=torch.float64)
+    a = lik.sample(f, 20000, generator=torch.Generator().manual_seed(0))
+    b = lik.sample(f, 20000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    if name == "categorical":
+        freq = nn.functional.one_hot(a, c).double().mean(0)
+        assert torch.allclose(freq, torch.softmax(f, -1), atol=0.02)
+    elif name == "bernoulli":
+        assert torch.allclose(a.mean(0), torch.sigmoid(f[:, 0]), atol=0.02)
+    else:
+        assert torch.allclose(a.mean(0), f, atol=0.03)
+        assert torch.allclose(a.std(0), torch.full_like(f, 0.7), atol=0.03)
+
+
+def test_likelihoods_by_name_and_errors() -> None:
+    assert isinstance(fl.get_likelihood("categorical"), fl.Categorical)
+    assert isinstance(fl.get_likelihood("gaussian"), fl.Gaussian)
+    assert isinstance(fl.get_likelihood("bernoulli"), fl.Bernoulli)
+    with pytest.raises(ValueError, match="sigma must be a positive"):
+        fl.Gaussian(sigma=0.0)
+    with pytest.raises(ValueError, match="labels in \\{0, 1\\}"):
+        fl.Bernoulli().check_target(torch.zeros(3, 1), torch.tensor([0.0, 2.0, 1.0]))
+
+
+def test_progress_bar_runs(capsys) -> None:
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    F = fl.fisher(model, batches, structure="diag", progress=True)
+    assert F.shape == (8, 8)
+    assert "fisher" in capsys.readouterr().err
