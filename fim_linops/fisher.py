@@ -43,6 +43,12 @@ def _check_memory(structure: Structure, layout: ParamLayout, dtype: torch.dtype,
         )
 
 
+def _kfac_approx(value: str) -> str:
+    if value not in ("expand", "reduce"):
+        raise ValueError(f"unknown kfac_approx {value!r}; use 'expand' or 'reduce'")
+    return value
+
+
 def _check_kronecker(engine: Engine, structure: Structure) -> None:
     bad = [
         f"'{rb.block.module_name}' ({type(rb.module).__name__}: no Kronecker factorisation)"
@@ -86,6 +92,7 @@ def fisher(
     generator: torch.Generator | None = None,
     max_bytes: int = MAX_DENSE_BYTES,
     process_group: Any = None,
+    kfac_approx: str = "expand",
 ) -> FisherOperator:
     r"""The Fisher information matrix of ``model`` on ``data`` as a LinearOperator (P, P).
 
@@ -94,7 +101,8 @@ def fisher(
         data: a DataLoader, an iterable of (x, y) batches, or one (x, y) batch.
         likelihood: "categorical" (logits), "gaussian" (unit variance unless fl.Gaussian(sigma)),
             "bernoulli" (one logit), or an ``fl.Likelihood``.
-        structure: "dense", "block_diag", "diag", "kfac" or "implicit"; or a per-layer mix
+        structure: "dense", "block_diag", "diag", "kfac", "ekfac", "quasi_diag", "lowrank"
+            (``rank=k``), "kron_sum" (``rank=r`` terms per layer) or "implicit"; or a per-layer mix
             {module type | module | module name | "default": structure} (block-diagonal by group).
         fisher_type: "exact" (closed-form expectation = GGN), "mc" (``mc_samples`` sampled
             labels, drawn with ``generator``) or "empirical" (the labels in ``data``).
@@ -102,6 +110,9 @@ def fisher(
         device, dtype: where and in which precision to compute (the model is copied if needed).
         progress: tqdm progress bar over the batches.
         max_bytes: memory guard for dense and block-diagonal storage.
+        kfac_approx: for layers applied at several positions (sequences, convolutions),
+            "expand" (positions as extra examples) or "reduce" (inputs averaged and output
+            gradients summed over positions per example), Eschenhagen et al. 2023.
         process_group: a torch.distributed group; by default the world group when
             torch.distributed is initialised. Each rank passes its own shard of the data; the
             statistics are all-reduced once (implicit products once per product).
@@ -116,6 +127,7 @@ def fisher(
             fisher, model, data, structure, params=params, likelihood=likelihood,
             fisher_type=fisher_type, mc_samples=mc_samples, rank=rank, device=device, dtype=dtype,
             progress=progress, generator=generator, max_bytes=max_bytes, process_group=process_group,
+            kfac_approx=kfac_approx,
         )
     lik = get_likelihood(likelihood)
     struct = Structure.parse(structure)
@@ -147,7 +159,8 @@ def fisher(
                 "'block_diag', 'dense' or 'implicit'"
             )
         ctx = BuildContext(
-            engine, data, dev, dt, progress=progress, rank=rank, group=resolve_group(process_group)
+            engine, data, dev, dt, progress=progress, rank=rank, group=resolve_group(process_group),
+            options={"kfac_approx": _kfac_approx(kfac_approx)},
         )
         return builder(ctx)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fim_linops.engine import BatchResult, Engine
-from fim_linops.engine.rules.base import KronStats
+from fim_linops.engine.rules.base import DIAG_CHUNK_BYTES, KronStats
 
 
 @dataclass
@@ -42,7 +42,15 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
             sl = slice(rb.block.start, rb.block.stop)
             if len(calls) == 1:
                 a, g = calls[0]
-                total[sl] += rb.rule.diag(rb.module, a, g, rb.block.local_names)
+                names = rb.block.local_names
+                work = rb.rule.diag_workspace(rb.module, a, g, names)
+                if work == 0:
+                    total[sl] += rb.rule.diag(rb.module, a, g, names)
+                    continue
+                step = max(1, DIAG_CHUNK_BYTES // (work * g.element_size()))
+                for lo in range(0, res.n, step):
+                    hi = min(res.n, lo + step)
+                    total[sl] += rb.rule.diag(rb.module, a[lo:hi], g[:, lo:hi], names)
             elif len(calls) > 1:  # shared module: sum the calls' gradients, then square
                 for lo, hi in res.chunks(rb.block.numel):
                     total[sl] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
@@ -90,14 +98,14 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
     return out
 
 
-def kfac_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
+def kfac_sums(engine: Engine, results: Iterable[BatchResult], reduce: bool = False) -> Sums:
     """Per ruled block, the Kronecker factor sums (left, right) and the A-row count."""
     out = Sums()
     stats: list[KronStats | None] = [None] * len(engine.ruled)
     for res in results:
         for i, rb in enumerate(engine.ruled):
             for a, g in res.calls.get(i, []):
-                s = rb.rule.kfac(rb.module, a, g, rb.block.local_names)
+                s = rb.rule.kfac(rb.module, a, g, rb.block.local_names, reduce=reduce)
                 if stats[i] is None:
                     stats[i] = s
                 else:

@@ -227,3 +227,34 @@ def test_undamped_singular_solve_is_the_pseudo_inverse() -> None:
     F = fl.fisher(model, (x, torch.zeros(2, dtype=torch.long)), structure="kfac")
     b = torch.randn(F.shape[-1])
     assert close(F.solve(b), torch.linalg.pinv(F.to_dense(), hermitian=True) @ b, rtol=1e-8)
+
+
+def test_kfac_reduce_on_a_sequence_model_matches_its_definition() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5, 2))
+    x = torch.randn(6, 5, 3)  # the first Linear sees 5 positions per example
+    y = torch.zeros(6, dtype=torch.long)
+    F = fl.fisher(model, (x, y), structure="kfac", kfac_approx="reduce")
+    inputs, outputs = {}, {}
+
+    def hook(m, i, o):
+        inputs[m], outputs[m] = i[0].detach(), o
+        return o
+
+    h = model[0].register_forward_hook(hook)
+    f = model(x)
+    h.remove()
+    s = outputs[model[0]]
+    jac = torch.stack([torch.autograd.grad(f[:, k].sum(), s, retain_graph=True)[0] for k in range(2)], 1)
+    jsum = jac.sum(2)  # (n, c, o): gradients summed over positions
+    g = torch.einsum("nco,ncd,ndp->op", jsum, output_hessian(f.detach()), jsum) / 6
+    abar = torch.cat([inputs[model[0]].mean(1), torch.ones(6, 1)], 1)
+    a = abar.T @ abar / 6
+    first = public_kron(g, a, 4, 3, True)
+    assert close(F.to_dense()[: first.shape[0], : first.shape[0]], first)
+    expand = fl.fisher(model, (x, y), structure="kfac")
+    assert not close(expand.to_dense()[:16, :16], first)  # the two conventions differ here
+    last = slice(first.shape[0], None)  # one position: reduce == expand
+    assert close(F.to_dense()[last, last], expand.to_dense()[last, last])
+    with pytest.raises(ValueError, match="kfac_approx"):
+        fl.fisher(model, (x, y), structure="kfac", kfac_approx="average")

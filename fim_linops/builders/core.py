@@ -38,7 +38,8 @@ def build_dense(ctx: BuildContext) -> Dense:
 
 @register(Structure.KFAC)
 def build_kfac(ctx: BuildContext) -> KFAC:
-    sums = statistics.kfac_sums(ctx.engine, ctx.results())
+    reduce = ctx.options.get("kfac_approx", "expand") == "reduce"
+    sums = statistics.kfac_sums(ctx.engine, ctx.results(), reduce=reduce)
     stats = fill_kron_stats(ctx.engine, sums.extra["stats"], ctx.dtype, ctx.device)
     sums.tensors = [t for st in stats for t in (st.left_sum, st.right_sum)]
     sums.tensors.append(torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device))

@@ -69,7 +69,17 @@ class LayerRule:
             [t.square_().sum((0, 1)).reshape(-1) for t in self.param_grads(module, a, g, names)]
         )
 
-    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+    def diag_workspace(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> int:
+        """Elements per example that ``diag`` materialises (per-example gradients, K p by
+        default; 0 when the rule contracts a and g directly). The caller chunks the examples so
+        that this workspace stays cache-sized."""
+        return g.shape[0] * sum(getattr(module, n).numel() for n in names)
+
+    def kfac(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
+    ) -> KronStats:
+        """Kronecker factor sums; ``reduce``: KFAC-reduce over positions (Eschenhagen et al.
+        2023) instead of expand, for rules that have positions."""
         raise NotImplementedError(f"no KFAC rule for {type(module).__name__}")
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
@@ -94,6 +104,10 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     if rule is None or not rule.supports(module):
         return None
     return rule
+
+
+#: bytes of per-example workspace for diagonal statistics: small enough to stay in cache
+DIAG_CHUNK_BYTES = 1 << 22
 
 
 def chunk_size(k: int, n: int, p: int, itemsize: int, budget_bytes: int = 1 << 28) -> int:

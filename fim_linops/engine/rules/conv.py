@@ -7,7 +7,8 @@ position.
 Patches U[n, r, j, l] come from ``unfold`` of the input padded exactly as the module pads it.
 Per-example gradient: dW[k, n, r, o, j] = sum_l g[k, n, r, o, l] U[n, r, j, l]; db = sum_l g.
 KFAC (Grosse & Martens 2016), one Kronecker pair per group (grouped convs have no cross-group
-weights): A_r = sum_{n,l} [u;1][u;1]^T over N*L rows, G_r = sum_{k,n,l} g g^T.
+weights): A_r = sum_{n,l} [u;1][u;1]^T over N*L rows, G_r = sum_{k,n,l} g g^T ("expand"); "reduce" averages
+the patches and sums the gradients over l per example first (Eschenhagen et al. 2023).
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ class ConvRule(LayerRule):
                 parts.append(g5.sum(-1).reshape(k, n, -1))
         return parts
 
-    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+    def kfac(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
+    ) -> KronStats:
         g5 = self._g(module, g)
+        if reduce:  # KFAC-reduce: patches averaged, gradients summed over the positions l
+            a, g5 = a.mean(-1, keepdim=True), g5.sum(-1, keepdim=True)
         u = a.permute(1, 0, 3, 2).reshape(module.groups, -1, a.shape[2])  # (r, n*l, j)
         u = with_ones(u, "weight" in names, "bias" in names)
         gf = g5.permute(2, 0, 1, 4, 3).reshape(module.groups, -1, g5.shape[3])  # (r, k*n*l, o)

@@ -51,7 +51,13 @@ class EmbeddingRule(LayerRule):
             return (oh.T @ (g4[:, :, 0] ** 2).sum(0)).reshape(-1)
         return super().diag(module, a, g, names)
 
-    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+    def diag_workspace(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> int:
+        return 0 if a.shape[1] == 1 else super().diag_workspace(module, a, g, names)
+
+    def kfac(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
+    ) -> KronStats:
+        """Expand convention for every option (token one-hots have no useful average)."""
         counts = self._onehot(module, a, g.dtype).sum((0, 1))  # (v,)
         gf = g.reshape(-1, g.shape[-1])
         return KronStats(

@@ -6,7 +6,7 @@ after the batch dim, T = 1 when there are none), i input feature, o output featu
 Per-example gradient: dW[k, n] = sum_t g[k, n, t] a[n, t]^T, db[k, n] = sum_t g[k, n, t].
 KFAC (Martens & Grosse 2015; the "expand" convention of Eschenhagen et al. 2023 for T > 1):
 A = sum_{n,t} [a;1][a;1]^T over N*T rows, G = sum_{k,n,t} g g^T; block (G/N) kron (A/(N T)) over
-row-major [W | b].
+row-major [W | b]. "reduce": a_n = mean_t a_{n,t}, g_{k,n} = sum_t g_{k,n,t}, then as for T = 1.
 """
 
 from __future__ import annotations
@@ -62,8 +62,16 @@ class LinearRule(LayerRule):
                 parts.append(g2.sum(0))
         return torch.cat(parts)
 
-    def kfac(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> KronStats:
+    def diag_workspace(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> int:
+        a3, _ = _as_3d(a, g)
+        return 0 if a3.shape[1] == 1 else super().diag_workspace(module, a, g, names)
+
+    def kfac(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
+    ) -> KronStats:
         a3, g3 = _as_3d(a, g)
+        if reduce:  # KFAC-reduce: a averaged, g summed over the positions t of each example
+            a3, g3 = a3.mean(1, keepdim=True), g3.sum(2, keepdim=True)
         ab = with_ones(a3.reshape(-1, a3.shape[-1]), "weight" in names, "bias" in names)
         gf = g3.reshape(-1, g3.shape[-1])
         return KronStats(left_sum=(gf.T @ gf)[None], right_sum=(ab.T @ ab)[None], a_rows=ab.shape[0])
