@@ -37,8 +37,8 @@ class LanczosRecurrence:
     After ``extend``: ``alpha`` (n, m), ``beta`` (n, m) (beta[:, i] couples steps i and i + 1),
     ``basis`` (m, P, n) when ``reorth="full"`` (the Lanczos vectors, for reorthogonalisation and
     Ritz vectors). ``tridiagonal()`` returns T (n, m, m). Cost per step: one product with a (P, n)
-    block, plus O(m P n) for full reorthogonalisation. Memory: O(m P n) with the basis, O(P n)
-    without.
+    block, plus O(m P n) for full reorthogonalisation, and one host synchronisation (the breakdown
+    test). Memory: O(m P n) with the basis, O(P n) without.
     """
 
     def __init__(
@@ -127,14 +127,16 @@ class LanczosRecurrence:
         return self
 
 
-def _select(k: int, m: int, which: str) -> Tensor:
+def _select(k: int, m: int, which: str, device: torch.device) -> Tensor:
     """Indices into the ascending Ritz values of the k wanted ones (eigsh's convention)."""
     if which == "LA":
-        return torch.arange(m - k, m)
+        return torch.arange(m - k, m, device=device)
     if which == "SA":
-        return torch.arange(k)
+        return torch.arange(k, device=device)
     high = k - k // 2  # eigsh: one more from the high end when k is odd
-    return torch.cat([torch.arange(k // 2), torch.arange(m - high, m)])
+    return torch.cat(
+        [torch.arange(k // 2, device=device), torch.arange(m - high, m, device=device)]
+    )
 
 
 def lanczos(
@@ -188,7 +190,7 @@ def lanczos(
         rec.extend(m0)
         while True:
             theta, S = torch.linalg.eigh(rec.tridiagonal()[0])
-            idx = _select(k, rec.steps, which)
+            idx = _select(k, rec.steps, which, theta.device)
             resid = (rec.beta[0, -1] * S[-1, idx]).abs()
             scale = theta.abs().amax()
             if rec.steps >= m_max or bool((resid <= tol * scale).all()):
@@ -201,7 +203,7 @@ def lanczos(
                 f"{worst:.2e} > tol = {tol:.1e}; pass a larger n_steps",
                 stacklevel=2,
             )
-    idx = _select(k, rec.steps, which).to(theta.device)
+    idx = _select(k, rec.steps, which, theta.device)
     vals = theta[idx]
     if rec.reorth == "full":
         vecs = rec.basis[:, :, 0].mT @ S[:, idx]
