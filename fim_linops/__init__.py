@@ -1,6 +1,6 @@
 """fim_linops: Fisher, Gauss-Newton and NTK matrices of PyTorch models as LinearOperators."""
 
-from fim_linops import algebra, operators
+from fim_linops import algebra, operators, spectral
 from fim_linops.algebra import power, sample
 from fim_linops.engine import FisherType
 from fim_linops.fisher import fisher
@@ -22,6 +22,7 @@ from fim_linops.operators import (
     QuasiDiag,
     Sum,
 )
+from fim_linops.scipy import to_scipy
 from fim_linops.structures import Structure
 
 __version__ = "0.1.0"
@@ -38,6 +39,8 @@ __all__ = [
     "algebra",
     "power",
     "sample",
+    "spectral",
+    "to_scipy",
     "Bernoulli",
     "BlockDiag",
     "Categorical",
