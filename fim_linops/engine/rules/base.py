@@ -86,6 +86,24 @@ class LayerRule:
         """(groups, rows, cols) of the block's matrix view for Kronecker structures."""
         raise NotImplementedError(f"no Kronecker view for {type(module).__name__}")
 
+    # -- NTK (Gram) blocks: q, k back-propagated columns of each side, n, m examples ------------
+    def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
+        """Whether :meth:`gram` from (a, g) is cheaper than a product of per-example gradients
+        (the caller then keeps (a, g) instead of the (K, N, p) gradients). Default: no."""
+        return False
+
+    def gram(
+        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+    ) -> Tensor:
+        r"""This layer's NTK block sum_p J1[k, n, p] J2[q, m, p], shape (K1, N1, K2, N2).
+        Default: through per-example gradients (K, N, p) of both sides."""
+        j1, j2 = self.grads(module, a1, g1, names), self.grads(module, a2, g2, names)
+        return torch.einsum("knp,qmp->knqm", j1, j2)
+
+    def gram_diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        """The diagonal sum_p J[k, n, p]^2 of this layer's NTK block, shape (K, N)."""
+        return self.grads(module, a, g, names).square().sum(-1)
+
 
 RULES: dict[type[nn.Module], LayerRule] = {}
 

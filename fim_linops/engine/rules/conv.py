@@ -81,5 +81,25 @@ class ConvRule(LayerRule):
         cols = (j if "weight" in names else 0) + (1 if "bias" in names else 0)
         return module.groups, module.out_channels // module.groups, cols
 
+    # -- NTK blocks: k, q columns; n, m examples; r group; o output; j patch; t, s positions ----
+    def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
+        # per pair of examples: L^2 (R J + K^2 O) from the patches against K^2 O J via gradients
+        k, groups, j, length = g.shape[0], module.groups, a.shape[2], a.shape[3]
+        o = module.out_channels
+        return length * length * (groups * j + k * k * o) < k * k * o * j
+
+    def gram(
+        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+    ) -> Tensor:
+        r"""sum_{r,t,s} <[U1_t;1], [U2_s;1]>_r <G1_t, G2_s>_r over the unfolded patches U."""
+        g1, g2 = self._g(module, g1), self._g(module, g2)
+        if "weight" in names:
+            inner = torch.einsum("nrjt,mrjs->nrtms", a1, a2)
+        else:
+            inner = a1.new_zeros(a1.shape[0], module.groups, a1.shape[3], a2.shape[0], a2.shape[3])
+        if "bias" in names:
+            inner = inner + 1
+        return torch.einsum("nrtms,knrot,qmros->knqm", inner, g1, g2)
+
 
 register(ConvRule())

@@ -68,5 +68,21 @@ class EmbeddingRule(LayerRule):
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         return 1, module.num_embeddings, module.embedding_dim
 
+    # -- NTK blocks: k, q columns; n, m examples; t, s positions; d feature ---------------------
+    def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
+        # per pair of examples: T^2 (K^2 D) from token matches against K^2 V D via gradients
+        return a.shape[1] ** 2 < module.num_embeddings * g.shape[0] ** 2
+
+    def gram(
+        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+    ) -> Tensor:
+        r"""sum_{t,s} [x1_t = x2_s] <g1_t, g2_s> (padding tokens, marked -1, match nothing)."""
+        k, n = g1.shape[:2]
+        q, m = g2.shape[:2]
+        g1 = g1.reshape(k, n, -1, g1.shape[-1])
+        g2 = g2.reshape(q, m, -1, g2.shape[-1])
+        same = (a1[:, :, None, None] == a2[None, None]) & (a1 >= 0)[:, :, None, None]
+        return torch.einsum("ntms,kntd,qmsd->knqm", same.to(g1.dtype), g1, g2)
+
 
 register(EmbeddingRule())

@@ -80,5 +80,44 @@ class LinearRule(LayerRule):
         cols = (module.in_features if "weight" in names else 0) + (1 if "bias" in names else 0)
         return 1, module.out_features, cols
 
+    # -- NTK blocks: q, k columns; n, m examples; t, s positions; i input; o output -------------
+    @staticmethod
+    def _inner_a(a1: Tensor, a2: Tensor, names: tuple[str, ...]) -> Tensor:
+        """<[a1;1], [a2;1]> over what the block holds: (N1, T1, N2, T2); the bias adds 1."""
+        inner = (
+            torch.einsum("nti,msi->ntms", a1, a2)
+            if "weight" in names
+            else a1.new_zeros(a1.shape[0], a1.shape[1], a2.shape[0], a2.shape[1])
+        )
+        return inner + 1 if "bias" in names else inner
+
+    def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
+        # per pair of examples: T^2 (i + K^2 o) from (a, g) against K^2 o i through gradients
+        a3, g3 = _as_3d(a, g)
+        t, i, o, k = a3.shape[1], a3.shape[2], g3.shape[3], g3.shape[0]
+        return t == 1 or t * t * (i + k * k * o) < k * k * o * i
+
+    def gram(
+        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+    ) -> Tensor:
+        r"""sum_{t,s} <[a1_t;1], [a2_s;1]> <g1_t, g2_s>: for T = 1 the Hadamard product
+        (A1 A2^T + 1) * (G1 G2^T), one GEMM over the outputs, never the gradients."""
+        a1, g1 = _as_3d(a1, g1)
+        a2, g2 = _as_3d(a2, g2)
+        inner = self._inner_a(a1, a2, names)  # (n, t, m, s)
+        if a1.shape[1] == 1 and a2.shape[1] == 1:
+            k, n, q, m = g1.shape[0], g1.shape[1], g2.shape[0], g2.shape[1]
+            gg = (g1.reshape(k * n, -1) @ g2.reshape(q * m, -1).T).reshape(k, n, q, m)
+            return gg * inner[:, 0, :, 0][None, :, None, :]
+        return torch.einsum("ntms,knto,qmso->knqm", inner, g1, g2)
+
+    def gram_diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        a3, g3 = _as_3d(a, g)
+        if a3.shape[1] != 1:
+            return super().gram_diag(module, a, g, names)
+        sq_a = (a3[:, 0] ** 2).sum(-1) if "weight" in names else torch.zeros_like(a3[:, 0, 0])
+        sq_a = sq_a + 1 if "bias" in names else sq_a  # (n,)
+        return (g3[:, :, 0] ** 2).sum(-1) * sq_a  # (k, n)
+
 
 register(LinearRule())

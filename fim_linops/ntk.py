@@ -1,0 +1,196 @@
+r"""Function-space operators: the Jacobian J of the outputs and the finite-width NTK J1 J2^T.
+
+Shapes: N examples, C outputs per example (the model output flattened per example), P trainable
+parameters in the public vector order. Rows are example-major: index n*C + c.
+
+* ``jacobian(model, x)``: (N*C, P); products by forward mode (J V) and reverse mode (J^T U).
+* ``ntk(model, x1, x2)``: Theta = J1 J2^T, (N1*C, N2*C); ``outputs="sum"`` gives the trace over the
+  outputs sum_c J1_c J2_c^T (N1, N2), an int c the NTK of output c (N1, N2).
+  ``structure="dense"`` builds the Gram through the per-layer rules (Linear:
+  (A1 A2^T + 1) * (G1 G2^T), Conv from unfolded patches, Embedding from token matches; torch.func
+  per-example gradients for the rest), streaming over batches of x1 and x2 with one forward and
+  one batched backward per batch (symmetric blocks computed once when x2 is None);
+  ``"implicit"`` multiplies J1 (J2^T V) without the Gram; ``"lowrank"`` is the root operator of
+  the dense Jacobian(s), J1 J2^T.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+from linear_operator.operators import (
+    DenseLinearOperator,
+    LinearOperator,
+    MatmulLinearOperator,
+    RootLinearOperator,
+)
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from fim_linops.data import batch_size, call_model
+from fim_linops.engine import Engine, FisherType
+from fim_linops.engine.gram import gram_diagonal, gram_matrix
+from fim_linops.layout import ParamLayout
+from fim_linops.operators.jacobian import Jacobian, Outputs
+from fim_linops.operators.ntk import NTK
+from fim_linops.state import preserved_state
+
+#: default number of examples per forward/backward pass
+DEFAULT_BATCH_SIZE = 256
+
+
+class NTKStructure(enum.Enum):
+    IMPLICIT = "implicit"
+    DENSE = "dense"
+    LOWRANK = "lowrank"
+
+    @classmethod
+    def parse(cls, value: str | NTKStructure) -> NTKStructure:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown NTK structure {value!r}; use 'implicit' (products J1 (J2^T V)), 'dense' "
+                "(the Gram from per-layer rules) or 'lowrank' (root operator of the Jacobians)"
+            ) from None
+
+
+def split_inputs(x: Any, size: int | None) -> list[Any]:
+    """Model inputs (a tensor or tuple/dict of tensors, examples first) -> a list of batches."""
+    n = batch_size(x)
+    size = n if size is None else int(size)
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {size}")
+    return [
+        tree_map(lambda t, lo=lo: t[lo : lo + size] if isinstance(t, Tensor) else t, x)
+        for lo in range(0, n, size)
+    ]
+
+
+def _outputs(outputs: str | int | None) -> tuple[Outputs, bool]:
+    """The output selection and whether to trace over the outputs."""
+    if outputs is None or outputs == "full":
+        return Outputs(None), False
+    if outputs == "sum":
+        return Outputs(None), True
+    if isinstance(outputs, int) and not isinstance(outputs, bool):
+        return Outputs(outputs), False
+    raise ValueError(f"outputs must be 'full', 'sum' or an output index, got {outputs!r}")
+
+
+def _n_outputs(model: nn.Module, x: Any, sel: Outputs) -> int:
+    with torch.no_grad():
+        first = tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, x)
+        return sel.check_output(call_model(model, first)).shape[1]
+
+
+def _jacobian_op(
+    model: nn.Module, layout: ParamLayout, x: Any, sel: Outputs, size: int | None
+) -> Jacobian:
+    batches = split_inputs(x, size)
+    params = tuple(e.param.detach() for e in layout.entries)
+    with preserved_state(model):
+        c = _n_outputs(model, batches[0], sel)
+    return Jacobian(*params, model=model, layout=layout, batches=batches, outputs=sel, n_outputs=c)
+
+
+def jacobian(
+    model: nn.Module,
+    x: Any,
+    params: Any = None,
+    outputs: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+) -> Jacobian:
+    r"""The Jacobian J = d f(x) / d theta as a LinearOperator of shape (N*C, P), row n*C + c.
+
+    Args:
+        model: any ``nn.Module``; its output per example is flattened to C values.
+        x: the inputs, a tensor or a tuple/dict of tensors with the examples first.
+        params: None (all trainable parameters) or an iterable of parameters/modules.
+        outputs: None (all outputs) or one output index (then C = 1).
+        batch_size: examples per forward pass in products (None: all at once).
+
+    ``J @ V`` is forward mode, ``J.T @ U`` reverse mode (both batched over the columns);
+    ``J.to_dense()`` goes through the layer rules.
+    """
+    sel, _ = _outputs(outputs)
+    layout = ParamLayout.from_model(model, params)
+    return _jacobian_op(model, layout, x, sel, batch_size)
+
+
+def _engine(j: Jacobian) -> Engine:
+    return Engine(j.model, j.layout, j.outputs, FisherType.EXACT)
+
+
+def jacobian_matrix(
+    model: nn.Module, layout: ParamLayout, batches: list[Any], sel: Outputs
+) -> Tensor:
+    """The dense Jacobian (N*C, P) through the engine (per-example gradients by layer rules)."""
+    with preserved_state(model):
+        engine = Engine(model, layout, sel, FisherType.EXACT)
+        parts = []
+        for res in engine.run([(x, None) for x in batches]):
+            g = torch.cat(res.all_block_grads(0, res.n), dim=-1)  # (C, n, P)
+            parts.append(g.transpose(0, 1).reshape(-1, layout.numel))
+        return torch.cat(parts)
+
+
+def gram_of(j1: Jacobian, j2: Jacobian | None, trace: bool) -> Tensor:
+    """The dense NTK J1 J2^T (or its trace over outputs) through the per-layer Gram rules."""
+    with preserved_state(j1.model):
+        engine = _engine(j1)
+        b1 = [(x, None) for x in j1.batches]
+        b2 = None if j2 is None else [(x, None) for x in j2.batches]
+        return gram_matrix(engine, b1, b2, trace=trace)
+
+
+def gram_diagonal_of(j: Jacobian, trace: bool) -> Tensor:
+    """diag(J J^T) (or its trace over outputs) without the Gram."""
+    with preserved_state(j.model):
+        return gram_diagonal(_engine(j), [(x, None) for x in j.batches], trace=trace)
+
+
+def ntk(
+    model: nn.Module,
+    x1: Any,
+    x2: Any = None,
+    structure: str | NTKStructure = "implicit",
+    outputs: str | int = "full",
+    params: Any = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+) -> LinearOperator:
+    r"""The finite-width NTK Theta(x1, x2) = J(x1) J(x2)^T as a LinearOperator.
+
+    Args:
+        model: any ``nn.Module`` (BatchNorm in eval mode); left exactly as found.
+        x1, x2: inputs (tensor or tuple/dict of tensors, examples first); x2=None: Theta(x1, x1).
+        structure: "implicit" (products J1 (J2^T V)), "dense" (the Gram from per-layer rules,
+            O(batches) forward/backward passes) or "lowrank" (RootLinearOperator(J) /
+            MatmulLinearOperator(J1, J2^T) with the dense Jacobians).
+        outputs: "full" (N1*C, N2*C), row n*C + c; "sum": (N1, N2), the trace over outputs
+            sum_c <J1[n, c], J2[m, c]>; an int c: (N1, N2), the NTK of output c.
+        params: None (all trainable parameters) or an iterable of parameters/modules.
+        batch_size: examples per forward/backward pass (None: all at once).
+    """
+    struct = NTKStructure.parse(structure)
+    sel, trace = _outputs(outputs)
+    layout = ParamLayout.from_model(model, params)
+    j1 = _jacobian_op(model, layout, x1, sel, batch_size)
+    j2 = None if x2 is None else _jacobian_op(model, layout, x2, sel, batch_size)
+    if struct is NTKStructure.IMPLICIT:
+        return NTK(j1, j2, trace=trace)
+    if struct is NTKStructure.DENSE:
+        return DenseLinearOperator(gram_of(j1, j2, trace))
+
+    def root(j: Jacobian) -> Tensor:  # (N*C, P), or (N, C*P) for the trace over outputs
+        d = j.to_dense()
+        return d.reshape(j.n_examples, -1) if trace else d
+
+    r1 = root(j1)
+    if j2 is None:
+        return RootLinearOperator(r1)
+    return MatmulLinearOperator(r1, root(j2).mT)
