@@ -23,6 +23,7 @@ from fim_linops.operators import (
     Sum,
 )
 from fim_linops.scipy import to_scipy
+from fim_linops.solvers import CGInfo, cg, ewc_penalty, natural_gradient
 from fim_linops.structures import Structure
 
 __version__ = "0.1.0"
@@ -40,6 +41,10 @@ __all__ = [
     "power",
     "sample",
     "spectral",
+    "CGInfo",
+    "cg",
+    "ewc_penalty",
+    "natural_gradient",
     "to_scipy",
     "Bernoulli",
     "BlockDiag",

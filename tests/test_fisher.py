@@ -313,3 +313,12 @@ def test_data_loader_and_dict_inputs() -> None:
     dict_batches = [({"features": x[:3]}, y[:3]), ({"features": x[3:]}, y[3:])]
     assert close(fl.fisher(model, dict_batches, structure="dense").to_dense(), ref)
     assert close(fl.fisher(model, dict_batches, structure="implicit").to_dense(), ref)
+
+
+def test_implicit_damped_solve_by_cg_meets_its_tolerance() -> None:
+    model, x, y = make("cnn", "categorical")
+    F = fl.fisher(model, (x, y), structure="implicit").add_diagonal(torch.tensor(1e-2))
+    D = F.to_dense()
+    b = torch.randn(F.shape[-1], 2)
+    assert close(F.solve(b), torch.linalg.solve(D, b), rtol=1e-8)
+    assert close(F.solve(b[:, 0]), torch.linalg.solve(D, b[:, 0]), rtol=1e-8)

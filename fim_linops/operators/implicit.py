@@ -190,10 +190,10 @@ class Implicit(FisherOperator):
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         """(F + delta I)^-1 right by conjugate gradients with a relative tolerance of 1e-10 in
         float64 (1e-5 in float32) that really applies (linear_operator's default CG stops at 1.0)."""
-        from fim_linops.operators.cg import conjugate_gradient
+        from fim_linops.solvers import cg
 
         tol = 1e-10 if self.dtype == torch.float64 else 1e-5
-        res = conjugate_gradient(self._matmul, right_tensor, tol=tol)
+        res, _ = cg(self._matmul, right_tensor, tol=tol)
         return res if left_tensor is None else left_tensor @ res
 
 

@@ -26,8 +26,8 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from fim_linops.operators.base import FisherOperator, as_columns, from_columns, pinv_scale, sym_eigh
-from fim_linops.operators.cg import conjugate_gradient
 from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.solvers import cg
 
 
 def _kron_apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
@@ -188,7 +188,7 @@ class KronSum(FisherOperator):
                 y = ql.transpose(-1, -2) @ spec.to_mat(v) @ qr
                 return spec.from_mat(ql @ (y * scale) @ qr.transpose(-1, -2))
 
-            outs.append(conjugate_gradient(matmul, x, tol=tol, preconditioner=precond))
+            outs.append(cg(matmul, x, tol=tol, preconditioner=precond)[0])
         return torch.cat(outs, dim=0)
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:

@@ -24,7 +24,7 @@ from fim_linops.operators.base import (
     from_columns,
     pinv_scale,
 )
-from fim_linops.operators.cg import conjugate_gradient
+from fim_linops.solvers import cg
 
 
 class Sum(FisherOperator):
@@ -87,7 +87,7 @@ class Sum(FisherOperator):
         except NotImplementedError:
             inv_diag = None
         pre = None if inv_diag is None else (lambda r: inv_diag * r)
-        x = conjugate_gradient(self._matmul, rhs, tol=tol, preconditioner=pre)
+        x, _ = cg(self._matmul, rhs, tol=tol, preconditioner=pre)
         resid = torch.linalg.vector_norm(self._matmul(x) - rhs, dim=0)
         if bool((resid > 10 * tol * torch.linalg.vector_norm(rhs, dim=0)).any()):
             warnings.warn(
