@@ -1,0 +1,443 @@
+r"""FishLeg (Garcia, Sharma, Hennequin et al., ICLR 2023): natural gradient with a learned inverse
+Fisher, as a ``torch.optim.Optimizer`` for the ordinary ``loss.backward(); opt.step()`` loop.
+
+Parameters theta (P,) move along Q(lambda) g, where Q(lambda) ~ (F + gamma I)^-1 is block-diagonal
+over the layers (see :mod:`fim_linops.fishleg.parameterisation`). lambda is learned by Adam on the
+auxiliary loss
+
+    A(lambda) = 1/2 u^T Q F_gamma Q u - u^T Q u,      F_gamma = F + gamma I,
+
+minimal at Q = F_gamma^-1 with value -1/2 u^T F_gamma^-1 u. Since dA = <dQ u, F_gamma Q u - u>,
+its gradient in lambda is that of the surrogate <Q u, stopgrad(F_gamma Q u - u)>: one exact
+Fisher-vector product F (Q u) per auxiliary step (:func:`fim_linops.fishleg.fvp.fisher_vector_product`,
+jvp then vjp on an auxiliary batch), normalised by |u|^2.
+
+Differences from the reference library (mtkresearch/FishLeg): its default "rank-1" Fisher-vector
+estimator multiplies the sampled gradient's projection by Q u itself, (g^T Q u) Q u, instead of by the
+sampled gradient g; that is not a Fisher product, and Q does not converge to F^-1 with it (the fix
+lives only on a side branch). We use exact GGN products (or the unbiased one-sample estimate
+g (g^T Q u), ``fisher="sampled"``), on a separate auxiliary batch. u mixes the normalised gradient
+with random Gaussian probes: with gradient directions alone Q only learns F^-1 along them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fim_linops.fishleg.block_diag import BlockDiagonal
+from fim_linops.fishleg.fvp import fisher_vector_product
+from fim_linops.fishleg.init import kfac_factors
+from fim_linops.fishleg.parameterisation import (
+    STRUCTURES,
+    BlockSpec,
+    block_operator,
+    block_spec,
+    init_lambda,
+)
+from fim_linops.layout import ParamLayout
+from fim_linops.likelihoods import Likelihood, get_likelihood
+
+_AUX_U = ("mixed", "gradient", "random")
+
+
+def _is_one_batch(data: Any) -> bool:
+    """(x, y) with a tensor y, or a bare tensor x: one batch; anything else iterable: batches."""
+    if isinstance(data, Tensor):
+        return True
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
+def _inputs_of(batch: Any) -> Any:
+    """The model input of a batch: x of (x, y) (labels are not needed: the Fisher uses p(y|x))."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and not isinstance(batch, Tensor):
+        return batch[0]
+    return batch
+
+
+class FishLeg(torch.optim.Optimizer):
+    r"""FishLeg optimiser over all trainable parameters of ``model``.
+
+    Update, per step (g = the gradient in ``.grad``, left by the user's ``loss.backward()``):
+
+        m <- momentum * m + (1 - momentum) * Q(lambda) g      (exponential average, as the
+        theta <- theta - lr * (m + weight_decay * theta)       reference library)
+
+    Auxiliary updates (Adam on lambda, see the module docstring) run at every step during the first
+    ``warmup`` steps (parameters frozen then), and afterwards every ``update_aux_every`` steps,
+    ``aux_steps`` Adam steps each, before the parameter update.
+
+    Args (defaults are those of the reference library unless noted):
+        model: the network; all its ``requires_grad`` parameters are optimised.
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a
+            :class:`fim_linops.likelihoods.Likelihood`; defines the Fisher on the model output.
+        aux_data: one batch ``(x, y)`` (or ``x``) or an iterable / DataLoader of batches, cycled.
+            Only the inputs x are used; put them on the model's device.
+        lr: learning rate eta (5e-2).
+        damping: gamma, Q learns (F + gamma I)^-1 (0.5).
+        structure: ``"kron"`` (default), ``"kron_diag"`` or ``"kron_sum"`` for Linear/Conv2d layers;
+            other parameters get a diagonal Q.
+        momentum: beta of the exponential average of Q g (0.9; 0 gives plain steps -lr Q g).
+        weight_decay: decoupled L2 coefficient, not preconditioned (1e-5).
+        aux_lr, aux_betas, aux_eps: Adam on lambda (1e-4, (0.9, 0.999), 1e-8). The auxiliary
+            learning rate is the fragile one: too large and lambda diverges (see ``nan_policy``).
+        update_aux_every: auxiliary update period in steps after warm-up (10).
+        aux_steps: Adam steps per auxiliary update, each with a fresh probe and batch (1).
+        warmup: number of initial steps that only train lambda (0).
+        init: ``"scale"``: Q = init_scale * I, so the first steps are SGD with step lr * init_scale
+            (the library's ``scale``, 1.0); ``"kfac"``: Q = damped inverse KFAC of the first aux
+            batch (ours; damping split by the trace heuristic), diagonal blocks at init_scale * I.
+        fisher: ``"exact"`` GGN products (ours, default) or ``"sampled"`` (one label per example).
+        aux_u: probe u: ``"mixed"`` (default, ours) sqrt(1 - aux_mix) g/|g| + sqrt(aux_mix) z/|z|
+            with z ~ N(0, I); ``"gradient"`` g/|g| (the library's choice); ``"random"`` z/|z|.
+        aux_mix: weight of the random part in ``"mixed"`` (0.5).
+        nan_policy: ``"skip"`` (default): an auxiliary step with a non-finite loss or gradient is
+            undone (lambda and Adam state restored, no host sync) and counted in
+            ``opt.aux_skipped``; ``"raise"``: raise FloatingPointError (one host sync per update).
+        seed: seed of the optimiser's own generator (probes, sampled labels, kron_sum init).
+
+    Attributes:
+        inverse_fisher: block-diagonal LinearOperator (P, P) ~ (F + damping I)^-1, in the order of
+            ``torch.nn.utils.parameters_to_vector``.
+        aux_loss: the last auxiliary loss A(lambda) / |u|^2 (a tensor; no sync).
+        aux_skipped: number of auxiliary steps undone by ``nan_policy="skip"`` (a tensor).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        aux_data: Any,
+        lr: float = 5e-2,
+        damping: float = 0.5,
+        structure: str = "kron",
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        aux_lr: float = 1e-4,
+        aux_betas: tuple[float, float] = (0.9, 0.999),
+        aux_eps: float = 1e-8,
+        update_aux_every: int = 10,
+        aux_steps: int = 1,
+        warmup: int = 0,
+        init: str = "scale",
+        init_scale: float = 1.0,
+        fisher: str = "exact",
+        aux_u: str = "mixed",
+        aux_mix: float = 0.5,
+        nan_policy: str = "skip",
+        seed: int = 0,
+    ):
+        _check(structure in STRUCTURES, f"structure must be one of {STRUCTURES}, got {structure!r}")
+        _check(init in ("scale", "kfac"), f"init must be 'scale' or 'kfac', got {init!r}")
+        _check(
+            fisher in ("exact", "sampled"), f"fisher must be 'exact' or 'sampled', got {fisher!r}"
+        )
+        _check(aux_u in _AUX_U, f"aux_u must be one of {_AUX_U}, got {aux_u!r}")
+        _check(
+            nan_policy in ("skip", "raise"),
+            f"nan_policy must be 'skip' or 'raise', got {nan_policy!r}",
+        )
+        _check(lr >= 0 and damping >= 0 and aux_lr >= 0, "lr, damping and aux_lr must be >= 0")
+        _check(0 <= momentum < 1, f"momentum must lie in [0, 1), got {momentum}")
+        _check(0 <= aux_mix <= 1, f"aux_mix must lie in [0, 1], got {aux_mix}")
+        _check(
+            update_aux_every >= 1 and aux_steps >= 1 and warmup >= 0,
+            "update_aux_every and aux_steps must be >= 1, warmup >= 0",
+        )
+        _check(init_scale > 0, f"init_scale must be > 0, got {init_scale}")
+        self.model = model
+        self.likelihood = get_likelihood(likelihood)
+        self.layout = ParamLayout.from_model(model)
+        defaults = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, aux_lr=aux_lr,
+            aux_betas=tuple(aux_betas), aux_eps=aux_eps, update_aux_every=update_aux_every,
+            aux_steps=aux_steps, warmup=warmup, structure=structure, init=init,
+            init_scale=init_scale, fisher=fisher, aux_u=aux_u, aux_mix=aux_mix,
+            nan_policy=nan_policy,
+        )  # fmt: skip
+        super().__init__(self.layout.params, defaults)
+
+        self._aux_data = aux_data
+        self._aux_iter: Iterator | None = None
+        self._aux_batches = 0  # batches drawn from an iterable aux_data (for state_dict resume)
+        self._last_x: Any = None
+        self._t = 0  # step() calls so far
+        like = self.layout.params[0]
+        self._generator = torch.Generator(device=like.device).manual_seed(seed)
+        init_gen = torch.Generator().manual_seed(seed)
+
+        self.specs: list[BlockSpec] = [block_spec(b, structure) for b in self.layout.blocks]
+        kfac = {}
+        if init == "kfac":
+            layers = {s.name: (s.module, s.has_bias) for s in self.specs if s.kind != "diag"}
+            kfac = kfac_factors(model, self.likelihood, self._next_aux_x(), layers)
+        self.lambdas: list[dict[str, Tensor]] = [
+            {
+                k: v.requires_grad_(True)
+                for k, v in init_lambda(
+                    s, init_scale, like, kfac.get(s.name), damping, init_gen
+                ).items()
+            }
+            for s in self.specs
+        ]
+        self.aux_opt = torch.optim.Adam(
+            self.aux_parameters(),
+            lr=aux_lr,
+            betas=tuple(aux_betas),
+            eps=aux_eps,
+            capturable=like.device.type == "cuda",  # Adam's step counter on the device: no syncs
+        )
+        self.aux_loss = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
+        self.aux_skipped = torch.zeros((), dtype=torch.long, device=like.device)
+
+    # -- lambda and Q -------------------------------------------------------------------------------
+    def aux_parameters(self) -> list[Tensor]:
+        """The auxiliary parameters lambda, block by block (in a fixed order)."""
+        return [t for lam in self.lambdas for t in lam.values()]
+
+    def _blocks(self, detach: bool) -> list:
+        return [
+            block_operator(s, {k: v.detach() if detach else v for k, v in lam.items()})
+            for s, lam in zip(self.specs, self.lambdas, strict=True)
+        ]
+
+    @property
+    def inverse_fisher(self) -> BlockDiagonal:
+        r"""Q(lambda) ~ (F + damping I)^-1 as a block-diagonal LinearOperator of shape (P, P) (a
+        snapshot of the current lambda): ``@``, ``diagonal()``, ``to_dense()``, exact
+        ``root_decomposition()``."""
+        return BlockDiagonal(*self._blocks(detach=True))
+
+    def _apply_q(self, v: Tensor, detach: bool) -> Tensor:
+        """Q v for a flat vector v (P,); differentiable in lambda unless ``detach``."""
+        parts = [
+            op._matmul(v[s.start : s.stop, None])[:, 0]
+            for s, op in zip(self.specs, self._blocks(detach), strict=True)
+        ]
+        return torch.cat(parts)
+
+    # -- auxiliary data and probes ------------------------------------------------------------------
+    def _next_aux_x(self) -> Any:
+        if _is_one_batch(self._aux_data):
+            self._last_x = _inputs_of(self._aux_data)
+            return self._last_x
+        if self._aux_iter is None:
+            self._aux_iter = iter(self._aux_data)
+        try:
+            batch = next(self._aux_iter)
+        except StopIteration:
+            self._aux_iter = iter(self._aux_data)
+            try:
+                batch = next(self._aux_iter)
+            except StopIteration:
+                raise ValueError(
+                    "aux_data is empty: give FishLeg at least one (x, y) batch"
+                ) from None
+        self._aux_batches += 1
+        self._last_x = _inputs_of(batch)
+        return self._last_x
+
+    def _gradient(self) -> Tensor:
+        """The flat gradient (P,) from ``.grad`` (zeros where a parameter has none)."""
+        return torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.layout.params
+            ]
+        ).detach()
+
+    def _probe(self, g: Tensor, aux_u: str, aux_mix: float) -> Tensor:
+        """u (P,), unit norm: normalised gradient, Gaussian probe, or their mix."""
+        z = torch.randn(g.shape, generator=self._generator, dtype=g.dtype, device=g.device)
+        z = z / z.norm()
+        if aux_u == "random":
+            return z
+        gn = g.norm()
+        g_hat = torch.where(
+            gn > 0, g / gn.clamp_min(torch.finfo(g.dtype).tiny), z
+        )  # no grad: a probe
+        if aux_u == "gradient":
+            return g_hat
+        u = (1 - aux_mix) ** 0.5 * g_hat + aux_mix**0.5 * z
+        return u / u.norm()
+
+    # -- the auxiliary objective --------------------------------------------------------------------
+    def _fvp(self, x: Any, w: Tensor, group: dict) -> Tensor:
+        """(F + damping I) w for a flat w (P,) on the batch x."""
+        fw = fisher_vector_product(
+            self.model,
+            self.likelihood,
+            x,
+            self.layout.unflatten(w),
+            group["fisher"],
+            self._generator,
+        )
+        return self.layout.flatten(fw) + group["damping"] * w
+
+    def auxiliary_loss(self, u: Tensor, x: Any = None) -> Tensor:
+        r"""A(lambda) = 1/2 u^T Q F_gamma Q u - u^T Q u for a flat u (P,) on the batch x (default:
+        the last auxiliary batch). Its minimum over Q is -1/2 u^T F_gamma^-1 u."""
+        group = self.param_groups[0]
+        x = (self._last_x if self._last_x is not None else self._next_aux_x()) if x is None else x
+        w = self._apply_q(u, detach=True)
+        return 0.5 * (w * self._fvp(x, w, group)).sum() - (u * w).sum()
+
+    @torch.no_grad()
+    def _aux_step(self, group: dict, g: Tensor) -> None:
+        """One Adam step on lambda along the surrogate <Q u, stopgrad(F_gamma Q u - u)> / |u|^2."""
+        aux = self.aux_opt.param_groups[0]
+        aux["lr"], aux["betas"], aux["eps"] = group["aux_lr"], group["aux_betas"], group["aux_eps"]
+        x = self._next_aux_x()
+        u = self._probe(g, group["aux_u"], group["aux_mix"])
+        lam = self.aux_parameters()
+        with torch.enable_grad():
+            qu = self._apply_q(u, detach=False)
+            w = qu.detach()
+            fw = self._fvp(x, w, group)
+            u2 = (u * u).sum()
+            surrogate = (qu * (fw - u)).sum() / u2
+            grads = torch.autograd.grad(surrogate, lam, allow_unused=True)
+        grads = [
+            torch.zeros_like(t) if gr is None else gr for t, gr in zip(lam, grads, strict=True)
+        ]
+        self.aux_loss = (0.5 * (w * fw).sum() - (u * w).sum()) / u2
+        ok = (
+            torch.isfinite(surrogate)
+            & torch.stack([torch.isfinite(gr).all() for gr in grads]).all()
+        )
+        if group["nan_policy"] == "raise":
+            if not bool(ok):
+                raise FloatingPointError(
+                    f"FishLeg: the auxiliary loss or its gradient is not finite at step {self._t}; "
+                    f"lower aux_lr (now {group['aux_lr']}), raise damping (now {group['damping']}) "
+                    "or update the auxiliary parameters less often (update_aux_every)"
+                )
+            for t, gr in zip(lam, grads, strict=True):
+                t.grad = gr
+            self.aux_opt.step()
+        else:
+            # undo a non-finite step without a host sync: keep (tensor, copy) of lambda and of the
+            # Adam state that exists now (state created by this step starts from zero gradients)
+            live = lam + [
+                s
+                for st in self.aux_opt.state.values()
+                for s in st.values()
+                if isinstance(s, Tensor)
+            ]
+            saved = [(cur, cur.clone()) for cur in live if cur.device == ok.device]
+            for t, gr in zip(lam, grads, strict=True):
+                t.grad = torch.where(ok, gr, torch.zeros_like(gr))
+            self.aux_opt.step()
+            for cur, old in saved:
+                cur.copy_(torch.where(ok, cur, old))
+            self.aux_skipped += (~ok).long()
+        for t in lam:
+            t.grad = None
+
+    # -- the optimiser step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One FishLeg step from the gradients in ``.grad``: auxiliary updates when scheduled, then
+        theta <- theta - lr * (EMA_momentum(Q g) + weight_decay * theta) (frozen during warm-up)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        t, warmup = self._t, group["warmup"]
+        g = self._gradient()
+        in_warmup = t < warmup
+        if in_warmup or (t > 0 and (t - warmup) % group["update_aux_every"] == 0):
+            for _ in range(group["aux_steps"]):
+                self._aux_step(group, g)
+        self._t += 1
+        if in_warmup:
+            return loss
+        qg = self.layout.unflatten(self._apply_q(g, detach=True))
+        beta, wd, lr = group["momentum"], group["weight_decay"], group["lr"]
+        for e in self.layout.entries:
+            p = e.param
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(beta).add_(qg[e.name], alpha=1 - beta)
+            p.add_(buf.add(p, alpha=wd) if wd else buf, alpha=-lr)
+        return loss
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The torch optimiser state plus FishLeg's: lambda, the Adam state on lambda, the step
+        counter, the generator state and the position in an iterable ``aux_data``."""
+        sd = super().state_dict()
+        sd["fishleg"] = {
+            "t": self._t,
+            "lambda": [t.detach().clone() for t in self.aux_parameters()],
+            "aux_opt": self.aux_opt.state_dict(),
+            "generator": self._generator.get_state(),
+            "aux_batches": self._aux_batches,
+            "aux_loss": self.aux_loss.clone(),
+            "aux_skipped": self.aux_skipped.clone(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; an iterable ``aux_data`` is re-iterated from the start and
+        fast-forwarded to the saved position (same batches if its order is deterministic)."""
+        state_dict = dict(state_dict)
+        fl = state_dict.pop("fishleg", None)
+        if fl is None:
+            raise ValueError("not a FishLeg state_dict (no 'fishleg' entry)")
+        super().load_state_dict(state_dict)
+        lam = self.aux_parameters()
+        if len(fl["lambda"]) != len(lam) or any(
+            a.shape != b.shape for a, b in zip(lam, fl["lambda"], strict=True)
+        ):
+            raise ValueError(
+                "FishLeg state_dict: the auxiliary parameters do not match this model/structure"
+            )
+        with torch.no_grad():
+            for t, v in zip(lam, fl["lambda"], strict=True):
+                t.copy_(v)
+        self.aux_opt.load_state_dict(fl["aux_opt"])
+        self._t = int(fl["t"])
+        self._generator.set_state(fl["generator"])
+        self.aux_loss = fl["aux_loss"].clone().to(self.aux_loss.device)
+        self.aux_skipped = fl["aux_skipped"].clone().to(self.aux_skipped.device)
+        self._aux_batches = 0
+        self._aux_iter = None
+        self._last_x = None
+        if not _is_one_batch(self._aux_data) and fl["aux_batches"]:
+            n = int(fl["aux_batches"])
+            if hasattr(self._aux_data, "__len__") and len(self._aux_data) > 0:
+                n %= len(self._aux_data)
+            self._aux_iter = iter(self._aux_data)
+            for _ in itertools.islice(self._aux_iter, n):
+                pass
+            self._aux_batches = int(fl["aux_batches"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "layout", None) is not None and self.param_groups:
+            raise ValueError(
+                "FishLeg optimises all trainable parameters of its model in one group; freeze "
+                "parameters with requires_grad_(False) before building it instead"
+            )
+        super().add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        return (
+            f"FishLeg(P={self.layout.numel}, structure={g['structure']!r}, lr={g['lr']}, "
+            f"damping={g['damping']}, aux_lr={g['aux_lr']}, blocks={len(self.specs)})"
+        )
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
