@@ -1,0 +1,270 @@
+r"""Laplace posterior over the parameters and its linearised (GLM) predictive.
+
+Around the MAP theta*, p(theta | D) ~ N(theta*, Sigma) with precision
+P = s G + P0, G = sum_n J_n^T H_n J_n (the GGN summed over the data, = N times the mean exact
+Fisher of ``fl.fisher``), s = sigma_0^2 / sigma^2 for a Gaussian likelihood whose noise changes
+(else 1) and P0 the prior precision (laplace-torch's convention). The GGN takes any ``fl.fisher``
+structure; P keeps its exact algebra (:mod:`fim_linops.laplace.prior`).
+
+GLM predictive at inputs x (N examples, C outputs): f(x) ~ N(f(x; theta*), J Sigma J^T), J the
+(N*C, P) Jacobian; per example (N, C, C), or jointly (N*C, N*C). Computed in batches of examples:
+per batch the Jacobian rows from the layer rules (batch x C x P at most), one exact solve with P.
+
+Evidence (MacKay; Immer et al. 2021):
+log p(D) ~ log p(D | theta*) - 1/2 (log det P - log det P0 + theta*^T P0 theta*),
+differentiable in P0 and sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor, nn
+
+from fim_linops.algebra import sample as sample_gaussian
+from fim_linops.data import call_model, iter_batches
+from fim_linops.fisher import fisher
+from fim_linops.laplace import prior as priors
+from fim_linops.layout import ParamLayout
+from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
+from fim_linops.ntk import jacobian_matrix, split_inputs
+from fim_linops.operators.jacobian import Outputs
+from fim_linops.state import preserved_state
+
+
+class Laplace:
+    r"""Laplace approximation around the model's current parameters (the MAP).
+
+    Args:
+        model: the trained network; left as found.
+        data: the training data (DataLoader, iterable of (x, y) batches or one batch).
+        likelihood: "categorical", "gaussian", "bernoulli" or an ``fl.Likelihood``
+            (``fl.Gaussian(sigma)`` for the observation noise).
+        structure: the GGN structure, any of ``fl.fisher``'s ("kfac", "ekfac", "diag",
+            "block_diag", "dense", "lowrank" with ``rank``, ...).
+        prior_precision: scalar, per layer (L,) or per parameter (P,).
+        params: the parameters the posterior is over (None: all trainable ones).
+        rank: for structure="lowrank".
+        batch_size: examples per batch in predictive computations.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        likelihood: str | Likelihood = "categorical",
+        structure: str = "kfac",
+        prior_precision: float | Tensor = 1.0,
+        params: Any = None,
+        rank: int | None = None,
+        batch_size: int = 256,
+        **fisher_kwargs: Any,
+    ):
+        self.model = model
+        self.likelihood = get_likelihood(likelihood)
+        self.layout = ParamLayout.from_model(model, params)
+        self.batch_size = batch_size
+        p0 = self.layout.entries[0].param
+        self.dtype, self.device = p0.dtype, p0.device
+        self.mean = self.layout.vector()
+        self.n_data, self._fit = self._fit_statistics(data)
+        mean_fisher = fisher(
+            model,
+            data,
+            self.likelihood,
+            structure=structure,
+            fisher_type="exact",
+            params=self.layout.params,
+            rank=rank,
+            **fisher_kwargs,
+        )
+        self.ggn = mean_fisher * float(self.n_data)  # sum over the data
+        self.structure = structure
+        self.sigma0 = (
+            torch.as_tensor(self.likelihood.sigma, dtype=self.dtype, device=self.device)
+            if isinstance(self.likelihood, Gaussian)
+            else None
+        )
+        self.sigma = self.sigma0
+        self.prior_precision = prior_precision
+        self._evals: Tensor | None = None
+
+    # -- hyper-parameters ------------------------------------------------------------------------
+    @property
+    def prior_precision(self) -> Tensor:
+        return self._prior
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self._prior, self._kind = priors.parse_prior(value, self.layout, self.dtype, self.device)
+        self._evals = None
+        self._check_prior()
+
+    def _check_prior(self) -> None:
+        """Raise early when the structure cannot take this kind of prior precision."""
+        priors.precision(
+            self.ggn, torch.ones((), dtype=self.dtype), self._prior, self._kind, self.layout
+        )
+
+    def _scale(self, sigma: Tensor | None) -> Tensor:
+        if self.sigma0 is None or sigma is None:
+            return torch.ones((), dtype=self.dtype, device=self.device)
+        return (self.sigma0 / sigma) ** 2
+
+    @property
+    def posterior_precision(self) -> LinearOperator:
+        """P = s G + P0 (P, P), structured."""
+        return priors.precision(
+            self.ggn, self._scale(self.sigma), self._prior, self._kind, self.layout
+        )
+
+    # -- data statistics -------------------------------------------------------------------------
+    def _fit_statistics(self, data: Any) -> tuple[int, Tensor]:
+        """Example count and, at theta*: sum of squared residuals (Gaussian) or of the nll."""
+        n, total = 0, torch.zeros((), dtype=self.dtype, device=self.device)
+        lik = self.likelihood
+        self._n_outputs = 0
+        with preserved_state(self.model), torch.no_grad():
+            for x, y in iter_batches(data, self.device, self.dtype, need_targets=True):
+                f = lik.check_output(call_model(self.model, x))
+                y = lik.check_target(f, y)
+                total = total + (
+                    ((y - f) ** 2).sum() if isinstance(lik, Gaussian) else lik.nll(f, y).sum()
+                )
+                n += f.shape[0]
+                self._n_outputs = f.shape[1]
+        return n, total
+
+    def log_likelihood(self, sigma: Tensor | None = None) -> Tensor:
+        """log p(D | theta*), differentiable in sigma for a Gaussian likelihood."""
+        if self.sigma0 is None:
+            return -self._fit
+        sigma = self.sigma if sigma is None else sigma
+        nc = self.n_data * self._n_outputs
+        return -self._fit / (2 * sigma**2) - nc * torch.log(sigma * math.sqrt(2 * math.pi))
+
+    # -- evidence --------------------------------------------------------------------------------
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma: Tensor | None = None
+    ) -> Tensor:
+        r"""log p(D | theta*) - 1/2 (log det P - log det P0 + theta*^T P0 theta*), differentiable
+        in ``prior_precision`` (same kind as the stored one) and ``sigma`` (Gaussian)."""
+        prior = self._prior if prior_precision is None else prior_precision
+        kind = self._kind
+        if prior_precision is not None:
+            _, kind = priors.parse_prior(prior.detach(), self.layout, self.dtype, self.device)
+        sigma = self.sigma if sigma is None else sigma
+        if self._evals is None or kind is not self._kind:
+            evals = priors.eigenvalues(self.ggn, kind)
+            if kind is self._kind:
+                self._evals = evals
+        else:
+            evals = self._evals
+        vec = priors.expand(prior, kind, self.layout)
+        ld_post = priors.logdet(self.ggn, evals, self._scale(sigma), prior, kind, self.layout)
+        ld_prior = torch.log(vec).sum()
+        scatter = (vec * self.mean**2).sum()
+        return self.log_likelihood(sigma) - 0.5 * (ld_post - ld_prior + scatter)
+
+    def optimize_prior_precision(
+        self, n_steps: int = 100, lr: float = 0.1, sigma: bool = False
+    ) -> Laplace:
+        """Maximise the evidence in log prior precision (and log sigma, Gaussian only) by Adam;
+        the result is stored (``prior_precision``, ``sigma``). Returns self."""
+        log_prior = self._prior.detach().log().clone().requires_grad_()
+        variables = [log_prior]
+        log_sigma = None
+        if sigma:
+            if self.sigma0 is None:
+                raise ValueError("sigma=True needs a Gaussian likelihood")
+            log_sigma = self.sigma.detach().log().clone().requires_grad_()
+            variables.append(log_sigma)
+        opt = torch.optim.Adam(variables, lr=lr)
+        for _ in range(n_steps):
+            opt.zero_grad()
+            s = None if log_sigma is None else log_sigma.exp()
+            loss = -self.log_marginal_likelihood(log_prior.exp(), s)
+            loss.backward()
+            opt.step()
+        self.prior_precision = log_prior.detach().exp()
+        if log_sigma is not None:
+            self.sigma = log_sigma.detach().exp()
+        return self
+
+    # -- samples and predictive ------------------------------------------------------------------
+    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """n parameter samples (n, P) from N(theta*, P^-1), through the exact inverse root."""
+        return self.mean + sample_gaussian(self.posterior_precision, n, generator=generator)
+
+    def _forward(self, x: Any) -> Tensor:
+        with preserved_state(self.model), torch.no_grad():
+            return Outputs().check_output(call_model(self.model, x))
+
+    def predictive(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
+        r"""GLM predictive: mean f(x; theta*) (N, C) and covariance J Sigma J^T, per example
+        (N, C, C) or, with ``joint``, (N*C, N*C) (row n*C + c)."""
+        prec = self.posterior_precision
+        sel = Outputs()
+        batches = split_inputs(x, self.batch_size)
+        means, covs, jacs = [], [], []
+        for xb in batches:
+            f = self._forward(xb)
+            means.append(f)
+            j = jacobian_matrix(self.model, self.layout, [xb], sel)  # (n*C, P)
+            n, c = f.shape
+            if joint:
+                jacs.append(j)
+                continue
+            s = prec.solve(j.T)  # (P, n*C)
+            covs.append(torch.einsum("ncp,ndp->ncd", j.reshape(n, c, -1), s.T.reshape(n, c, -1)))
+        mean = torch.cat(means)
+        if joint:
+            j = torch.cat(jacs)
+            return mean, j @ prec.solve(j.T)
+        return mean, torch.cat(covs)
+
+    def predictive_probs(
+        self,
+        x: Any,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Class probabilities of the GLM predictive for categorical (N, C) or Bernoulli (N,)
+        likelihoods: "probit" (softmax/sigmoid of f / sqrt(1 + pi/8 var)) or "mc" (average
+        over ``n_samples`` samples f ~ N(mean, cov) per example)."""
+        if not isinstance(self.likelihood, (Categorical, Bernoulli)):
+            raise ValueError(
+                "predictive_probs is for classification; use predictive() for regression"
+            )
+        mean, cov = self.predictive(x)
+        link = (
+            torch.sigmoid
+            if isinstance(self.likelihood, Bernoulli)
+            else lambda t: torch.softmax(t, -1)
+        )
+        if link_approx == "probit":
+            var = cov.diagonal(dim1=-2, dim2=-1)
+            probs = link(mean / torch.sqrt(1 + math.pi / 8 * var))
+        elif link_approx == "mc":
+            lam, vecs = torch.linalg.eigh(cov)  # PSD root, robust to singular covariances
+            root = vecs * lam.clamp_min(0).sqrt()[:, None, :]
+            z = torch.randn(
+                n_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator
+            )
+            f = mean + torch.einsum("ncd,snd->snc", root, z)
+            probs = link(f).mean(0)
+        else:
+            raise ValueError(f"unknown link_approx {link_approx!r}; use 'probit' or 'mc'")
+        return probs[:, 0] if isinstance(self.likelihood, Bernoulli) else probs
+
+    __call__ = predictive_probs
+
+    def __repr__(self) -> str:
+        return (
+            f"Laplace(structure={self.structure!r}, P={self.layout.numel}, N={self.n_data}, "
+            f"prior={self._kind.value})"
+        )
