@@ -26,11 +26,14 @@ from torch import Tensor, nn
 
 from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import call_model, iter_batches
+from fim_linops.engine import Engine, FisherType
+from fim_linops.engine.gram import gram_block, side
 from fim_linops.fisher import fisher
 from fim_linops.laplace import prior as priors
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
-from fim_linops.ntk import jacobian_matrix, split_inputs
+from fim_linops.ntk import _jacobian_op, gram_of, jacobian_matrix, split_inputs
+from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
 from fim_linops.state import preserved_state
 
@@ -206,6 +209,8 @@ class Laplace:
     def predictive(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
         r"""GLM predictive: mean f(x; theta*) (N, C) and covariance J Sigma J^T, per example
         (N, C, C) or, with ``joint``, (N*C, N*C) (row n*C + c)."""
+        if isinstance(self.ggn, LowRank):
+            return self._predictive_lowrank(x, joint)
         prec = self.posterior_precision
         sel = Outputs()
         batches = split_inputs(x, self.batch_size)
@@ -225,6 +230,32 @@ class Laplace:
             j = torch.cat(jacs)
             return mean, j @ prec.solve(j.T)
         return mean, torch.cat(covs)
+
+    def _predictive_lowrank(self, x: Any, joint: bool) -> tuple[Tensor, Tensor]:
+        r"""Low-rank GGN s U diag(lambda) U^T with a scalar prior delta, by Woodbury:
+        Sigma = U diag(1/(s lambda + delta) - 1/delta) U^T + I / delta, so
+        J Sigma J^T = (J U) D (J U)^T + Theta / delta with J U by forward mode (k tangents) and
+        the NTK Theta from the per-layer Gram rules: no Jacobian is formed."""
+        delta = self._prior
+        d = 1 / (self._scale(self.sigma) * self.ggn.evals + delta) - 1 / delta  # (k,)
+        batches = split_inputs(x, self.batch_size)
+        jac = _jacobian_op(self.model, self.layout, x, Outputs(), self.batch_size)
+        with preserved_state(self.model):
+            ju = jac.jvp(self.ggn.u)  # (N*C, k)
+        mean = torch.cat([self._forward(xb) for xb in batches])
+        n, c = mean.shape
+        if joint:
+            theta = gram_of(jac, None, trace=False)
+            return mean, (ju * d) @ ju.T + theta / delta
+        ju3 = ju.reshape(n, c, -1)
+        with preserved_state(self.model):
+            engine = Engine(self.model, self.layout, Outputs(), FisherType.EXACT)
+            blocks = []
+            for res in engine.run([(xb, None) for xb in batches]):
+                s = side(res)
+                blocks.append(gram_block(engine, s, s).diagonal(dim1=1, dim2=3).permute(2, 0, 1))
+        theta = torch.cat(blocks)  # (N, C, C)
+        return mean, torch.einsum("nck,k,ndk->ncd", ju3, d, ju3) + theta / delta
 
     def predictive_probs(
         self,
