@@ -20,6 +20,7 @@ the Gram: the squared norms of the Jacobian rows come from the layer rules.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import gpytorch
@@ -27,10 +28,11 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from fim_linops import ntk as fntk
+import fim_linops.ntk  # noqa: F401  (the module, even where fl.ntk is the function)
 from fim_linops.layout import ParamLayout
 from fim_linops.state import preserved_state
 
+fntk = sys.modules["fim_linops.ntk"]
 _MODES = ("auto", "dense", "root", "implicit")
 
 
