@@ -4,6 +4,7 @@ from fim_linops import algebra, operators, spectral
 from fim_linops.algebra import power, sample
 from fim_linops.engine import FisherType
 from fim_linops.fisher import fisher
+from fim_linops.fishleg import FishLeg
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from fim_linops.metrics import frobenius_norm, quad, trace
@@ -50,6 +51,7 @@ __all__ = [
     "BlockDiag",
     "Categorical",
     "Dense",
+    "FishLeg",
     "Diag",
     "FisherOperator",
     "FisherType",
