@@ -1,6 +1,6 @@
 """fim_linops: Fisher, Gauss-Newton and NTK matrices of PyTorch models as LinearOperators."""
 
-from fim_linops import algebra, operators, spectral
+from fim_linops import algebra, gp, laplace, operators, spectral
 from fim_linops.algebra import power, sample
 from fim_linops.engine import FisherType
 from fim_linops.fisher import fisher
@@ -8,6 +8,7 @@ from fim_linops.fishleg import FishLeg
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from fim_linops.metrics import frobenius_norm, quad, trace
+from fim_linops.ntk import jacobian, ntk
 from fim_linops.operators import (
     EKFAC,
     KFAC,
@@ -42,6 +43,10 @@ __all__ = [
     "power",
     "sample",
     "spectral",
+    "gp",
+    "laplace",
+    "jacobian",
+    "ntk",
     "CGInfo",
     "cg",
     "ewc_penalty",
