@@ -2,6 +2,7 @@
 
 from fim_linops import algebra, gp, laplace, operators, spectral
 from fim_linops.algebra import power, sample
+from fim_linops.compare import Comparison, compare
 from fim_linops.engine import FisherType
 from fim_linops.fisher import fisher
 from fim_linops.fishleg import FishLeg
@@ -43,6 +44,8 @@ __all__ = [
     "power",
     "sample",
     "spectral",
+    "compare",
+    "Comparison",
     "gp",
     "laplace",
     "jacobian",
