@@ -172,7 +172,43 @@ def pinv_scale(lam: Tensor, power: float = -1.0) -> Tensor:
     return torch.where(lam > tol, safe**power, torch.zeros_like(lam))
 
 
-class EigenOperator(FisherOperator):
+class ExactSolveMixin:
+    """Solve, inverse quadratic forms and log-determinants for a structure that solves (P, M)
+    column blocks exactly (``_solve_cols``) and has an exact ``logdet``."""
+
+    def _solve_cols(self, rhs: Tensor) -> Tensor:  # (P, M) -> (P, M)
+        raise NotImplementedError
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        """(F + delta I)^-1 right (or left @ (F + delta I)^-1 right)."""
+        self.check_vector(right_tensor, "right-hand side")
+        res = self._solve(right_tensor)
+        return res if left_tensor is None else left_tensor @ res
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
+        cols, shape, vector = as_columns(rhs)
+        return from_columns(self._solve_cols(cols), shape, vector)
+
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
+        if inv_quad_rhs is not None:
+            solved = self.solve(inv_quad_rhs)
+            if inv_quad_rhs.ndim == 1:
+                inv_quad = (inv_quad_rhs * solved).sum(-1)
+            else:
+                inv_quad = (inv_quad_rhs * solved).sum(-2)
+                if reduce_inv_quad:
+                    inv_quad = inv_quad.sum(-1)
+        ld = self.logdet() if logdet else torch.zeros((), dtype=self.dtype, device=self.device)
+        return inv_quad, ld
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        return self.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)[0]
+
+
+class EigenOperator(ExactSolveMixin, FisherOperator):
     """A Fisher operator whose eigendecomposition is structural (dense, per block, Kronecker).
 
     Subclasses implement ``_eig_apply(rhs, fn)`` = Q diag(fn(lambda + delta)) Q^T rhs for rhs (P, M),
@@ -198,34 +234,11 @@ class EigenOperator(FisherOperator):
         out = self._eig_apply(cols, lambda lam: pinv_scale(lam, alpha))
         return from_columns(out, shape, vector)
 
-    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """(F + delta I)^-1 right (or left @ (F + delta I)^-1 right), exactly."""
-        self.check_vector(right_tensor, "right-hand side")
-        res = self.apply_power(right_tensor, -1.0)
-        return res if left_tensor is None else left_tensor @ res
-
-    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
-        return self.apply_power(rhs, -1.0)
+    def _solve_cols(self, rhs: Tensor) -> Tensor:
+        return self._eig_apply(rhs, lambda lam: pinv_scale(lam, -1.0))
 
     def logdet(self) -> Tensor:
         return torch.log(self._eigenvalues()).sum()
-
-    def inv_quad_logdet(
-        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
-        if inv_quad_rhs is not None:
-            solved = self.solve(inv_quad_rhs)
-            inv_quad = (inv_quad_rhs * solved).sum(-2)
-            if inv_quad_rhs.ndim == 1:
-                inv_quad = (inv_quad_rhs * solved).sum(-1)
-            elif reduce_inv_quad:
-                inv_quad = inv_quad.sum(-1)
-        ld = self.logdet() if logdet else torch.zeros((), dtype=self.dtype, device=self.device)
-        return inv_quad, ld
-
-    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
-        return self.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)[0]
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         """R with R R^T = F + delta I, exact (from the structural eigendecomposition)."""

@@ -25,7 +25,12 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from fim_linops.operators.base import FisherOperator, as_columns, from_columns, pinv_scale, sym_eigh
+from fim_linops.operators.base import (
+    ExactSolveMixin,
+    FisherOperator,
+    pinv_scale,
+    sym_eigh,
+)
 from fim_linops.operators.kron import KronBasis, KronSpec
 from fim_linops.solvers import cg
 
@@ -41,7 +46,7 @@ def _symmetric(m: Tensor) -> bool:
     )
 
 
-class KronSum(FisherOperator):
+class KronSum(ExactSolveMixin, FisherOperator):
     r"""Block-diagonal sum of Kronecker products per layer.
 
     Args:
@@ -191,18 +196,6 @@ class KronSum(FisherOperator):
             outs.append(cg(matmul, x, tol=tol, preconditioner=precond)[0])
         return torch.cat(outs, dim=0)
 
-    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """(F + delta I)^-1 right: exact per block where a congruence form exists, else CG
-        preconditioned by the first Kronecker term (relative tolerance 1e-12 in float64)."""
-        self.check_vector(right_tensor, "right-hand side")
-        cols, shape, vector = as_columns(right_tensor)
-        res = from_columns(self._solve_cols(cols), shape, vector)
-        return res if left_tensor is None else left_tensor @ res
-
-    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
-        cols, shape, vector = as_columns(rhs)
-        return from_columns(self._solve_cols(cols), shape, vector)
-
     def logdet(self) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for spec, (a, b, mu) in zip(self.specs, self._need_forms("log-determinant"), strict=True):
@@ -212,21 +205,6 @@ class KronSum(FisherOperator):
                 + spec.rows * torch.linalg.slogdet(b)[1].sum()
             )
         return total
-
-    def inv_quad_logdet(
-        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
-        if inv_quad_rhs is not None:
-            solved = self.solve(inv_quad_rhs)
-            if inv_quad_rhs.ndim == 1:
-                inv_quad = (inv_quad_rhs * solved).sum(-1)
-            else:
-                inv_quad = (inv_quad_rhs * solved).sum(-2)
-                if reduce_inv_quad:
-                    inv_quad = inv_quad.sum(-1)
-        ld = self.logdet() if logdet else torch.zeros((), dtype=self.dtype, device=self.device)
-        return inv_quad, ld
 
     def _basis(self, power: float, inverse: bool) -> LinearOperator:
         tensors: list[Tensor] = []

@@ -14,7 +14,7 @@ import torch
 from linear_operator.operators import LinearOperator, RootLinearOperator
 from torch import Tensor
 
-from fim_linops.operators.base import FisherOperator, as_columns, from_columns
+from fim_linops.operators.base import ExactSolveMixin, FisherOperator, as_columns, from_columns
 
 Spans = tuple[tuple[int, int], ...]
 
@@ -32,7 +32,7 @@ def scatter(out: Tensor, y: Tensor, spans: Spans) -> None:
         offset += hi - lo
 
 
-class Mixed(FisherOperator):
+class Mixed(ExactSolveMixin, FisherOperator):
     r"""Block-diagonal over groups of layers with one structure per group.
 
     Args:
@@ -107,34 +107,8 @@ class Mixed(FisherOperator):
             scatter(out, op.solve(gather(rhs, sp)), sp)
         return out
 
-    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """(F + delta I)^-1 right, group by group with each group's own solve."""
-        self.check_vector(right_tensor, "right-hand side")
-        cols, shape, vector = as_columns(right_tensor)
-        res = from_columns(self._solve_cols(cols), shape, vector)
-        return res if left_tensor is None else left_tensor @ res
-
-    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
-        cols, shape, vector = as_columns(rhs)
-        return from_columns(self._solve_cols(cols), shape, vector)
-
     def logdet(self) -> Tensor:
         return sum(op.inv_quad_logdet(logdet=True)[1] for op, _ in self._damped())
-
-    def inv_quad_logdet(
-        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
-        if inv_quad_rhs is not None:
-            solved = self.solve(inv_quad_rhs)
-            if inv_quad_rhs.ndim == 1:
-                inv_quad = (inv_quad_rhs * solved).sum(-1)
-            else:
-                inv_quad = (inv_quad_rhs * solved).sum(-2)
-                if reduce_inv_quad:
-                    inv_quad = inv_quad.sum(-1)
-        ld = self.logdet() if logdet else torch.zeros((), dtype=self.dtype, device=self.device)
-        return inv_quad, ld
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         roots = [op.root_decomposition().root for op, _ in self._damped()]

@@ -30,7 +30,13 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from fim_linops.operators.base import FisherOperator, as_columns, from_columns, pinv_scale
+from fim_linops.operators.base import (
+    ExactSolveMixin,
+    FisherOperator,
+    as_columns,
+    from_columns,
+    pinv_scale,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class QuasiSpec:
         return x[self.b_start : self.b_start + self.neurons]
 
 
-class QuasiDiag(FisherOperator):
+class QuasiDiag(ExactSolveMixin, FisherOperator):
     r"""Diagonal plus per-neuron weight-bias cross terms.
 
     Args:
@@ -141,37 +147,11 @@ class QuasiDiag(FisherOperator):
             spec.weights(x).sub_(ci[:, :, None] * spec.bias(x)[:, None, :])
         return x
 
-    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """(F + delta I)^-1 right in closed form (pseudo-inverse where F + delta is singular)."""
-        self.check_vector(right_tensor, "right-hand side")
-        cols, shape, vector = as_columns(right_tensor)
-        res = from_columns(self._solve_cols(cols), shape, vector)
-        return res if left_tensor is None else left_tensor @ res
-
-    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
-        cols, shape, vector = as_columns(rhs)
-        return from_columns(self._solve_cols(cols), shape, vector)
-
     def logdet(self) -> Tensor:
         piv = self._factor()[1]
         negative = (piv < 0).sum() % 2 == 1
         ld = torch.log(piv.abs()).sum()
         return torch.where(negative, torch.full_like(ld, float("nan")), ld)
-
-    def inv_quad_logdet(
-        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
-        if inv_quad_rhs is not None:
-            solved = self.solve(inv_quad_rhs)
-            if inv_quad_rhs.ndim == 1:
-                inv_quad = (inv_quad_rhs * solved).sum(-1)
-            else:
-                inv_quad = (inv_quad_rhs * solved).sum(-2)
-                if reduce_inv_quad:
-                    inv_quad = inv_quad.sum(-1)
-        ld = self.logdet() if logdet else torch.zeros((), dtype=self.dtype, device=self.device)
-        return inv_quad, ld
 
     def _root_parts(self, inverse: bool) -> tuple[Tensor, list[Tensor]]:
         dd, piv, cd = self._factor()
