@@ -115,7 +115,9 @@ class PreloadedLoader(DataLoader):
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+def round_robin(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int
+) -> dict[str, list[float]]:
     """Wall times of each fn over ``repeats`` rounds after ``warmup`` rounds, the fns interleaved
     (order rotated each round)."""
     names = list(fns)
@@ -124,7 +126,7 @@ def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) ->
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
             fns[n]()
@@ -154,7 +156,11 @@ def ours_build(model, loader, structure: str, mc: bool):
     def run():
         kw: dict[str, Any] = {}
         if mc:
-            kw = {"fisher_type": "mc", "mc_samples": 1, "generator": torch.Generator().manual_seed(0)}
+            kw = {
+                "fisher_type": "mc",
+                "mc_samples": 1,
+                "generator": torch.Generator().manual_seed(0),
+            }
         return fl.fisher(model, loader, likelihood="categorical", structure=structure, **kw)
 
     return run
@@ -191,9 +197,15 @@ def cl_kfac_build(model, loader, n: int, mc: bool):
 
     def run():
         F = KFACLinearOperator(
-            model, nn.CrossEntropyLoss(), params, loader,
-            fisher_type="mc" if mc else "type-2", mc_samples=1, check_deterministic=False,
-            separate_weight_and_bias=False, num_data=n,
+            model,
+            nn.CrossEntropyLoss(),
+            params,
+            loader,
+            fisher_type="mc" if mc else "type-2",
+            mc_samples=1,
+            check_deterministic=False,
+            separate_weight_and_bias=False,
+            num_data=n,
         )
         F.compute_kronecker_factors()
         return F
@@ -226,8 +238,14 @@ def bench_model(name: str, model: nn.Module, loader: DataLoader, repeats: int, w
         times = round_robin({**fns, "floor": floor}, repeats, warmup)
         floor_times.extend(times.pop("floor"))
         print(f"  {name}: {task} done", file=sys.stderr, flush=True)
-        rows.append({"task": task, "times": {k: statistics.median(t) for k, t in times.items()},
-                     "mins": {k: min(t) for k, t in times.items()}, "agree": agree})
+        rows.append(
+            {
+                "task": task,
+                "times": {k: statistics.median(t) for k, t in times.items()},
+                "mins": {k: min(t) for k, t in times.items()},
+                "agree": agree,
+            }
+        )
 
     # reference objects for the agreement checks (outside any timing)
     d_ours = ours_build(model, loader, "diag", False)().diagonal()
@@ -247,33 +265,58 @@ def bench_model(name: str, model: nn.Module, loader: DataLoader, repeats: int, w
     G_cl = cl_ggn(model, loader, n)
     iv_ours, iv_nng, iv_cl = F_ours @ v, nng_mv(F_nng, v), G_cl @ v
 
-    row("diag exact", {
-        "fim_linops": ours_build(model, loader, "diag", False),
-        "NNGeometry": nng_build(model, loader, "diag", False),
-    }, f"diag vs NNG {rel(d_nng, d_ours):.0e}")
-    row("diag mc (1 sample)", {
-        "fim_linops": ours_build(model, loader, "diag", True),
-        "NNGeometry": nng_build(model, loader, "diag", True),
-    }, f"MC vs exact: ours {rel(dmc_ours, d_ours):.2f}, NNG {rel(dmc_nng, d_nng):.2f}")
-    row("kfac exact", {
-        "fim_linops": ours_build(model, loader, "kfac", False),
-        "NNGeometry": nng_build(model, loader, "kfac", False),
-        "curvlinops": cl_kfac_build(model, loader, n, False),
-    }, f"Fv vs NNG {rel(kv_nng, kv_ours):.0e}, CL {rel(kv_cl, kv_ours):.0e}")
-    row("kfac mc (1 sample)", {
-        "fim_linops": ours_build(model, loader, "kfac", True),
-        "NNGeometry": nng_build(model, loader, "kfac", True),
-        "curvlinops": cl_kfac_build(model, loader, n, True),
-    }, f"MC vs exact Fv: ours {rel(kvmc_ours, kv_ours):.2f}, NNG {rel(kvmc_nng, kv_nng):.2f}, "
-       f"CL {rel(kvmc_cl, kv_cl):.2f}")
-    row("implicit F @ v", {
-        "fim_linops": lambda: F_ours @ v,
-        "NNGeometry": lambda: nng_mv(F_nng, v),
-        "curvlinops": lambda: G_cl @ v,
-    }, f"Fv vs NNG {rel(iv_nng, iv_ours):.0e}, CL {rel(iv_cl, iv_ours):.0e}")
+    row(
+        "diag exact",
+        {
+            "fim_linops": ours_build(model, loader, "diag", False),
+            "NNGeometry": nng_build(model, loader, "diag", False),
+        },
+        f"diag vs NNG {rel(d_nng, d_ours):.0e}",
+    )
+    row(
+        "diag mc (1 sample)",
+        {
+            "fim_linops": ours_build(model, loader, "diag", True),
+            "NNGeometry": nng_build(model, loader, "diag", True),
+        },
+        f"MC vs exact: ours {rel(dmc_ours, d_ours):.2f}, NNG {rel(dmc_nng, d_nng):.2f}",
+    )
+    row(
+        "kfac exact",
+        {
+            "fim_linops": ours_build(model, loader, "kfac", False),
+            "NNGeometry": nng_build(model, loader, "kfac", False),
+            "curvlinops": cl_kfac_build(model, loader, n, False),
+        },
+        f"Fv vs NNG {rel(kv_nng, kv_ours):.0e}, CL {rel(kv_cl, kv_ours):.0e}",
+    )
+    row(
+        "kfac mc (1 sample)",
+        {
+            "fim_linops": ours_build(model, loader, "kfac", True),
+            "NNGeometry": nng_build(model, loader, "kfac", True),
+            "curvlinops": cl_kfac_build(model, loader, n, True),
+        },
+        f"MC vs exact Fv: ours {rel(kvmc_ours, kv_ours):.2f}, NNG {rel(kvmc_nng, kv_nng):.2f}, "
+        f"CL {rel(kvmc_cl, kv_cl):.2f}",
+    )
+    row(
+        "implicit F @ v",
+        {
+            "fim_linops": lambda: F_ours @ v,
+            "NNGeometry": lambda: nng_mv(F_nng, v),
+            "curvlinops": lambda: G_cl @ v,
+        },
+        f"Fv vs NNG {rel(iv_nng, iv_ours):.0e}, CL {rel(iv_cl, iv_ours):.0e}",
+    )
 
-    return {"name": name, "params": p, "floor": statistics.median(floor_times),
-            "floor_spread": (min(floor_times), max(floor_times)), "rows": rows}
+    return {
+        "name": name,
+        "params": p,
+        "floor": statistics.median(floor_times),
+        "floor_spread": (min(floor_times), max(floor_times)),
+        "rows": rows,
+    }
 
 
 def min_line(res: dict) -> str:
@@ -285,8 +328,10 @@ def min_line(res: dict) -> str:
         m = r["mins"]
         cells = "/".join(f"{m[lib] / f:.2f}" if lib in m else "n/a" for lib in LIBS)
         parts.append(f"{r['task']} {cells}")
-    return ("Ratios from the fastest rounds (fim_linops/NNGeometry/curvlinops over the fastest "
-            "floor): " + "; ".join(parts))
+    return (
+        "Ratios from the fastest rounds (fim_linops/NNGeometry/curvlinops over the fastest "
+        "floor): " + "; ".join(parts)
+    )
 
 
 def target_of(t_floor: float, t_peer: float | None) -> float | None:
@@ -324,7 +369,9 @@ def table(res: dict) -> str:
         speed = f"{best / t['fim_linops']:.2f}x" if best else ""
         met = "" if tgt is None else ("yes" if t["fim_linops"] <= tgt else "NO")
         tg = "" if tgt is None else f"{tgt / f:.2f}x"
-        lines.append(f"| {r['task']} | " + " | ".join(cells) + f" | {speed} | {tg} | {met} | {r['agree']} |")
+        lines.append(
+            f"| {r['task']} | " + " | ".join(cells) + f" | {speed} | {tg} | {met} | {r['agree']} |"
+        )
     return "\n".join(lines)
 
 
@@ -376,8 +423,14 @@ def resnet_task(task: str, n: int, batch: int) -> dict:
 def bench_resnet(timeout: int, batch: int) -> list[dict]:
     results = []
     for task in RESNET_TASKS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--resnet-task", task,
-               "--resnet-batch", str(batch)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--resnet-task",
+            task,
+            "--resnet-batch",
+            str(batch),
+        ]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -386,11 +439,20 @@ def bench_resnet(timeout: int, batch: int) -> list[dict]:
             continue
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results.append({"task": task, "error": f"exit {proc.returncode}: {' / '.join(tail)}",
-                            "wall": time.perf_counter() - t0})
+            results.append(
+                {
+                    "task": task,
+                    "error": f"exit {proc.returncode}: {' / '.join(tail)}",
+                    "wall": time.perf_counter() - t0,
+                }
+            )
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  resnet {task}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"  resnet {task}: done in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return results
 
 
@@ -406,8 +468,12 @@ def resnet_table(results: list[dict]) -> str:
         "| task | fim_linops time | / floor | peak RSS of the process | RSS after set-up | note |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    names = {"floor": "floor (fwd+bwd, median of 3)", "diag": "diag exact (build)",
-             "kfac": "kfac exact (build)", "implicit": "implicit: one F @ v"}
+    names = {
+        "floor": "floor (fwd+bwd, median of 3)",
+        "diag": "diag exact (build)",
+        "kfac": "kfac exact (build)",
+        "implicit": "implicit: one F @ v",
+    }
     for r in results:
         if "error" in r:
             lines.append(f"| {names[r['task']]} | failed | | | | {r['error']} |")
@@ -447,13 +513,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up, 3 rounds (noisier)")
     ap.add_argument("--resnet", action="store_true", help="also the ResNet-18-sized model")
-    ap.add_argument("--plain-loader", action="store_true",
-                    help="a plain DataLoader (collation inside every timing) instead of preloaded batches")
+    ap.add_argument(
+        "--plain-loader",
+        action="store_true",
+        help="a plain DataLoader (collation inside every timing) instead of preloaded batches",
+    )
     ap.add_argument("--no-digits", action="store_true", help="skip the MLP and CNN tables")
     ap.add_argument("--repeats", type=int, default=None, help="rounds per row (default 7, quick 3)")
     ap.add_argument("--resnet-timeout", type=int, default=1800, help="seconds per ResNet task")
-    ap.add_argument("--resnet-batch", type=int, default=64,
-                    help="ResNet batch size (of the 256 inputs; default 64: see the README on memory)")
+    ap.add_argument(
+        "--resnet-batch",
+        type=int,
+        default=64,
+        help="ResNet batch size (of the 256 inputs; default 64: see the README on memory)",
+    )
     ap.add_argument("--resnet-n", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--resnet-task", choices=RESNET_TASKS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -467,11 +540,16 @@ def main() -> None:
     warmup = 1 if args.quick else 2
     print(header())
     loading = "plain DataLoader (collation timed)" if args.plain_loader else "preloaded batches"
-    print(f"digits: N=1024, batch 256, float32, {loading}; {warmup} warm-up + {repeats} "
-          "round-robin rounds, medians\n", flush=True)
+    print(
+        f"digits: N=1024, batch 256, float32, {loading}; {warmup} warm-up + {repeats} "
+        "round-robin rounds, medians\n",
+        flush=True,
+    )
     if not args.no_digits:
-        for name, build, image in (("MLP 64-256-256-10", models.mlp, False),
-                                   ("CNN 2 conv + linear", models.cnn, True)):
+        for name, build, image in (
+            ("MLP 64-256-256-10", models.mlp, False),
+            ("CNN 2 conv + linear", models.cnn, True),
+        ):
             loader = models.digits_batches(image)
             if not args.plain_loader:
                 loader = PreloadedLoader(loader)

@@ -27,8 +27,12 @@ import fim_linops as fl
 
 def digits_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 16, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
     )
 
 
@@ -64,7 +68,9 @@ def main() -> None:
     F = fl.fisher(model, batches, structure="implicit")
     ours = fl.to_scipy(F)
     # curvlinops' GGN of the mean loss over all batches = our mean Fisher (exact type)
-    theirs = GGNLinearOperator(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
+    theirs = GGNLinearOperator(
+        model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False
+    )
     theirs_sp = theirs.to_scipy()
     v0 = np.random.default_rng(0).standard_normal(F.shape[-1])
 
@@ -74,7 +80,9 @@ def main() -> None:
     t_lanczos, (ev_lanczos, _) = timed(lambda: fl.spectral.lanczos(F, 10, which="LA"), 2)
     agree = float(np.max(np.abs(np.sort(ev_ours) - np.sort(ev_theirs)) / np.max(np.abs(ev_theirs))))
     rows.append(("top-10 eigsh (scipy on to_scipy)", t_ours, t_theirs, agree))
-    agree_l = float(np.max(np.abs(np.sort(ev_lanczos.numpy()) - np.sort(ev_theirs)) / np.max(np.abs(ev_theirs))))
+    agree_l = float(
+        np.max(np.abs(np.sort(ev_lanczos.numpy()) - np.sort(ev_theirs)) / np.max(np.abs(ev_theirs)))
+    )
     rows.append(("top-10 fl.spectral.lanczos vs curvlinops eigsh", t_lanczos, t_theirs, agree_l))
 
     t_slq, d = timed(lambda: fl.spectral.density(F, n_probes=10, n_steps=80, seed=0), 1)
@@ -85,7 +93,14 @@ def main() -> None:
     m_ours = float(d.moment(1))
     g, p = np.asarray(grid), np.asarray(dens)
     m_theirs = float(np.trapezoid(g * p, g) / np.trapezoid(p, g))
-    rows.append(("SLQ density (10 probes, 80 steps)", t_slq, t_slq_theirs, abs(m_ours - m_theirs) / abs(m_theirs)))
+    rows.append(
+        (
+            "SLQ density (10 probes, 80 steps)",
+            t_slq,
+            t_slq_theirs,
+            abs(m_ours - m_theirs) / abs(m_theirs),
+        )
+    )
 
     print(f"floor (forward+backward over 1024 examples): {t_floor * 1e3:.1f} ms; P = {F.shape[-1]}")
     print("| task | fim_linops | x floor | curvlinops | x floor | speed-up | rel. difference |")

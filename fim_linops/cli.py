@@ -90,8 +90,10 @@ def demo(out: Path, seconds: float, n_examples: int, seed: int, progress: bool) 
     model.eval()
     xs, ys = x[:n_examples], y[:n_examples]
     batches = [(xs[i : i + 128], ys[i : i + 128]) for i in range(0, n_examples, 128)]
-    print(f"trained a {sum(p.numel() for p in model.parameters())}-parameter CNN on digits for "
-          f"{seconds:.0f}s: train accuracy {acc:.3f}; Fisher on {n_examples} examples")
+    print(
+        f"trained a {sum(p.numel() for p in model.parameters())}-parameter CNN on digits for "
+        f"{seconds:.0f}s: train accuracy {acc:.3f}; Fisher on {n_examples} examples"
+    )
     rows = []
     ops = {}
     for structure in ("implicit", "diag", "kfac"):
@@ -148,7 +150,12 @@ def _plot(ops: dict, rows: list[dict], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        ax.semilogy(range(1, len(r["top_eigenvalues"]) + 1), r["top_eigenvalues"], "o-", label=r["structure"])
+        ax.semilogy(
+            range(1, len(r["top_eigenvalues"]) + 1),
+            r["top_eigenvalues"],
+            "o-",
+            label=r["structure"],
+        )
     ax.set_xlabel("rank")
     ax.set_ylabel("eigenvalue")
     ax.set_title("Top eigenvalues of the Fisher")
@@ -163,7 +170,9 @@ def _plot(ops: dict, rows: list[dict], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fim-linops", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a small CNN on digits and report its Fisher at every structure")
+    d = sub.add_parser(
+        "demo", help="train a small CNN on digits and report its Fisher at every structure"
+    )
     d.add_argument("--out", type=Path, default=Path("fim_linops_report"), help="report folder")
     d.add_argument("--seconds", type=float, default=5.0, help="training time in seconds")
     d.add_argument("--examples", type=int, default=512, help="examples in the Fisher")

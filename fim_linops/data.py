@@ -71,7 +71,9 @@ def call_model(model: torch.nn.Module, x: Any) -> Tensor:
 def check_finite(t: Tensor, what: str, index: int) -> None:
     """Raise if a floating tensor holds NaN or inf (one device sync per batch)."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} of batch {index} contains NaN or inf; clean the data or the model")
+        raise ValueError(
+            f"{what} of batch {index} contains NaN or inf; clean the data or the model"
+        )
 
 
 def _check_finite_any(x: Any, what: str, index: int) -> None:
@@ -94,7 +96,9 @@ def iter_batches(
     """Yield (x, y) batches moved to device/dtype, validated. ``data`` is one (x, y) batch, an
     iterable of (x, y) batches (a DataLoader), or, when ``need_targets`` is False, also x alone."""
     if data is None:
-        raise ValueError("data is None; pass a DataLoader, an iterable of (x, y) batches or one (x, y) batch")
+        raise ValueError(
+            "data is None; pass a DataLoader, an iterable of (x, y) batches or one (x, y) batch"
+        )
     if isinstance(data, Tensor):
         if need_targets:
             raise TypeError(

@@ -34,6 +34,8 @@ def all_reduce_count(n: int, group: Any, device: torch.device) -> int:
     """Sum an integer count over the ranks (one small reduction at the end of a build)."""
     if group is None:
         return n
-    t = torch.tensor([n], dtype=torch.float64 if device.type == "cpu" else torch.float64, device=device)
+    t = torch.tensor(
+        [n], dtype=torch.float64 if device.type == "cpu" else torch.float64, device=device
+    )
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return int(t.round().long())

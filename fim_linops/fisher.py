@@ -25,7 +25,9 @@ from fim_linops.structures import Structure
 MAX_DENSE_BYTES = 8 * 1024**3
 
 
-def _check_memory(structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int) -> None:
+def _check_memory(
+    structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int
+) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
     if structure is Structure.DENSE:
         need = layout.numel**2 * itemsize
@@ -61,8 +63,13 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         kind = type(block.module).__name__
         why = "no Kronecker rule"
         shared = any(
-            p is not None and any(p is q for m in engine.model.modules() if m is not block.module
-                                  for q in m._parameters.values())
+            p is not None
+            and any(
+                p is q
+                for m in engine.model.modules()
+                if m is not block.module
+                for q in m._parameters.values()
+            )
             for p in block.module._parameters.values()
         )
         if shared:
@@ -70,7 +77,8 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         name = block.module_name or "<model>"
         bad.append(f"'{name}' ({kind}: {why})")
     raise ValueError(
-        f"structure='{structure.value}' has no rule for module " + ", ".join(bad)
+        f"structure='{structure.value}' has no rule for module "
+        + ", ".join(bad)
         + "; use structure='block_diag', 'diag' or 'implicit', a per-layer mix such as "
         "{nn.Linear: 'kfac', 'default': 'block_diag'}, or restrict params= to the "
         "Linear/Conv/Embedding layers"
@@ -124,9 +132,21 @@ def fisher(
         from fim_linops.builders.mixed import fisher_mixed
 
         return fisher_mixed(
-            fisher, model, data, structure, params=params, likelihood=likelihood,
-            fisher_type=fisher_type, mc_samples=mc_samples, rank=rank, device=device, dtype=dtype,
-            progress=progress, generator=generator, max_bytes=max_bytes, process_group=process_group,
+            fisher,
+            model,
+            data,
+            structure,
+            params=params,
+            likelihood=likelihood,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+            rank=rank,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            generator=generator,
+            max_bytes=max_bytes,
+            process_group=process_group,
             kfac_approx=kfac_approx,
         )
     lik = get_likelihood(likelihood)
@@ -159,9 +179,13 @@ def fisher(
                 "'block_diag', 'dense' or 'implicit'"
             )
         ctx = BuildContext(
-            engine, data, dev, dt, progress=progress, rank=rank, group=resolve_group(process_group),
+            engine,
+            data,
+            dev,
+            dt,
+            progress=progress,
+            rank=rank,
+            group=resolve_group(process_group),
             options={"kfac_approx": _kfac_approx(kfac_approx)},
         )
         return builder(ctx)
-
-

@@ -140,7 +140,9 @@ class ParamLayout:
         group: list[ParamEntry] = []
         for e in entries:
             if group and group[-1].module_name != e.module_name:
-                blocks.append(LayerBlock(group[0].module_name, owner[id(group[0].param)][1], tuple(group)))
+                blocks.append(
+                    LayerBlock(group[0].module_name, owner[id(group[0].param)][1], tuple(group))
+                )
                 group = []
             group.append(e)
         blocks.append(LayerBlock(group[0].module_name, owner[id(group[0].param)][1], tuple(group)))
@@ -173,8 +175,10 @@ class ParamLayout:
                 raise ValueError(f"flatten: expected {len(self.entries)} tensors, got {len(items)}")
         out = []
         for e, t in zip(self.entries, items, strict=True):
-            if len(e.shape) and tuple(t.shape[-len(e.shape):]) != tuple(e.shape):
-                raise ValueError(f"flatten: tensor for {e.name} has shape {tuple(t.shape)}, expected {tuple(e.shape)}")
+            if len(e.shape) and tuple(t.shape[-len(e.shape) :]) != tuple(e.shape):
+                raise ValueError(
+                    f"flatten: tensor for {e.name} has shape {tuple(t.shape)}, expected {tuple(e.shape)}"
+                )
             lead = t.shape[: t.ndim - len(e.shape)]
             out.append(t.reshape(*lead, e.numel))
         return torch.cat(out, dim=-1)
@@ -182,7 +186,9 @@ class ParamLayout:
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
         """Split a flat vector (..., numel) into a name -> tensor dict of views."""
         if vec.shape[-1] != self.numel:
-            raise ValueError(f"unflatten: expected a vector of length {self.numel}, got {vec.shape[-1]}")
+            raise ValueError(
+                f"unflatten: expected a vector of length {self.numel}, got {vec.shape[-1]}"
+            )
         lead = vec.shape[:-1]
         return {e.name: vec[..., e.start : e.stop].reshape((*lead, *e.shape)) for e in self.entries}
 

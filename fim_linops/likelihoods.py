@@ -138,7 +138,9 @@ class Gaussian(Likelihood):
     def nll(self, f: Tensor, y: Tensor) -> Tensor:
         sigma = torch.as_tensor(self.sigma, dtype=f.dtype, device=f.device)
         c = f.shape[-1]
-        return ((y - f) ** 2).sum(-1) / (2 * sigma**2) + c * torch.log(sigma * math.sqrt(2 * math.pi))
+        return ((y - f) ** 2).sum(-1) / (2 * sigma**2) + c * torch.log(
+            sigma * math.sqrt(2 * math.pi)
+        )
 
     def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         noise = torch.randn(
@@ -182,7 +184,9 @@ class Bernoulli(Likelihood):
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.shape != f.shape[:1]:
-            raise ValueError(f"bernoulli likelihood expects labels of shape ({f.shape[0]},), got {tuple(y.shape)}")
+            raise ValueError(
+                f"bernoulli likelihood expects labels of shape ({f.shape[0]},), got {tuple(y.shape)}"
+            )
         y = y.to(f.dtype)
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError("bernoulli likelihood expects labels in {0, 1}")

@@ -26,7 +26,9 @@ def frobenius_norm(op: LinearOperator) -> Tensor:
 def quad(op: LinearOperator, v: Tensor) -> Tensor:
     """v^T F v (NNGeometry's vTMv); for a batch V (P, M) the M quadratic forms."""
     if v.shape[0] != op.shape[-1]:
-        raise ValueError(f"quad: vector of length {v.shape[0]} for an operator of size {op.shape[-1]}")
+        raise ValueError(
+            f"quad: vector of length {v.shape[0]} for an operator of size {op.shape[-1]}"
+        )
     if v.ndim == 1 and hasattr(op, "quad_exact"):
         return op.quad_exact(v)
     return (v * (op @ v)).sum(0)

@@ -111,8 +111,10 @@ def kfac_sums(engine: Engine, results: Iterable[BatchResult], reduce: bool = Fal
                 else:
                     prev = stats[i]
                     stats[i] = KronStats(
-                        prev.left_sum + s.left_sum, prev.right_sum + s.right_sum,
-                        prev.a_rows + s.a_rows, s.left_is_a,
+                        prev.left_sum + s.left_sum,
+                        prev.right_sum + s.right_sum,
+                        prev.a_rows + s.a_rows,
+                        s.left_is_a,
                     )
         out.n += res.n
     out.extra["stats"] = stats

@@ -40,7 +40,9 @@ __all__ = [
 # -- helpers ------------------------------------------------------------------------------------
 def _double(x: Any) -> Any:
     """Floating tensors of a tensor / tuple / dict input to float64; others unchanged."""
-    return tree_map(lambda t: t.double() if isinstance(t, Tensor) and t.is_floating_point() else t, x)
+    return tree_map(
+        lambda t: t.double() if isinstance(t, Tensor) and t.is_floating_point() else t, x
+    )
 
 
 def _call(model: nn.Module, x: Any) -> Tensor:
@@ -162,7 +164,11 @@ def _per_example_grads(
 
 
 def empirical_fisher(
-    model: nn.Module, x: Any, y: Tensor, likelihood: str | Likelihood, params: Iterable | None = None
+    model: nn.Module,
+    x: Any,
+    y: Tensor,
+    likelihood: str | Likelihood,
+    params: Iterable | None = None,
 ) -> Tensor:
     """Empirical Fisher (P, P) = 1/N sum_n g_n g_n^T, g_n = grad nll(f(x_n), y_n) (torch.func.grad)."""
     lik = get_likelihood(likelihood)
@@ -222,7 +228,9 @@ def diag_of(F: Tensor) -> Tensor:
 
 
 # -- KFAC --------------------------------------------------------------------------------------
-def kfac_reference(model: nn.Module, x: Any, likelihood: str | Likelihood, approx: str = "expand") -> Tensor:
+def kfac_reference(
+    model: nn.Module, x: Any, likelihood: str | Likelihood, approx: str = "expand"
+) -> Tensor:
     r"""Dense KFAC (P, P) of a model whose parameterised layers are all nn.Linear (each called once).
 
     Per layer with input a (N, *T, in) and output gradients g: the right factor
@@ -254,7 +262,9 @@ def kfac_reference(model: nn.Module, x: Any, likelihood: str | Likelihood, appro
 
         return fn
 
-    handles = [modules64[b.module_name].register_forward_hook(hook(b.module_name)) for b in layout.blocks]
+    handles = [
+        modules64[b.module_name].register_forward_hook(hook(b.module_name)) for b in layout.blocks
+    ]
     try:
         f = lik.check_output(_call(model64, x64))
     finally:
@@ -262,7 +272,9 @@ def kfac_reference(model: nn.Module, x: Any, likelihood: str | Likelihood, appro
             h.remove()
     for name, calls in captured.items():
         if len(calls) != 1:
-            raise ValueError(f"kfac_reference: layer {name!r} was called {len(calls)} times, expected 1")
+            raise ValueError(
+                f"kfac_reference: layer {name!r} was called {len(calls)} times, expected 1"
+            )
     n = f.shape[0]
     s = _hessian_sqrt(output_hessians(lik, f.detach()))  # (n, c, k)
     outs = [captured[b.module_name][0][1] for b in layout.blocks]

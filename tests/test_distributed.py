@@ -18,7 +18,9 @@ STRUCTURES = ["diag", "kfac", "dense", "block_diag", "implicit"]
 
 def _setup():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 4)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 4)
+    ).double()
     x = torch.randn(12, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (12,))
     return model, x, y

@@ -74,7 +74,13 @@ def test_output_with_extra_dims() -> None:
 def test_gaussian_target_shape() -> None:
     model, x, _ = _setup()
     with pytest.raises(ValueError, match="gaussian likelihood expects targets"):
-        fl.fisher(model, (x, torch.randn(8, 2)), likelihood="gaussian", fisher_type="empirical", structure="diag")
+        fl.fisher(
+            model,
+            (x, torch.randn(8, 2)),
+            likelihood="gaussian",
+            fisher_type="empirical",
+            structure="diag",
+        )
 
 
 def test_nan_in_inputs_names_the_batch() -> None:

@@ -22,6 +22,8 @@ def _float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
 N = 7
 
 
@@ -170,7 +172,9 @@ def nll(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.softplus(f[0]) - y * f[0]
 
 
-def exact_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: str) -> torch.Tensor:
+def exact_reference(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: str
+) -> torch.Tensor:
     """1/N sum_n J_n^T H_n J_n with H_n = d^2 nll / d f^2 by torch.func.hessian."""
     j = jacobians(model, x)
     with torch.no_grad():
@@ -179,7 +183,9 @@ def exact_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, likeliho
     return torch.einsum("ncp,ncd,ndq->pq", j, h, j) / x.shape[0]
 
 
-def empirical_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: str) -> torch.Tensor:
+def empirical_reference(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: str
+) -> torch.Tensor:
     """1/N sum_n g_n g_n^T with g_n the gradient of the nll at the data's label."""
     params = trainable(model)
 
@@ -212,7 +218,9 @@ def structured_reference(structure: str, F: torch.Tensor, model: nn.Module) -> t
 
 
 # -- tests -----------------------------------------------------------------------------------------
-CASES = [(m, lik) for m in MODELS for lik in LIKELIHOODS if not (m == "tied" and lik != "categorical")]
+CASES = [
+    (m, lik) for m in MODELS for lik in LIKELIHOODS if not (m == "tied" and lik != "categorical")
+]
 
 
 @pytest.mark.parametrize("structure", ["dense", "block_diag", "diag", "implicit"])
@@ -239,7 +247,9 @@ def test_exact_fisher_matches_brute_force(model_name: str, likelihood: str, stru
 def test_empirical_fisher_matches_brute_force(model_name: str, structure: str) -> None:
     model, x, y = make(model_name, "categorical")
     F_ref = empirical_reference(model, x, y, "categorical")
-    F = fl.fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])], structure=structure, fisher_type="empirical")
+    F = fl.fisher(
+        model, [(x[:4], y[:4]), (x[4:], y[4:])], structure=structure, fisher_type="empirical"
+    )
     assert close(F.to_dense(), structured_reference(structure, F_ref, model))
 
 
@@ -250,8 +260,15 @@ def test_mc_fisher_converges_to_the_exact_fisher(likelihood: str) -> None:
     errors = []
     for samples in (10, 1000):
         gen = torch.Generator().manual_seed(0)
-        F = fl.fisher(model, (x, y), likelihood=likelihood, structure="diag", fisher_type="mc",
-                      mc_samples=samples, generator=gen)
+        F = fl.fisher(
+            model,
+            (x, y),
+            likelihood=likelihood,
+            structure="diag",
+            fisher_type="mc",
+            mc_samples=samples,
+            generator=gen,
+        )
         errors.append(float((F.diagonal() - exact).norm() / exact.norm()))
     assert errors[1] < errors[0] / 3
     assert errors[1] < 0.1
@@ -260,7 +277,9 @@ def test_mc_fisher_converges_to_the_exact_fisher(likelihood: str) -> None:
 def test_mc_products_of_the_implicit_fisher_match_its_dense_form() -> None:
     model, x, y = make("cnn", "categorical")
     gen = torch.Generator().manual_seed(0)
-    F = fl.fisher(model, (x, y), structure="implicit", fisher_type="mc", mc_samples=3, generator=gen)
+    F = fl.fisher(
+        model, (x, y), structure="implicit", fisher_type="mc", mc_samples=3, generator=gen
+    )
     gen = torch.Generator().manual_seed(0)
     D = fl.fisher(model, (x, y), structure="dense", fisher_type="mc", mc_samples=3, generator=gen)
     v = torch.randn(F.shape[-1])
@@ -275,7 +294,9 @@ def test_float32_is_within_1e_4_of_the_float64_reference() -> None:
     for structure in ("dense", "diag", "implicit", "block_diag"):
         F = fl.fisher(model32, (x.float(), y), structure=structure)
         assert F.dtype == torch.float32
-        assert close(F.to_dense().double(), structured_reference(structure, F_ref, model), rtol=1e-4)
+        assert close(
+            F.to_dense().double(), structured_reference(structure, F_ref, model), rtol=1e-4
+        )
     model, x, y = make("mlp", "categorical")
     F64 = fl.fisher(model, (x, y), structure="kfac")
     F32 = fl.fisher(copy.deepcopy(model).float(), (x.float(), y), structure="kfac")
@@ -290,7 +311,9 @@ def test_params_restricts_to_a_subset_in_public_order() -> None:
     names = ["2.weight", "2.bias", "4.weight", "4.bias"]
     idx = torch.cat([torch.arange(e.start, e.stop) for e in layout.entries if e.name in names])
     for structure in ("dense", "implicit", "diag"):
-        F = fl.fisher(model, (x, y), structure=structure, params=[model[2], model[4].weight, model[4].bias])
+        F = fl.fisher(
+            model, (x, y), structure=structure, params=[model[2], model[4].weight, model[4].bias]
+        )
         expected = structured_reference(structure, F_ref[idx][:, idx], model)
         assert close(F.to_dense(), expected)
 

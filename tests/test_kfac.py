@@ -79,7 +79,9 @@ def public_kron(g: torch.Tensor, a: torch.Tensor, out: int, inp: int, bias: bool
 
 
 def exact_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return fl.fisher(model, (x, torch.zeros(x.shape[0], dtype=torch.long)), structure="dense").to_dense()
+    return fl.fisher(
+        model, (x, torch.zeros(x.shape[0], dtype=torch.long)), structure="dense"
+    ).to_dense()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -117,8 +119,11 @@ def test_kfac_matches_its_definition_on_an_mlp() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     model[2].bias.requires_grad_(False)
     x = torch.randn(9, 4)
-    F = fl.fisher(model, [(x[:5], torch.zeros(5, dtype=torch.long)), (x[5:], torch.zeros(4, dtype=torch.long))],
-                  structure="kfac")
+    F = fl.fisher(
+        model,
+        [(x[:5], torch.zeros(5, dtype=torch.long)), (x[5:], torch.zeros(4, dtype=torch.long))],
+        structure="kfac",
+    )
     layers = [model[0], model[2], model[4]]
     refs = layer_kfac_reference(model, x, layers)
     blocks = []
@@ -159,7 +164,9 @@ def test_kfac_refuses_layers_it_cannot_factorise_and_names_them() -> None:
     x = torch.randn(5, 4)
     with pytest.raises(ValueError, match="'1' \\(LayerNorm.*per-layer mix"):
         fl.fisher(model, (x, torch.zeros(5, dtype=torch.long)), structure="kfac")
-    F = fl.fisher(model, (x, torch.zeros(5, dtype=torch.long)), structure="kfac", params=[model[0], model[2]])
+    F = fl.fisher(
+        model, (x, torch.zeros(5, dtype=torch.long)), structure="kfac", params=[model[0], model[2]]
+    )
     assert F.shape[-1] == 4 * 6 + 6 + 6 * 3 + 3
 
 
@@ -168,13 +175,19 @@ def test_kfac_refuses_layers_it_cannot_factorise_and_names_them() -> None:
 def operators() -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 6), nn.Tanh(),
+        nn.Conv2d(2, 4, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 16, 6),
+        nn.Tanh(),
         nn.Linear(6, 3),
     )
     model = model.double()
     x = torch.randn(40, 2, 4, 4, dtype=torch.float64)
     y = torch.zeros(40, dtype=torch.long)
-    return {s: fl.fisher(model, (x, y), structure=s) for s in ("dense", "block_diag", "diag", "kfac")}
+    return {
+        s: fl.fisher(model, (x, y), structure=s) for s in ("dense", "block_diag", "diag", "kfac")
+    }
 
 
 STRUCTURES = ["dense", "block_diag", "diag", "kfac"]
@@ -245,7 +258,9 @@ def test_kfac_reduce_on_a_sequence_model_matches_its_definition() -> None:
     f = model(x)
     h.remove()
     s = outputs[model[0]]
-    jac = torch.stack([torch.autograd.grad(f[:, k].sum(), s, retain_graph=True)[0] for k in range(2)], 1)
+    jac = torch.stack(
+        [torch.autograd.grad(f[:, k].sum(), s, retain_graph=True)[0] for k in range(2)], 1
+    )
     jsum = jac.sum(2)  # (n, c, o): gradients summed over positions
     g = torch.einsum("nco,ncd,ndp->op", jsum, output_hessian(f.detach()), jsum) / 6
     abar = torch.cat([inputs[model[0]].mean(1), torch.ones(6, 1)], 1)

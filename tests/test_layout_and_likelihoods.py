@@ -64,7 +64,11 @@ def _nll_reference(name: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -torch.distributions.Normal(f, 0.7).log_prob(y).sum(-1)
 
 
-LIKS = {"categorical": fl.Categorical(), "gaussian": fl.Gaussian(sigma=0.7), "bernoulli": fl.Bernoulli()}
+LIKS = {
+    "categorical": fl.Categorical(),
+    "gaussian": fl.Gaussian(sigma=0.7),
+    "bernoulli": fl.Bernoulli(),
+}
 
 
 @pytest.mark.parametrize("name", list(LIKS))
@@ -73,8 +77,11 @@ def test_likelihood_nll_hessian_sqrt_and_grad_output(name: str) -> None:
     lik = LIKS[name]
     c = 1 if name == "bernoulli" else 4
     f = torch.randn(6, c, dtype=torch.float64)
-    y = {"categorical": torch.randint(0, c, (6,)), "gaussian": torch.randn(6, c, dtype=torch.float64),
-         "bernoulli": torch.randint(0, 2, (6,)).double()}[name]
+    y = {
+        "categorical": torch.randint(0, c, (6,)),
+        "gaussian": torch.randn(6, c, dtype=torch.float64),
+        "bernoulli": torch.randint(0, 2, (6,)).double(),
+    }[name]
     assert torch.allclose(lik.nll(f, y), _nll_reference(name, f, y))
     h = vmap(hessian(lambda fn, yn: lik.nll(fn[None], yn[None])[0]))(f, y)
     s = lik.hessian_sqrt(f)

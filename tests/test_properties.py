@@ -22,7 +22,9 @@ def _model(kind: str, width: int, classes: int, seed: int) -> tuple[nn.Module, t
         x = torch.randn(5, 3)
     else:
         model = nn.Sequential(
-            nn.Conv2d(2, width, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Conv2d(2, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
             nn.Linear(width * 9, classes),
         )
         x = torch.randn(5, 2, 5, 5)
@@ -37,13 +39,18 @@ def _model(kind: str, width: int, classes: int, seed: int) -> tuple[nn.Module, t
     seed=st.integers(0, 1000),
     structure=st.sampled_from(STRUCTURES),
 )
-def test_structure_properties(kind: str, width: int, classes: int, seed: int, structure: str) -> None:
+def test_structure_properties(
+    kind: str, width: int, classes: int, seed: int, structure: str
+) -> None:
     model, x = _model(kind, width, classes, seed)
     y = torch.randint(0, classes, (x.shape[0],))
     F = fl.fisher(model, (x, y), structure=structure)
     p = F.shape[-1]
     gen = torch.Generator().manual_seed(seed)
-    v, w = torch.randn(p, generator=gen, dtype=torch.float64), torch.randn(p, generator=gen, dtype=torch.float64)
+    v, w = (
+        torch.randn(p, generator=gen, dtype=torch.float64),
+        torch.randn(p, generator=gen, dtype=torch.float64),
+    )
     assert torch.allclose(w @ (F @ v), v @ (F @ w), rtol=1e-10, atol=1e-13)
     dense = F.to_dense()
     assert torch.allclose(F.diagonal(), dense.diagonal(), rtol=1e-10, atol=1e-14)

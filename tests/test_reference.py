@@ -46,8 +46,14 @@ def autograd_jacobian(model: nn.Module, x: Tensor) -> Tensor:
     for n in range(f.shape[0]):
         for c in range(f.shape[1]):
             gs = torch.autograd.grad(f[n, c], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                   for g, p in zip(gs, params, strict=True)]))
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for g, p in zip(gs, params, strict=True)
+                    ]
+                )
+            )
     return torch.stack(rows).reshape(f.shape[0], f.shape[1], -1)
 
 
@@ -97,13 +103,17 @@ def test_output_hessians_are_the_closed_forms():
     torch.manual_seed(0)
     f = torch.randn(5, 4, dtype=torch.float64)
     p = torch.softmax(f, -1)
-    torch.testing.assert_close(output_hessians("categorical", f), torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    torch.testing.assert_close(
+        output_hessians("categorical", f), torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    )
     eye = torch.eye(4, dtype=torch.float64).expand(5, 4, 4)
     torch.testing.assert_close(output_hessians(fl.Gaussian(sigma=0.5), f), eye / 0.25)
     q = torch.sigmoid(f[:, :1])
     torch.testing.assert_close(output_hessians("bernoulli", f[:, :1]), (q * (1 - q))[:, :, None])
     y = torch.randint(0, 4, (5,))
-    torch.testing.assert_close(output_hessians("categorical", f, y), output_hessians("categorical", f))
+    torch.testing.assert_close(
+        output_hessians("categorical", f, y), output_hessians("categorical", f)
+    )
 
 
 # -- exact, empirical and Monte-Carlo Fishers ---------------------------------------------------
@@ -119,10 +129,12 @@ def test_exact_fisher_of_a_linear_gaussian_model_is_the_input_second_moment(bias
     expected = torch.kron(eye, xx)
     if bias:
         xm = x64.mean(0)[:, None]  # (i, 1)
-        expected = torch.cat([
-            torch.cat([expected, torch.kron(eye, xm)], 1),
-            torch.cat([torch.kron(eye, xm.T), eye], 1),
-        ])
+        expected = torch.cat(
+            [
+                torch.cat([expected, torch.kron(eye, xm)], 1),
+                torch.cat([torch.kron(eye, xm.T), eye], 1),
+            ]
+        )
     got = exact_fisher(model, x, fl.Gaussian(sigma=sigma))
     torch.testing.assert_close(got, expected / sigma**2, rtol=1e-12, atol=1e-12)
 
@@ -157,16 +169,20 @@ def _nll_grad(model: nn.Module, x: Tensor, y: Tensor, likelihood: str) -> Tensor
 def test_empirical_fisher_of_one_example_is_g_g_transposed(likelihood):
     model, x, y = mlp(likelihood)
     g = _nll_grad(model, x[:1], y[:1], likelihood)
-    torch.testing.assert_close(empirical_fisher(model, x[:1], y[:1], likelihood), torch.outer(g, g),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        empirical_fisher(model, x[:1], y[:1], likelihood), torch.outer(g, g), rtol=1e-10, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ALL_MODELS))
 def test_empirical_fisher_is_the_mean_of_per_example_outer_products(name):
     model, x, y = ALL_MODELS[name]()
-    gs = torch.stack([_nll_grad(model, x[i : i + 1], y[i : i + 1], "categorical") for i in range(len(y))])
-    torch.testing.assert_close(empirical_fisher(model, x, y, "categorical"), gs.T @ gs / len(y),
-                               rtol=1e-10, atol=1e-14)
+    gs = torch.stack(
+        [_nll_grad(model, x[i : i + 1], y[i : i + 1], "categorical") for i in range(len(y))]
+    )
+    torch.testing.assert_close(
+        empirical_fisher(model, x, y, "categorical"), gs.T @ gs / len(y), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_exact_fisher_with_params_is_the_sub_block():
@@ -194,8 +210,12 @@ def test_block_slices_and_structure_helpers():
 @pytest.mark.parametrize("bias", [True, False])
 def test_kfac_reference_is_exact_for_one_example_through_one_linear_layer(likelihood, bias):
     model, x, _ = linear(n=1, d_in=4, d_out=3, bias=bias)
-    torch.testing.assert_close(kfac_reference(model, x, likelihood), exact_fisher(model, x, likelihood),
-                               rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(
+        kfac_reference(model, x, likelihood),
+        exact_fisher(model, x, likelihood),
+        rtol=1e-10,
+        atol=1e-13,
+    )
 
 
 def test_kfac_reduce_reference_is_exact_for_one_example_with_a_constant_sequence_input():
@@ -214,8 +234,12 @@ def test_kfac_reduce_reference_is_exact_for_one_example_with_a_constant_sequence
             return self.lin(h).sum(1)
 
     pooled = Pool()
-    torch.testing.assert_close(kfac_reference(pooled, x, "gaussian", approx="reduce"),
-                               exact_fisher(pooled, x, "gaussian"), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        kfac_reference(pooled, x, "gaussian", approx="reduce"),
+        exact_fisher(pooled, x, "gaussian"),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_kfac_reference_refuses_non_linear_layers_and_reused_layers():
@@ -245,7 +269,10 @@ def test_references_are_symmetric_psd(name):
 
 def _snapshot(model: nn.Module) -> dict:
     return {
-        "params": {k: (v.detach().clone(), v.dtype, v.requires_grad, v.grad) for k, v in model.named_parameters()},
+        "params": {
+            k: (v.detach().clone(), v.dtype, v.requires_grad, v.grad)
+            for k, v in model.named_parameters()
+        },
         "buffers": {k: v.clone() for k, v in model.named_buffers()},
         "training": [m.training for m in model.modules()],
     }

@@ -21,7 +21,9 @@ def _snapshot(model: nn.Module) -> dict:
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "modes": [m.training for m in model.modules()],
         "hooks": [
             (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
@@ -52,7 +54,13 @@ def test_model_is_left_as_found_after_success(structure: str) -> None:
     model(x).sum().backward()  # existing .grad must survive
     model.train()
     snap = _snapshot(model)
-    F = fl.fisher(model, (x, y), structure=structure, fisher_type="mc", generator=torch.Generator().manual_seed(1))
+    F = fl.fisher(
+        model,
+        (x, y),
+        structure=structure,
+        fisher_type="mc",
+        generator=torch.Generator().manual_seed(1),
+    )
     F @ torch.randn(F.shape[-1])
     _assert_same(model, snap)
 
@@ -88,8 +96,20 @@ def test_generator_makes_mc_results_identical_and_leaves_global_rng_alone() -> N
     model = _model()
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     state = torch.get_rng_state()
-    d1 = fl.fisher(model, (x, y), structure="diag", fisher_type="mc", generator=torch.Generator().manual_seed(3))
-    d2 = fl.fisher(model, (x, y), structure="diag", fisher_type="mc", generator=torch.Generator().manual_seed(3))
+    d1 = fl.fisher(
+        model,
+        (x, y),
+        structure="diag",
+        fisher_type="mc",
+        generator=torch.Generator().manual_seed(3),
+    )
+    d2 = fl.fisher(
+        model,
+        (x, y),
+        structure="diag",
+        fisher_type="mc",
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(d1.diagonal(), d2.diagonal())
     assert torch.equal(torch.get_rng_state(), state)
 

@@ -38,7 +38,9 @@ class BuildContext:
         return sums
 
     def results(self, columns: list | None = None) -> Iterator[BatchResult]:
-        return self.engine.run(self.data, self.device, self.dtype, progress=self.progress, columns=columns)
+        return self.engine.run(
+            self.data, self.device, self.dtype, progress=self.progress, columns=columns
+        )
 
 
 Builder = Callable[[BuildContext], FisherOperator]

@@ -42,7 +42,9 @@ def build_kfac(ctx: BuildContext) -> KFAC:
     sums = statistics.kfac_sums(ctx.engine, ctx.results(), reduce=reduce)
     stats = fill_kron_stats(ctx.engine, sums.extra["stats"], ctx.dtype, ctx.device)
     sums.tensors = [t for st in stats for t in (st.left_sum, st.right_sum)]
-    sums.tensors.append(torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device))
+    sums.tensors.append(
+        torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device)
+    )
     ctx.reduce(sums)
     rows = sums.tensors[-1]
     sums.extra["stats"] = [
@@ -52,7 +54,9 @@ def build_kfac(ctx: BuildContext) -> KFAC:
     return kfac_operator(ctx.engine, sums)
 
 
-def fill_kron_stats(engine: Engine, stats: list, dtype: torch.dtype, device: torch.device) -> list[KronStats]:
+def fill_kron_stats(
+    engine: Engine, stats: list, dtype: torch.dtype, device: torch.device
+) -> list[KronStats]:
     """Zero statistics for layers this process never reached (so every rank reduces the same
     tensors)."""
     out = []
@@ -89,8 +93,14 @@ def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
         factors += [left, right]
         specs.append(
             KronSpec(
-                rb.block.module_name, rb.block.start, rb.block.stop, groups, rows, cols,
-                has_weight="weight" in rb.block.local_names, has_bias="bias" in rb.block.local_names,
+                rb.block.module_name,
+                rb.block.start,
+                rb.block.stop,
+                groups,
+                rows,
+                cols,
+                has_weight="weight" in rb.block.local_names,
+                has_bias="bias" in rb.block.local_names,
                 left_is_a=left_is_a,
             )
         )
@@ -115,8 +125,11 @@ def implicit_operator(engine: Engine, data: Any, device, dtype, group: Any = Non
         n += batch_size(x)
     params = tuple(e.param.detach().clone() for e in engine.layout.entries)
     return Implicit(
-        *params, model=engine.model, layout=engine.layout, batches=batches,
-        likelihood=engine.likelihood, n_examples=all_reduce_count(n, group, device), group=group,
+        *params,
+        model=engine.model,
+        layout=engine.layout,
+        batches=batches,
+        likelihood=engine.likelihood,
+        n_examples=all_reduce_count(n, group, device),
+        group=group,
     )
-
-

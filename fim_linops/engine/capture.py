@@ -40,11 +40,15 @@ class Capture:
 
     def modified(self) -> bool:
         """Whether an in-place operation changed a kept tensor after its capture."""
-        return any(t._version != v for calls in self.calls.values() for c in calls for t, v in c.watched)
+        return any(
+            t._version != v for calls in self.calls.values() for c in calls for t, v in c.watched
+        )
 
 
 @contextmanager
-def capturing(modules: dict[int, tuple[nn.Module, LayerRule]], safe: bool = False) -> Iterator[Capture]:
+def capturing(
+    modules: dict[int, tuple[nn.Module, LayerRule]], safe: bool = False
+) -> Iterator[Capture]:
     """Register forward hooks on ``modules`` (id -> (module, rule)) for the duration of the block."""
     capture = Capture()
     handles = []

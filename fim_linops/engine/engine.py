@@ -81,7 +81,9 @@ class BatchResult:
             part = rb.rule.grads(rb.module, a[lo:hi], g[:, lo:hi], rb.block.local_names)
             out = part if out is None else out + part
         if out is None:  # the layer was not reached by the output: zero gradient
-            out = torch.zeros(self.k, hi - lo, rb.block.numel, dtype=self.v.dtype, device=self.v.device)
+            out = torch.zeros(
+                self.k, hi - lo, rb.block.numel, dtype=self.v.dtype, device=self.v.device
+            )
         return out
 
     def fallback_grads(self, lo: int, hi: int) -> dict[str, Tensor]:
@@ -98,7 +100,9 @@ class BatchResult:
                 out.append(self.block_grads(idx, lo, hi))
             else:
                 out.append(
-                    torch.cat([fb[e.name].reshape(self.k, hi - lo, -1) for e in block.entries], dim=-1)
+                    torch.cat(
+                        [fb[e.name].reshape(self.k, hi - lo, -1) for e in block.entries], dim=-1
+                    )
                 )
         return out
 
@@ -123,7 +127,9 @@ def prepare_model(
 ) -> tuple[nn.Module, ParamLayout]:
     """The model to run (a deep copy when another device or dtype is asked for) and its layout."""
     p0 = layout.entries[0].param
-    if (device is None or torch.device(device) == p0.device) and (dtype is None or dtype == p0.dtype):
+    if (device is None or torch.device(device) == p0.device) and (
+        dtype is None or dtype == p0.dtype
+    ):
         return model, layout
     work = copy.deepcopy(model).to(device=device, dtype=dtype)
     by_name = dict(work.named_parameters())
@@ -149,8 +155,10 @@ class Engine:
         self.mc_samples = mc_samples
         self.generator = generator
         for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and any(
-                p.requires_grad for p in module.parameters()
+            if (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.training
+                and any(p.requires_grad for p in module.parameters())
             ):
                 raise ValueError(
                     f"module '{name}' ({type(module).__name__}) is in training mode: its batch "
@@ -163,9 +171,13 @@ class Engine:
         self.block_kind: dict[int, tuple[str, int]] = {}  # block index -> ("ruled"|"func", idx)
         for bi, block in enumerate(layout.blocks):
             rule = rule_for(block.module)
-            uses_shared = any(id(p) in shared for p in block.module._parameters.values() if p is not None)
-            if rule is not None and not uses_shared and all(
-                n in ("weight", "bias") for n in block.local_names
+            uses_shared = any(
+                id(p) in shared for p in block.module._parameters.values() if p is not None
+            )
+            if (
+                rule is not None
+                and not uses_shared
+                and all(n in ("weight", "bias") for n in block.local_names)
             ):
                 self.block_kind[bi] = ("ruled", len(self.ruled))
                 self.ruled.append(RuledBlock(block, block.module, rule))
@@ -176,7 +188,9 @@ class Engine:
         self._hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
         self._index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
         self._safe = False  # becomes True once an in-place op is seen on a kept tensor
-        self._func = functional.FunctionalModel(model, [e for b in self.fallback for e in b.entries])
+        self._func = functional.FunctionalModel(
+            model, [e for b in self.fallback for e in b.entries]
+        )
 
     # -- columns ---------------------------------------------------------------------------------
     def columns(self, f: Tensor, y: Tensor | None, batch_index: int) -> Tensor:
@@ -222,7 +236,12 @@ class Engine:
             yield result
 
     def _batch(
-        self, x: Any, y: Tensor | None, index: int, columns: list[Tensor] | None, need_grads: bool,
+        self,
+        x: Any,
+        y: Tensor | None,
+        index: int,
+        columns: list[Tensor] | None,
+        need_grads: bool,
         safe: bool,
     ) -> BatchResult | None:
         with capturing(self._hooked, safe=safe) as cap:
@@ -235,8 +254,11 @@ class Engine:
             grads: tuple = ()
             if flat and need_grads:
                 grads = torch.autograd.grad(
-                    f, [c.output for _, c in flat], grad_outputs=v,
-                    is_grads_batched=True, allow_unused=True,
+                    f,
+                    [c.output for _, c in flat],
+                    grad_outputs=v,
+                    is_grads_batched=True,
+                    allow_unused=True,
                 )
             calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
             for (key, c), g in zip(flat, grads, strict=False):

@@ -15,7 +15,26 @@ from fim_linops.operators.quasi_diag import QuasiDiag, QuasiSpec
 from fim_linops.operators.sum import Power, Sum, SymmetricPower
 
 __all__ = [
-    "KFAC", "BlockDiag", "Dense", "Diag", "EigenOperator", "FisherOperator", "Implicit",
-    "KronBasis", "KronSpec",
+    "KFAC",
+    "BlockDiag",
+    "Dense",
+    "Diag",
+    "EigenOperator",
+    "FisherOperator",
+    "Implicit",
+    "KronBasis",
+    "KronSpec",
 ]
-__all__ += ["EKFAC", "GroupBlocks", "HouseholderBasis", "KronSum", "LowRank", "Mixed", "Power", "QuasiDiag", "QuasiSpec", "Sum", "SymmetricPower"]
+__all__ += [
+    "EKFAC",
+    "GroupBlocks",
+    "HouseholderBasis",
+    "KronSum",
+    "LowRank",
+    "Mixed",
+    "Power",
+    "QuasiDiag",
+    "QuasiSpec",
+    "Sum",
+    "SymmetricPower",
+]

@@ -167,7 +167,11 @@ def pinv_scale(lam: Tensor, power: float = -1.0) -> Tensor:
     (pseudo-inverse semantics for an undamped singular Fisher)."""
     if power >= 0:
         return lam.clamp_min(0) ** power
-    tol = lam.amax() * lam.shape[-1] * torch.finfo(lam.dtype).eps if lam.numel() else lam.new_zeros(())
+    tol = (
+        lam.amax() * lam.shape[-1] * torch.finfo(lam.dtype).eps
+        if lam.numel()
+        else lam.new_zeros(())
+    )
     safe = torch.where(lam > tol, lam, torch.ones_like(lam))
     return torch.where(lam > tol, safe**power, torch.zeros_like(lam))
 

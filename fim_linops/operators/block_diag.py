@@ -62,7 +62,9 @@ class BlockDiag(EigenOperator):
 
     def _eig_apply(self, rhs: Tensor, fn) -> Tensor:
         outs = []
-        for (lam, q), lo, hi in zip(self._eigs(), self.offsets[:-1], self.offsets[1:], strict=False):
+        for (lam, q), lo, hi in zip(
+            self._eigs(), self.offsets[:-1], self.offsets[1:], strict=False
+        ):
             outs.append(q @ (fn(lam + self.damping)[:, None] * (q.T @ rhs[lo:hi])))
         return torch.cat(outs, dim=0)
 
@@ -74,7 +76,8 @@ class BlockDiag(EigenOperator):
 
     def _root_tensor(self) -> LinearOperator:
         return BlockDiag(
-            *[q * (lam + self.damping).clamp_min(0).sqrt() for lam, q in self._eigs()], names=self.names
+            *[q * (lam + self.damping).clamp_min(0).sqrt() for lam, q in self._eigs()],
+            names=self.names,
         )
 
     def _root_inv_tensor(self) -> LinearOperator:

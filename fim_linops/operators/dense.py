@@ -38,7 +38,9 @@ class Dense(EigenOperator):
         return (self.matrix**2).sum()
 
     def to_dense(self) -> Tensor:
-        return self.matrix + self.damping * torch.eye(self._numel(), dtype=self.dtype, device=self.device)
+        return self.matrix + self.damping * torch.eye(
+            self._numel(), dtype=self.dtype, device=self.device
+        )
 
     def _eig(self) -> tuple[Tensor, Tensor]:
         cache = self.__dict__.setdefault("_fl_cache", {})

@@ -43,8 +43,14 @@ class Implicit(FisherOperator):
         if damping is None:
             damping = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
         super().__init__(
-            *params, damping=damping, model=model, layout=layout, batches=batches,
-            likelihood=likelihood, n_examples=n_examples, group=group,
+            *params,
+            damping=damping,
+            model=model,
+            layout=layout,
+            batches=batches,
+            likelihood=likelihood,
+            n_examples=n_examples,
+            group=group,
         )
         self.group = group
         self.params = params
@@ -75,7 +81,11 @@ class Implicit(FisherOperator):
         tangents = self.layout.unflatten(rhs.T)
         for e in self.layout.entries:
             module = dict(self.model.named_modules()).get(e.module_name)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None and e.local_name == "weight":
+            if (
+                isinstance(module, nn.Embedding)
+                and module.padding_idx is not None
+                and e.local_name == "weight"
+            ):
                 t = tangents[e.name].clone()
                 t[:, module.padding_idx] = 0
                 tangents[e.name] = t
@@ -102,7 +112,10 @@ class Implicit(FisherOperator):
             else:
                 u = torch.einsum("knc,knd,nd->nc", cols, cols, jv)
             grads = torch.autograd.grad(primal, list(params.values()), u, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)]
+            grads = [
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(grads, params.values(), strict=True)
+            ]
             out += self.layout.flatten(grads)
         all_reduce_([out], self.group)
         return out[:, None] / self.n_examples

@@ -25,7 +25,9 @@ from fim_linops.operators.kron import KronBasis, KronSpec
 class KFAC(EigenOperator):
     structure = "kfac"
 
-    def __init__(self, *factors: Tensor, specs: tuple[KronSpec, ...], damping: Tensor | None = None):
+    def __init__(
+        self, *factors: Tensor, specs: tuple[KronSpec, ...], damping: Tensor | None = None
+    ):
         if len(factors) != 2 * len(specs):
             raise ValueError("KFAC needs a (left, right) factor pair per block spec")
         if damping is None:
@@ -56,19 +58,25 @@ class KFAC(EigenOperator):
     def _diagonal_undamped(self) -> Tensor:
         outs = []
         for spec, left, right in self.pairs():
-            d = left.diagonal(dim1=-2, dim2=-1)[:, :, None] * right.diagonal(dim1=-2, dim2=-1)[:, None, :]
+            d = (
+                left.diagonal(dim1=-2, dim2=-1)[:, :, None]
+                * right.diagonal(dim1=-2, dim2=-1)[:, None, :]
+            )
             outs.append(spec.from_mat(d[None])[:, 0])
         return torch.cat(outs)
 
     def _trace_undamped(self) -> Tensor:
         return sum(
-            (left.diagonal(dim1=-2, dim2=-1).sum(-1) * right.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
+            (
+                left.diagonal(dim1=-2, dim2=-1).sum(-1) * right.diagonal(dim1=-2, dim2=-1).sum(-1)
+            ).sum()
             for _, left, right in self.pairs()
         )
 
     def _frobenius_sq_undamped(self) -> Tensor:
         return sum(
-            ((left**2).sum((-1, -2)) * (right**2).sum((-1, -2))).sum() for _, left, right in self.pairs()
+            ((left**2).sum((-1, -2)) * (right**2).sum((-1, -2))).sum()
+            for _, left, right in self.pairs()
         )
 
     def to_dense(self) -> Tensor:

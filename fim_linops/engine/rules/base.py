@@ -69,7 +69,9 @@ class LayerRule:
             [t.square_().sum((0, 1)).reshape(-1) for t in self.param_grads(module, a, g, names)]
         )
 
-    def diag_workspace(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> int:
+    def diag_workspace(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> int:
         """Elements per example that ``diag`` materialises (per-example gradients, K p by
         default; 0 when the rule contracts a and g directly). The caller chunks the examples so
         that this workspace stays cache-sized."""
@@ -93,7 +95,13 @@ class LayerRule:
         return False
 
     def gram(
-        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+        self,
+        module: nn.Module,
+        a1: Tensor,
+        g1: Tensor,
+        a2: Tensor,
+        g2: Tensor,
+        names: tuple[str, ...],
     ) -> Tensor:
         r"""This layer's NTK block sum_p J1[k, n, p] J2[q, m, p], shape (K1, N1, K2, N2).
         Default: through per-example gradients (K, N, p) of both sides."""

@@ -29,7 +29,11 @@ def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
         x = F.pad(x, pad, mode=mode)
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)  # (N, C, 1, W)
-        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        kernel, stride, dilation = (
+            (1, *module.kernel_size),
+            (1, *module.stride),
+            (1, *module.dilation),
+        )
     else:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     u = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*prod(k), L)
@@ -89,7 +93,13 @@ class ConvRule(LayerRule):
         return length * length * (groups * j + k * k * o) < k * k * o * j
 
     def gram(
-        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+        self,
+        module: nn.Module,
+        a1: Tensor,
+        g1: Tensor,
+        a2: Tensor,
+        g2: Tensor,
+        names: tuple[str, ...],
     ) -> Tensor:
         r"""sum_{r,t,s} <[U1_t;1], [U2_s;1]>_r <G1_t, G2_s>_r over the unfolded patches U."""
         g1, g2 = self._g(module, g1), self._g(module, g2)

@@ -51,7 +51,9 @@ class EmbeddingRule(LayerRule):
             return (oh.T @ (g4[:, :, 0] ** 2).sum(0)).reshape(-1)
         return super().diag(module, a, g, names)
 
-    def diag_workspace(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> int:
+    def diag_workspace(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> int:
         return 0 if a.shape[1] == 1 else super().diag_workspace(module, a, g, names)
 
     def kfac(
@@ -61,7 +63,9 @@ class EmbeddingRule(LayerRule):
         counts = self._onehot(module, a, g.dtype).sum((0, 1))  # (v,)
         gf = g.reshape(-1, g.shape[-1])
         return KronStats(
-            left_sum=torch.diag(counts)[None], right_sum=(gf.T @ gf)[None], a_rows=a.numel(),
+            left_sum=torch.diag(counts)[None],
+            right_sum=(gf.T @ gf)[None],
+            a_rows=a.numel(),
             left_is_a=True,
         )
 
@@ -74,7 +78,13 @@ class EmbeddingRule(LayerRule):
         return a.shape[1] ** 2 < module.num_embeddings * g.shape[0] ** 2
 
     def gram(
-        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+        self,
+        module: nn.Module,
+        a1: Tensor,
+        g1: Tensor,
+        a2: Tensor,
+        g2: Tensor,
+        names: tuple[str, ...],
     ) -> Tensor:
         r"""sum_{t,s} [x1_t = x2_s] <g1_t, g2_s> (padding tokens, marked -1, match nothing)."""
         k, n = g1.shape[:2]

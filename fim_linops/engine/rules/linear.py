@@ -62,7 +62,9 @@ class LinearRule(LayerRule):
                 parts.append(g2.sum(0))
         return torch.cat(parts)
 
-    def diag_workspace(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> int:
+    def diag_workspace(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> int:
         a3, _ = _as_3d(a, g)
         return 0 if a3.shape[1] == 1 else super().diag_workspace(module, a, g, names)
 
@@ -74,7 +76,9 @@ class LinearRule(LayerRule):
             a3, g3 = a3.mean(1, keepdim=True), g3.sum(2, keepdim=True)
         ab = with_ones(a3.reshape(-1, a3.shape[-1]), "weight" in names, "bias" in names)
         gf = g3.reshape(-1, g3.shape[-1])
-        return KronStats(left_sum=(gf.T @ gf)[None], right_sum=(ab.T @ ab)[None], a_rows=ab.shape[0])
+        return KronStats(
+            left_sum=(gf.T @ gf)[None], right_sum=(ab.T @ ab)[None], a_rows=ab.shape[0]
+        )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         cols = (module.in_features if "weight" in names else 0) + (1 if "bias" in names else 0)
@@ -98,7 +102,13 @@ class LinearRule(LayerRule):
         return t == 1 or t * t * (i + k * k * o) < k * k * o * i
 
     def gram(
-        self, module: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, names: tuple[str, ...]
+        self,
+        module: nn.Module,
+        a1: Tensor,
+        g1: Tensor,
+        a2: Tensor,
+        g2: Tensor,
+        names: tuple[str, ...],
     ) -> Tensor:
         r"""sum_{t,s} <[a1_t;1], [a2_s;1]> <g1_t, g2_s>: for T = 1 the Hadamard product
         (A1 A2^T + 1) * (G1 G2^T), one GEMM over the outputs, never the gradients."""

@@ -32,7 +32,9 @@ class _AffineNormRule(LayerRule):
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
     ) -> list[Tensor]:
         k, n = g.shape[:2]
-        gs = self._to_ncs(module, g.reshape(k * n, *g.shape[2:])).reshape(k, n, *self._cs(module, a))
+        gs = self._to_ncs(module, g.reshape(k * n, *g.shape[2:])).reshape(
+            k, n, *self._cs(module, a)
+        )
         xs = self._to_ncs(module, a)
         parts = []
         for name in names:
