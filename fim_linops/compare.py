@@ -287,7 +287,9 @@ def compare(
     r"""Build each Fisher approximation and measure it against the exact Fisher.
 
     Args:
-        model, data, likelihood: as for :func:`fim_linops.fisher`.
+        model: as for :func:`fim_linops.fisher`.
+        data: as for :func:`fim_linops.fisher`.
+        likelihood: as for :func:`fim_linops.fisher`.
         structures: structure names (``"diag"``, ``"kfac"``, ``"lowrank"``, ...) or per-layer
             mixes (dicts); or a mapping ``{label: structure}`` to name them in the table.
         rank: ``rank=`` for the structures that need one (lowrank, kron_sum); default

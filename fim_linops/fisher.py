@@ -115,7 +115,8 @@ def fisher(
         fisher_type: "exact" (closed-form expectation = GGN), "mc" (``mc_samples`` sampled
             labels, drawn with ``generator``) or "empirical" (the labels in ``data``).
         params: None (all trainable parameters) or an iterable of parameters/modules.
-        device, dtype: where and in which precision to compute (the model is copied if needed).
+        device: where to compute (the model is copied if needed).
+        dtype: in which precision to compute (the model is copied if needed).
         progress: tqdm progress bar over the batches.
         max_bytes: memory guard for dense and block-diagonal storage.
         kfac_approx: for layers applied at several positions (sequences, convolutions),

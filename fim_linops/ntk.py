@@ -167,7 +167,8 @@ def ntk(
 
     Args:
         model: any ``nn.Module`` (BatchNorm in eval mode); left exactly as found.
-        x1, x2: inputs (tensor or tuple/dict of tensors, examples first); x2=None: Theta(x1, x1).
+        x1: inputs (tensor or tuple/dict of tensors, examples first).
+        x2: inputs as x1; None: Theta(x1, x1).
         structure: "implicit" (products J1 (J2^T V)), "dense" (the Gram from per-layer rules,
             O(batches) forward/backward passes) or "lowrank" (RootLinearOperator(J) /
             MatmulLinearOperator(J1, J2^T) with the dense Jacobians).

@@ -70,7 +70,10 @@ class KronSumQ(LinearOperator):
     r"""Q = R1^T R1 kron L1 L1^T + R2^T R2 kron L2 L2^T over row-major [W | b] of one layer.
 
     Args:
-        R1, R2: (rows, rows) output-side factors; L1, L2: (cols, cols) input-side factors.
+        R1: (rows, rows) output-side factor of the first term.
+        L1: (cols, cols) input-side factor of the first term.
+        R2: (rows, rows) output-side factor of the second term.
+        L2: (cols, cols) input-side factor of the second term.
         has_bias: whether the block ends with a bias (the last column of U).
     """
 
