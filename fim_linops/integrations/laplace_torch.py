@@ -1,0 +1,288 @@
+r"""laplace-torch backends running on the fim_linops engine.
+
+``FimLinopsGGN`` (generalised Gauss-Newton = exact Fisher, or its Monte Carlo estimate with
+``stochastic=True``) and ``FimLinopsEF`` (empirical Fisher) are ``laplace.curvature`` backends:
+
+    la = laplace.Laplace(model, "classification", hessian_structure="kron", backend=FimLinopsGGN)
+
+Every curvature comes from :func:`fim_linops.fisher` (structures ``diag``, ``kfac``, ``dense``,
+``lowrank``), every Jacobian from :func:`fim_linops.jacobian`, every per-example gradient from the
+engine's layer rules; this module only converts normalisations and layouts.
+
+Conventions of laplace-torch, for a batch of M examples out of N (``lossfunc`` is its
+``CrossEntropyLoss(reduction="sum")`` or ``MSELoss(reduction="sum")``, ``factor`` 1 or 1/2):
+
+* GGN: sum_n J_n^T H_n J_n with H_n the Hessian of -log p(y | f) (categorical, or Gaussian with
+  unit variance), i.e. M F_batch with F_batch = 1/M sum_n ... fim_linops' mean normalisation;
+* EF: factor sum_n grad(lossfunc_n) grad(lossfunc_n)^T = M F_emp / factor, since
+  grad(lossfunc) = grad(-log p) / factor (for regression laplace-torch's EF is twice the
+  Gaussian empirical Fisher; we follow it so that the backends agree);
+* loss: factor * lossfunc(f, y) summed over the batch (``gradients`` returns it without factor);
+* ``kron(x, y, N)``: a ``laplace.utils.Kron`` with, per parameter in ``model.parameters()`` order,
+  [F0, F1] for a weight (F0 kron F1 over the row-major weight) and [F0 R_bb] for a bias, where
+  F0 = M * scale * (left factor) carries the sum over the batch and F1 = (M / N) * (right factor)
+  the mean over the data set, so that laplace-torch's sum over batches of each factor gives
+  N scale (L kron R) with L, R the data-set factors (the convention of its BackPACK and curvlinops
+  backends). The bias block is the bias-bias entry of the joint [W | b] factor (1 for Linear);
+  the weight-bias cross terms are dropped, as laplace-torch's ``Kron`` has no place for them.
+* ``eig_lowrank(loader)``: eigenvectors (P, k), eigenvalues (k,) of N scale F over the loader and
+  the loss, keeping only the eigenvalues above ``1000 eps lambda_max`` (LowRankLaplace takes their
+  logarithm and their inverse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import fim_linops as fl
+from fim_linops.engine import Engine, FisherType
+from fim_linops.layout import ParamLayout
+from fim_linops.likelihoods import Likelihood
+from fim_linops.operators import KFAC
+from fim_linops.state import preserved_state
+
+try:
+    from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
+    from laplace.utils import Kron
+except ImportError as err:  # pragma: no cover - exercised only without laplace-torch
+    raise ImportError(
+        "fim_linops.integrations.laplace_torch needs laplace-torch (and torchvision): "
+        "pip install 'fim_linops[laplace]' or pip install laplace-torch"
+    ) from err
+
+__all__ = ["FimLinopsEF", "FimLinopsGGN", "FimLinopsInterface"]
+
+#: eigenvalues at or below this multiple of eps * lambda_max are dropped by ``eig_lowrank``
+LOWRANK_CUTOFF = 1000.0
+
+
+class FimLinopsInterface(CurvatureInterface):
+    r"""Common part of the fim_linops backends (see the module docstring for the conventions).
+
+    Args:
+        model, likelihood, last_layer, dict_key_x, dict_key_y: as every laplace-torch backend;
+            with ``last_layer=True`` (``model`` a laplace ``FeatureExtractor``) the curvature is
+            that of ``model.last_layer`` on the extracted features.
+        subnetwork_indices: not supported (SubnetLaplace): must be None.
+        low_rank: k, the number of eigenpairs ``eig_lowrank`` keeps (LowRankLaplace; pass it as
+            ``backend_kwargs={"low_rank": k}``).
+        kfac_approx: "expand" or "reduce", for layers applied at several positions.
+    """
+
+    _fisher_type: FisherType = FisherType.EXACT
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        low_rank: int = 10,
+        kfac_approx: str = "expand",
+    ) -> None:
+        if subnetwork_indices is not None:
+            raise ValueError(
+                "the fim_linops backends do not support subnetwork_indices (SubnetLaplace); use "
+                "subset_of_weights='all' or 'last_layer', or laplace's CurvlinopsGGN for subnetworks"
+            )
+        if isinstance(low_rank, bool) or not isinstance(low_rank, int) or low_rank < 1:
+            raise ValueError(f"low_rank must be a positive integer, got {low_rank!r}")
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        self.low_rank = low_rank
+        self.kfac_approx = kfac_approx
+        self.mc_samples = 1
+
+    # -- conventions ------------------------------------------------------------------------------
+    @property
+    def fl_likelihood(self) -> Likelihood:
+        """The fim_linops likelihood of laplace-torch's: Categorical, or Gaussian(sigma=1)."""
+        return fl.Categorical() if self.likelihood == "classification" else fl.Gaussian(1.0)
+
+    @property
+    def scale(self) -> float:
+        """laplace-torch's curvature of M examples over M times fim_linops' mean Fisher."""
+        return 1.0 / self.factor if self._fisher_type is FisherType.EMPIRICAL else 1.0
+
+    def _inputs(self, x: Any) -> tuple[nn.Module, Any, Tensor]:
+        """(module, its inputs, model output f (M, C)): the whole model on x, or with
+        ``last_layer`` the last layer on the extracted features."""
+        with torch.no_grad():
+            if self.last_layer:
+                f, phi = self.model.forward_with_features(x)
+                return self.model.last_layer, phi.detach(), f.detach()
+            return self.model, x, self.model(x).detach()
+
+    def _fisher(self, module: nn.Module, data: Any, structure: str, **kwargs: Any):
+        return fl.fisher(
+            module,
+            data,
+            likelihood=self.fl_likelihood,
+            structure=structure,
+            fisher_type=self._fisher_type,
+            mc_samples=self.mc_samples,
+            kfac_approx=self.kfac_approx,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _check_kwargs(kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - {"N"})
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword arguments {unknown} for a fim_linops backend; pass backend "
+                "options as Laplace(..., backend_kwargs={...}) (low_rank, kfac_approx)"
+            )
+
+    # -- curvature --------------------------------------------------------------------------------
+    def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """(loss, diagonal (P,)) of the batch's curvature, M scale diag(F_batch)."""
+        self._check_kwargs(kwargs)
+        module, inputs, f = self._inputs(x)
+        op = self._fisher(module, (inputs, y), "diag")
+        return self.factor * self.lossfunc(f, y), op.diagonal() * (len(y) * self.scale)
+
+    def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """(loss, dense curvature (P, P)) of the batch, M scale F_batch."""
+        self._check_kwargs(kwargs)
+        module, inputs, f = self._inputs(x)
+        op = self._fisher(module, (inputs, y), "dense")
+        return self.factor * self.lossfunc(f, y), op.to_dense() * (len(y) * self.scale)
+
+    def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
+        """(loss, ``Kron``) of the batch in laplace-torch's layout and N scaling (module
+        docstring); the factors are fim_linops' KFAC factors of the batch."""
+        self._check_kwargs(kwargs)
+        module, inputs, f = self._inputs(x)
+        op = self._fisher(module, (inputs, y), "kfac")
+        kron = kfac_to_kron(op, sum_scale=len(y) * self.scale, mean_scale=len(y) / N)
+        return self.factor * self.lossfunc(f, y), kron
+
+    def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
+        """(eigenvectors (P, k'), eigenvalues (k',), loss) of the curvature N scale F over the
+        loader: the top k = ``low_rank`` eigenpairs of fim_linops' ``structure="lowrank"`` (exact
+        SVD of the stacked per-example gradients when they fit, subspace iteration on exact
+        products otherwise), less those numerically zero (k' <= k)."""
+        device = next(self.model.parameters()).device
+        loss = torch.zeros((), device=device)
+        n = 0
+        batches = []
+        for x, y in data_loader:
+            x, y = _move(x, device), y.to(device)
+            module, inputs, f = self._inputs(x)
+            loss = loss + self.lossfunc(f, y)
+            n += len(y)
+            if self.last_layer:
+                batches.append((inputs, y))
+        p = sum(q.numel() for q in self.params)
+        data = batches if self.last_layer else data_loader
+        op = self._fisher(module, data, "lowrank", rank=min(self.low_rank, p))
+        evals = op.evals * (n * self.scale)
+        keep = evals > evals.max() * LOWRANK_CUTOFF * torch.finfo(evals.dtype).eps
+        return op.u[:, keep], evals[keep], self.factor * loss
+
+    # -- first order ------------------------------------------------------------------------------
+    def jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """(Js (M, C, P), f (M, C)): the Jacobian by the engine's layer rules (fl.jacobian).
+        ``enable_backprop=True`` (gradients w.r.t. x through the predictive) falls back to
+        laplace-torch's torch.func Jacobian, since the engine's are detached."""
+        if enable_backprop:
+            return super().jacobians(x, enable_backprop=True)
+        with torch.enable_grad():
+            jac = fl.jacobian(self.model, x, params=self.params)
+            js = jac.to_dense().reshape(jac.n_examples, jac.n_outputs, -1)
+        with torch.no_grad():
+            f = self.model(x)
+        return js, f.detach()
+
+    def gradients(self, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(Gs (M, P), loss): per-example gradients of laplace-torch's ``lossfunc``, i.e. the
+        engine's empirical columns d(-log p)/df back-propagated by the layer rules, over factor;
+        loss = lossfunc(f, y) summed (without factor, as laplace-torch's own)."""
+        module, inputs, f = self._inputs(x)
+        layout = ParamLayout.from_model(module, self.params if self.last_layer else None)
+        parts = []
+        with preserved_state(module):
+            engine = Engine(module, layout, self.fl_likelihood, FisherType.EMPIRICAL)
+            for res in engine.run([(inputs, y)]):
+                for lo, hi in res.chunks(layout.numel):
+                    parts.append(torch.cat(res.all_block_grads(lo, hi), dim=-1)[0])  # (n, P)
+        return torch.cat(parts) / self.factor, self.lossfunc(f, y).detach()
+
+
+def kfac_to_kron(op: KFAC, sum_scale: float, mean_scale: float) -> Kron:
+    r"""fim_linops ``KFAC`` (blocks L kron R over [W | b]) -> laplace-torch ``Kron``.
+
+    Per block, the weight gets [sum_scale L, mean_scale R_w] (R_w: R without the bias row and
+    column) and the bias [sum_scale R_bb L] (R_bb: the bias-bias entry of R, 1 for Linear): the
+    bias block is a plain sum over the examples, which laplace-torch never rescales.
+    Grouped convolutions (one factor pair per group) have no ``Kron`` form.
+    """
+    kfacs: list[list[Tensor]] = []
+    for spec, left, right in op.pairs():
+        if spec.groups != 1:
+            raise ValueError(
+                f"layer '{spec.name}' is a grouped convolution (groups={spec.groups}): "
+                "laplace-torch's Kron has one factor pair per parameter; use "
+                "hessian_structure='diag' or 'full'"
+            )
+        left0, right0 = left[0], right[0]  # (rows, rows), (cols, cols)
+        if spec.has_weight:
+            w = spec.w_cols
+            kfacs.append([left0 * sum_scale, right0[:w, :w] * mean_scale])
+        if spec.has_bias:
+            kfacs.append([left0 * (sum_scale * right0[-1, -1])])
+    return Kron(kfacs)
+
+
+def _move(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, MutableMapping):
+        return {k: _move(v, device) for k, v in x.items()}
+    return x
+
+
+class FimLinopsGGN(FimLinopsInterface, GGNInterface):
+    r"""Generalised Gauss-Newton backend (= the exact Fisher for these likelihoods), or with
+    ``stochastic=True`` its Monte Carlo estimate with ``num_samples`` sampled labels."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        low_rank: int = 10,
+        kfac_approx: str = "expand",
+    ) -> None:
+        super().__init__(
+            model,
+            likelihood,
+            last_layer,
+            subnetwork_indices,
+            dict_key_x,
+            dict_key_y,
+            low_rank=low_rank,
+            kfac_approx=kfac_approx,
+        )
+        self.stochastic = stochastic
+        self.num_samples = num_samples
+        self.mc_samples = num_samples
+        self._fisher_type = FisherType.MC if stochastic else FisherType.EXACT
+
+
+class FimLinopsEF(FimLinopsInterface, EFInterface):
+    r"""Empirical Fisher backend: sum over the data of the outer products of the per-example
+    gradients of laplace-torch's loss (its scaling, see the module docstring)."""
+
+    _fisher_type = FisherType.EMPIRICAL
