@@ -101,11 +101,24 @@ class Categorical(Likelihood):
         return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(p.dtype)
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
+        r"""A root with C - 1 columns (H has rank C - 1: H 1 = 0), so that the exact Fisher
+        back-propagates one column fewer. Start from the square root
+        S0[n, c, k] = sqrt(p_nk) (delta_ck - p_nc), whose null vector is sqrt(p_n) (unit norm),
+        and apply the Householder reflection Q = I - 2 w w^T / |w|^2, w = sqrt(p_n) + e_last,
+        which maps sqrt(p_n) to -e_last: S0 Q has a zero last column, and S0 Q Q^T S0^T = H.
+        Column k < C - 1 of S0 Q is S0[:, k] - 2 S0[:, last] w_k / |w|^2 (|w|^2 >= 2: stable).
+        Shape (N, C, C - 1); (N, 1, 1) zeros for a single class."""
         p = torch.softmax(f.detach(), dim=-1)  # (N, C)
         sq = p.sqrt()
-        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-        # S[n, c, k] = sqrt(p_nk) (delta_ck - p_nc)
-        return (eye[None] - p[:, :, None]) * sq[:, None, :]
+        c = f.shape[-1]
+        eye = torch.eye(c, dtype=f.dtype, device=f.device)
+        s0 = (eye[None] - p[:, :, None]) * sq[:, None, :]  # S0[n, c, k]
+        if c == 1:
+            return s0
+        w_norm2 = 2 + 2 * sq[:, -1:]  # (N, 1)
+        coef = 2 * sq[:, :-1] / w_norm2  # (N, C-1): 2 w_k / |w|^2
+        # S[n, c, k] = S0[n, c, k] - S0[n, c, last] coef[n, k]
+        return s0[:, :, :-1] - s0[:, :, -1:] * coef[:, None, :]
 
     def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
         p = torch.softmax(f.detach(), dim=-1)
