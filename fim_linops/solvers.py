@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from linear_operator import to_linear_operator
@@ -17,8 +18,8 @@ from torch import Tensor, nn
 
 __all__ = ["CGInfo", "cg", "ewc_penalty", "natural_gradient"]
 
-Operator = LinearOperator | Tensor
-Preconditioner = LinearOperator | Tensor | Callable[[Tensor], Tensor]
+Operator: TypeAlias = LinearOperator | Tensor
+Preconditioner: TypeAlias = LinearOperator | Tensor | Callable[[Tensor], Tensor]
 
 
 @dataclass

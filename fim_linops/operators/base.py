@@ -10,6 +10,8 @@ damping, so damped solves stay exact; a vector diagonal falls back to linear_ope
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
@@ -75,6 +77,11 @@ class FisherOperator(LinearOperator):
 
             return add(other, self)
         return super().__radd__(other)
+
+    def __mul__(self, other: float | Tensor | LinearOperator) -> LinearOperator:
+        """c F (a structured operator through ``_scaled`` where the structure has one) or F * other
+        elementwise, as linear_operator defines it. Typed here: linear_operator ships no types."""
+        return super().__mul__(other)
 
     def _mul_constant(self, other: float | Tensor) -> LinearOperator:
         c = torch.as_tensor(other, dtype=self.dtype, device=self.device)
@@ -176,7 +183,13 @@ def pinv_scale(lam: Tensor, power: float = -1.0) -> Tensor:
     return torch.where(lam > tol, safe**power, torch.zeros_like(lam))
 
 
-class ExactSolveMixin:
+if TYPE_CHECKING:  # the mixin is only ever combined with a FisherOperator
+    _MixinBase = FisherOperator
+else:
+    _MixinBase = object
+
+
+class ExactSolveMixin(_MixinBase):
     """Solve, inverse quadratic forms and log-determinants for a structure that solves (P, M)
     column blocks exactly (``_solve_cols``) and has an exact ``logdet``."""
 

@@ -47,7 +47,7 @@ class BlockDiag(EigenOperator):
         return torch.cat([b.diagonal() for b in self.blocks])
 
     def _frobenius_sq_undamped(self) -> Tensor:
-        return sum((b**2).sum() for b in self.blocks)
+        return sum(((b**2).sum() for b in self.blocks), self.damping.new_zeros(()))
 
     def to_dense(self) -> Tensor:
         return torch.block_diag(*self.blocks) + self.damping * torch.eye(

@@ -112,11 +112,11 @@ class Implicit(FisherOperator):
             else:
                 u = torch.einsum("knc,knd,nd->nc", cols, cols, jv)
             grads = torch.autograd.grad(primal, list(params.values()), u, allow_unused=True)
-            grads = [
+            filled = [
                 torch.zeros_like(p) if g is None else g
                 for g, p in zip(grads, params.values(), strict=True)
             ]
-            out += self.layout.flatten(grads)
+            out += self.layout.flatten(filled)
         all_reduce_([out], self.group)
         return out[:, None] / self.n_examples
 
@@ -125,10 +125,11 @@ class Implicit(FisherOperator):
             return self._matvec_forward_ad(rhs)
         params = self._param_dict()
         tangents = self._tangents(rhs)  # name -> (M, *shape)
-        out = None
+        out = torch.zeros(rhs.shape[1], self._numel(), dtype=self.dtype, device=self.device)
         for x, cols in self._batches():
             f = output_fn(self.model, x, self.likelihood)
-            fx, pullback = vjp(f, params)
+            # torch annotates vjp's result as a union over has_aux; without aux it is a pair
+            fx, pullback = vjp(f, params)  # type: ignore[misc]
             jv = jvp_columns(f, params, tangents)  # (M, n, C)
             if cols is None:
                 u = self.likelihood.hessian_matmul(fx.detach(), jv)
@@ -136,7 +137,7 @@ class Implicit(FisherOperator):
                 # k: stored column, n: example, c/d: output, m: right-hand side
                 u = torch.einsum("knc,knd,mnd->mnc", cols, cols, jv)
             g = self.layout.flatten(vmap(pullback)(u)[0])  # (M, P)
-            out = g if out is None else out + g
+            out = out + g
         all_reduce_([out], self.group)
         return out.T / self.n_examples
 

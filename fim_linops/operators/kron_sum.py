@@ -111,10 +111,13 @@ class KronSum(ExactSolveMixin, FisherOperator):
         # ||sum_s L_s kron R_s||^2 = sum_{s,t} <L_s, L_t> <R_s, R_t>  (s, t: terms, g: group)
         return sum(
             (
-                torch.einsum("sgab,tgab->stg", left, left)
-                * torch.einsum("sgab,tgab->stg", right, right)
-            ).sum()
-            for _, left, right in self.pairs()
+                (
+                    torch.einsum("sgab,tgab->stg", left, left)
+                    * torch.einsum("sgab,tgab->stg", right, right)
+                ).sum()
+                for _, left, right in self.pairs()
+            ),
+            self.damping.new_zeros(()),
         )
 
     def to_dense(self) -> Tensor:
@@ -165,7 +168,7 @@ class KronSum(ExactSolveMixin, FisherOperator):
                 "damping or a singular first term); use rank=1, damping=0 with rank=2, or "
                 "fl.spectral for estimates"
             )
-        return forms
+        return [f for f in forms if f is not None]
 
     def _solve_cols(self, rhs: Tensor) -> Tensor:
         tol = 1e-12 if self.dtype == torch.float64 else 1e-6
@@ -239,7 +242,9 @@ class KronSum(ExactSolveMixin, FisherOperator):
         evals = torch.cat(
             [
                 spec.from_mat(mu[None])[:, 0]
-                for spec, (_, _, mu) in zip(self.specs, self._forms(), strict=True)
+                for spec, (_, _, mu) in zip(
+                    self.specs, self._need_forms("eigendecomposition"), strict=True
+                )
             ]
         )
         evecs = self._basis(0.0, inverse=False) if eigenvectors else None

@@ -92,10 +92,10 @@ class Mixed(ExactSolveMixin, FisherOperator):
         return out[:, 0]
 
     def _trace_undamped(self) -> Tensor:
-        return sum(op.trace_exact() for op in self.ops)
+        return sum((op.trace_exact() for op in self.ops), self.damping.new_zeros(()))
 
     def _frobenius_sq_undamped(self) -> Tensor:
-        return sum(op.frobenius_sq_exact() for op in self.ops)
+        return sum((op.frobenius_sq_exact() for op in self.ops), self.damping.new_zeros(()))
 
     def to_dense(self) -> Tensor:
         return self._matmul(torch.eye(self._numel(), dtype=self.dtype, device=self.device))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -32,7 +33,7 @@ from fim_linops.spectral.lanczos import LanczosRecurrence
 
 __all__ = ["SpectralDensity", "density"]
 
-Operator = LinearOperator | Tensor
+Operator: TypeAlias = LinearOperator | Tensor
 
 
 @dataclass
@@ -160,11 +161,14 @@ def density(
             grid = lo - 5 * s + steps * (hi - lo + 10 * s)
         grid = torch.as_tensor(grid, dtype=dtype, device=device)
         phi = _gaussian_mixture(grid, centres, w, s)
-        fl = None
+        fl: Tensor | None = None
     else:
         eps = torch.finfo(dtype).eps
-        fl = (1e3 * eps * hi.abs()).clamp_min(tiny) if floor is None else floor
-        fl = torch.as_tensor(fl, dtype=dtype, device=device)
+        fl = torch.as_tensor(
+            (1e3 * eps * hi.abs()).clamp_min(tiny) if floor is None else floor,
+            dtype=dtype,
+            device=device,
+        )
         u = centres.clamp_min(fl).log()
         u_lo, u_hi = fl.log(), hi.clamp_min(fl).log()
         width = (u_hi - u_lo).clamp_min(1e-3)

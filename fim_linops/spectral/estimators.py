@@ -13,13 +13,15 @@ estimation" (SIMAX 2024); Bekas, Kokiopoulou & Saad (2007) for the diagonal.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 __all__ = ["diagonal", "frobenius_norm", "random_probes", "trace"]
 
-Operator = LinearOperator | Tensor
+Operator: TypeAlias = LinearOperator | Tensor
 
 
 def random_probes(

@@ -20,6 +20,7 @@ operator keeps its negative eigenvalues.
 from __future__ import annotations
 
 import warnings
+from typing import TypeAlias
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -27,7 +28,7 @@ from torch import Tensor
 
 __all__ = ["LanczosRecurrence", "lanczos"]
 
-Operator = LinearOperator | Tensor
+Operator: TypeAlias = LinearOperator | Tensor
 
 
 class LanczosRecurrence:
