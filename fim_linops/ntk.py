@@ -33,6 +33,7 @@ from fim_linops.data import batch_size, call_model
 from fim_linops.engine import Engine, FisherType
 from fim_linops.engine.gram import gram_diagonal, gram_matrix
 from fim_linops.layout import ParamLayout
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.jacobian import Jacobian, Outputs
 from fim_linops.operators.ntk import NTK
 from fim_linops.state import preserved_state
@@ -89,13 +90,26 @@ def _n_outputs(model: nn.Module, x: Any, sel: Outputs) -> int:
 
 
 def _jacobian_op(
-    model: nn.Module, layout: ParamLayout, x: Any, sel: Outputs, size: int | None
+    model: nn.Module,
+    layout: ParamLayout,
+    x: Any,
+    sel: Outputs,
+    size: int | None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Jacobian:
     batches = split_inputs(x, size)
     params = tuple(e.param.detach() for e in layout.entries)
     with preserved_state(model):
         c = _n_outputs(model, batches[0], sel)
-    return Jacobian(*params, model=model, layout=layout, batches=batches, outputs=sel, n_outputs=c)
+    return Jacobian(
+        *params,
+        model=model,
+        layout=layout,
+        batches=batches,
+        outputs=sel,
+        n_outputs=c,
+        max_bytes=max_bytes,
+    )
 
 
 def jacobian(
@@ -104,6 +118,7 @@ def jacobian(
     params: Any = None,
     outputs: int | None = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Jacobian:
     r"""The Jacobian J = d f(x) / d theta as a LinearOperator of shape (N*C, P), row n*C + c.
 
@@ -113,13 +128,15 @@ def jacobian(
         params: None (all trainable parameters) or an iterable of parameters/modules.
         outputs: None (all outputs) or one output index (then C = 1).
         batch_size: examples per forward pass in products (None: all at once).
+        max_bytes: limit of ``J.to_dense()`` (N*C x P entries) before it allocates; a larger
+            Jacobian raises a ``ValueError`` (None: no limit).
 
     ``J @ V`` is forward mode, ``J.T @ U`` reverse mode (both batched over the columns);
     ``J.to_dense()`` goes through the layer rules.
     """
     sel, _ = _outputs(outputs)
     layout = ParamLayout.from_model(model, params)
-    return _jacobian_op(model, layout, x, sel, batch_size)
+    return _jacobian_op(model, layout, x, sel, batch_size, max_bytes)
 
 
 def _engine(j: Jacobian) -> Engine:
@@ -141,6 +158,16 @@ def jacobian_matrix(
 
 def gram_of(j1: Jacobian, j2: Jacobian | None, trace: bool) -> Tensor:
     """The dense NTK J1 J2^T (or its trace over outputs) through the per-layer Gram rules."""
+    c = 1 if trace else j1.n_outputs
+    n2 = j1.n_examples if j2 is None else j2.n_examples
+    check_bytes(
+        "the dense NTK",
+        (j1.n_examples * c, n2 * c),
+        j1.params[0].dtype,
+        j1.max_bytes,
+        "use structure='implicit' (products J1 (J2^T V), never the Gram), outputs='sum' or "
+        "fewer inputs",
+    )
     with preserved_state(j1.model):
         engine = _engine(j1)
         b1 = [(x, None) for x in j1.batches]
@@ -162,6 +189,7 @@ def ntk(
     outputs: str | int = "full",
     params: Any = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> LinearOperator:
     r"""The finite-width NTK Theta(x1, x2) = J(x1) J(x2)^T as a LinearOperator.
 
@@ -176,12 +204,15 @@ def ntk(
             sum_c <J1[n, c], J2[m, c]>; an int c: (N1, N2), the NTK of output c.
         params: None (all trainable parameters) or an iterable of parameters/modules.
         batch_size: examples per forward/backward pass (None: all at once).
+        max_bytes: limit of what "dense" (the N1*C x N2*C Gram) and "lowrank" (the N*C x P
+            Jacobians) allocate, checked before allocating, also for ``to_dense()`` of the
+            implicit operator; over it a ``ValueError`` names what fits (None: no limit).
     """
     struct = NTKStructure.parse(structure)
     sel, trace = _outputs(outputs)
     layout = ParamLayout.from_model(model, params)
-    j1 = _jacobian_op(model, layout, x1, sel, batch_size)
-    j2 = None if x2 is None else _jacobian_op(model, layout, x2, sel, batch_size)
+    j1 = _jacobian_op(model, layout, x1, sel, batch_size, max_bytes)
+    j2 = None if x2 is None else _jacobian_op(model, layout, x2, sel, batch_size, max_bytes)
     if struct is NTKStructure.IMPLICIT:
         return NTK(j1, j2, trace=trace)
     if struct is NTKStructure.DENSE:

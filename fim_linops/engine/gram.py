@@ -1,14 +1,29 @@
 r"""NTK Gram blocks from the engine's per-layer statistics.
 
-For two batches with back-propagated output columns (K1 and K2 of them; the identity for the NTK),
-the Gram block is Theta[k, n, q, m] = sum_p J1[k, n, p] J2[q, m, p] = sum over layers of each
-layer's block. A layer with a rule keeps what is cheaper to contract (its (a, g), e.g. Linear:
-(A1 A2^T + 1) * (G1 G2^T), or its per-example gradients (K, N, p)); parameters without a rule
-contribute through torch.func per-example gradients. Each batch is run through the model once:
-:func:`gram_matrix` streams over the batches of both sides with O(B1 + B2) forward/backward passes
-(O(B) when the second side is the first, using Theta(x2, x1) = Theta(x1, x2)^T).
+For two batches with back-propagated output columns (K and Q of them; the identity for the NTK),
+the Gram block is Theta[n, k, m, q] = sum_p J1[k, n, p] J2[q, m, p] = sum over layers of each
+layer's block, written straight into the output in its final order (row n*K + k, column m*Q + q).
+Per layer the cheaper features are kept:
 
-Index convention: k, q columns; n, m examples; p parameters.
+* Linear without positions (a (n, i), g (K, n, o)): ``LinearFeats`` ab = [a; 1] (n, j) and g
+  example-major (n, K, o); the block is (ab1 ab2^T) * (G1 G2^T): one GEMM over the outputs for
+  all K x Q column pairs, (n K, o) @ (o, m Q), then one fused multiply-add with the (n, m) input
+  Gram broadcast over k, q (never the gradients);
+* layers where the rule's own Gram from (a, g) is cheaper (convolutions with few positions,
+  embeddings, sequences): ``RuleFeats``, contracted by the rule;
+* every other block, and parameters without a rule (torch.func): per-example gradients
+  ``GradFeats`` (n, K, p), the block one GEMM (n K, p) @ (p, m Q).
+
+With ``trace`` (the sum over outputs, k = q) the GEMMs run over (k, o) / (k, p) at once:
+(n, K o) @ (K o, m).
+
+Each batch runs through the model once: :func:`gram_matrix` streams over the batches of both
+sides with O(B1 + B2) forward/backward passes. When the second side is the first, only the
+blocks on and below the diagonal are computed, in tiles of examples (also inside one batch), and
+mirrored: Theta(x_j, x_i) = Theta(x_i, x_j)^T, about half the work.
+
+Index convention: k, q columns; n, m examples; o outputs of a layer; j its inputs (+1 for the
+bias); p parameters.
 """
 
 from __future__ import annotations
@@ -20,71 +35,178 @@ import torch
 from torch import Tensor
 
 from fim_linops.engine.engine import BatchResult, Engine
+from fim_linops.engine.rules.linear import LinearRule, with_ones
+
+#: examples per tile of the symmetric Gram (diagonal tiles are computed, off-diagonal ones mirrored)
+MIN_TILE = 32
+MAX_TILES_PER_BATCH = 8
+
+
+@dataclass
+class LinearFeats:
+    """A Linear layer without positions: ab (n, j) = [a, 1] (what the block holds) and g
+    example-major (n, K, o)."""
+
+    ab: Tensor
+    g: Tensor
+
+    def rows(self, lo: int, hi: int) -> LinearFeats:
+        return LinearFeats(self.ab[lo:hi], self.g[lo:hi])
+
+
+@dataclass
+class GradFeats:
+    """Per-example gradients, example-major (n, K, p)."""
+
+    j: Tensor
+
+    def rows(self, lo: int, hi: int) -> GradFeats:
+        return GradFeats(self.j[lo:hi])
+
+
+@dataclass
+class RuleFeats:
+    """The calls [(a (n, ...), g (K, n, ...))] of a layer whose rule contracts them itself."""
+
+    calls: list[tuple[Tensor, Tensor]]
+
+    def rows(self, lo: int, hi: int) -> RuleFeats:
+        return RuleFeats([(a[lo:hi], g[:, lo:hi]) for a, g in self.calls])
+
+
+Feats = LinearFeats | GradFeats | RuleFeats
 
 
 @dataclass
 class Side:
-    """What one batch leaves for Gram blocks: per ruled block either its calls [(a, g)] or its
-    per-example gradients (K, n, p); and the torch.func parameters' gradients (K, n, p_f)."""
+    """What one batch (or a tile of its examples) leaves for Gram blocks: per ruled block its
+    features (None: the layer was not reached) and the torch.func parameters' gradients."""
 
     n: int
     k: int
-    ruled: list[list[tuple[Tensor, Tensor]] | Tensor]
-    func: Tensor | None
+    ruled: list[Feats | None]
+    func: GradFeats | None
+
+    def rows(self, lo: int, hi: int) -> Side:
+        """The examples lo:hi of this side."""
+        return Side(
+            hi - lo,
+            self.k,
+            [None if f is None else f.rows(lo, hi) for f in self.ruled],
+            None if self.func is None else self.func.rows(lo, hi),
+        )
+
+
+def _is_plain_linear(rule: object, calls: list[tuple[Tensor, Tensor]]) -> bool:
+    """One call of a Linear layer on (n, i) inputs (no positions)."""
+    return isinstance(rule, LinearRule) and len(calls) == 1 and calls[0][0].ndim == 2
 
 
 def side(res: BatchResult) -> Side:
     """The Gram features of one batch (per-example gradients only where cheaper)."""
     engine = res.engine
-    ruled: list[list[tuple[Tensor, Tensor]] | Tensor] = []
+    ruled: list[Feats | None] = []
     for i, rb in enumerate(engine.ruled):
         calls = res.calls.get(i, [])
         names = rb.block.local_names
-        if calls and all(rb.rule.gram_from_ag(rb.module, a, g, names) for a, g in calls):
-            ruled.append(calls)
+        if not calls:
+            ruled.append(None)
+        elif _is_plain_linear(rb.rule, calls):
+            a, g = calls[0]
+            ab = with_ones(a, "weight" in names, "bias" in names)
+            ruled.append(LinearFeats(ab, g.transpose(0, 1).contiguous()))
+        elif all(rb.rule.gram_from_ag(rb.module, a, g, names) for a, g in calls):
+            ruled.append(RuleFeats(calls))
         else:
-            ruled.append(res.block_grads(i, 0, res.n))
+            ruled.append(GradFeats(res.block_grads(i, 0, res.n).transpose(0, 1).contiguous()))
     func = None
     if engine.fallback:
         grads = res.fallback_grads(0, res.n)
-        func = torch.cat(
+        j = torch.cat(
             [grads[e.name].reshape(res.k, res.n, -1) for b in engine.fallback for e in b.entries],
             -1,
         )
+        func = GradFeats(j.transpose(0, 1).contiguous())
     return Side(res.n, res.k, ruled, func)
 
 
-def _grads(engine: Engine, i: int, feats: list[tuple[Tensor, Tensor]] | Tensor) -> Tensor:
-    if isinstance(feats, Tensor):
-        return feats
+def _as_grads(engine: Engine, i: int, f: Feats) -> GradFeats:
+    """Any features of ruled block i as per-example gradients (n, K, p)."""
+    if isinstance(f, GradFeats):
+        return f
     rb = engine.ruled[i]
-    return sum(rb.rule.grads(rb.module, a, g, rb.block.local_names) for a, g in feats)
+    if isinstance(f, LinearFeats):
+        # n: example, k: column, o: output, j: input (+ bias)
+        j = torch.einsum("nko,nj->nkoj", f.g, f.ab)
+        names = rb.block.local_names
+        if "weight" in names and "bias" in names:  # public order: W (o, i) then b (o,)
+            j = torch.cat([j[..., :-1].flatten(2), j[..., -1]], dim=-1)
+        return GradFeats(j.flatten(2))
+    grads = sum(rb.rule.grads(rb.module, a, g, rb.block.local_names) for a, g in f.calls)
+    return GradFeats(grads.transpose(0, 1))
+
+
+def _add_grads(out: Tensor, j1: Tensor, j2: Tensor, trace: bool) -> None:
+    """out += J1 J2^T for per-example gradients (n, K, p), (m, Q, p), output order."""
+    if trace:  # sum over k = q and p at once
+        out.addmm_(j1.reshape(j1.shape[0], -1), j2.reshape(j2.shape[0], -1).T)
+    else:
+        out.addmm_(j1.reshape(-1, j1.shape[-1]), j2.reshape(-1, j2.shape[-1]).T)
+
+
+def _add_linear(out: Tensor, f1: LinearFeats, f2: LinearFeats, trace: bool) -> None:
+    """out += (ab1 ab2^T) * (G1 G2^T), one GEMM over the outputs o for all column pairs."""
+    inner = f1.ab @ f2.ab.T  # (n, m)
+    n, k, m = f1.g.shape[0], f1.g.shape[1], f2.g.shape[0]
+    if trace:  # sum_k <g1[n, k], g2[m, k]>: one GEMM over (k, o)
+        gg = f1.g.reshape(n, -1) @ f2.g.reshape(m, -1).T
+        out.addcmul_(gg, inner)
+        return
+    q = f2.g.shape[1]
+    gg = f1.g.reshape(n * k, -1) @ f2.g.reshape(m * q, -1).T  # (n k, m q)
+    out.view(n, k, m, q).addcmul_(gg.view(n, k, m, q), inner[:, None, :, None])
+
+
+def _add_rule(
+    engine: Engine, i: int, out: Tensor, f1: RuleFeats, f2: RuleFeats, trace: bool
+) -> None:
+    rb = engine.ruled[i]
+    names = rb.block.local_names
+    for a1, g1 in f1.calls:
+        for a2, g2 in f2.calls:
+            blk = rb.rule.gram(rb.module, a1, g1, a2, g2, names)  # (K, n, Q, m)
+            if trace:
+                out += blk.diagonal(dim1=0, dim2=2).sum(-1)
+            else:
+                k, n, q, m = blk.shape
+                out.view(n, k, m, q).add_(blk.permute(1, 0, 3, 2))
+
+
+def add_block(engine: Engine, out: Tensor, s1: Side, s2: Side, trace: bool) -> Tensor:
+    """out += Theta between two sides: (n1 K, n2 Q) (row n K + k), or (n1, n2) with ``trace``."""
+    for i, (f1, f2) in enumerate(zip(s1.ruled, s2.ruled, strict=True)):
+        if f1 is None or f2 is None:  # the layer was not reached: zero block
+            continue
+        if isinstance(f1, LinearFeats) and isinstance(f2, LinearFeats):
+            _add_linear(out, f1, f2, trace)
+        elif isinstance(f1, RuleFeats) and isinstance(f2, RuleFeats):
+            _add_rule(engine, i, out, f1, f2, trace)
+        else:
+            _add_grads(out, _as_grads(engine, i, f1).j, _as_grads(engine, i, f2).j, trace)
+    if s1.func is not None and s2.func is not None:
+        _add_grads(out, s1.func.j, s2.func.j, trace)
+    return out
+
+
+def _zeros(engine: Engine, rows: int, cols: int) -> Tensor:
+    p0 = engine.layout.entries[0].param
+    return torch.zeros(rows, cols, dtype=p0.dtype, device=p0.device)
 
 
 def gram_block(engine: Engine, s1: Side, s2: Side) -> Tensor:
-    """Theta[k, n, q, m] between two batches, shape (K1, n1, K2, n2)."""
-    out = None
-    for i, rb in enumerate(engine.ruled):
-        f1, f2 = s1.ruled[i], s2.ruled[i]
-        if isinstance(f1, list) and isinstance(f2, list):
-            if not f1 or not f2:  # the layer was not reached: zero block
-                continue
-            names = rb.block.local_names
-            blk = sum(
-                rb.rule.gram(rb.module, a1, g1, a2, g2, names) for a1, g1 in f1 for a2, g2 in f2
-            )
-        else:
-            if isinstance(f1, list) and not f1 or isinstance(f2, list) and not f2:
-                continue
-            blk = torch.einsum("knp,qmp->knqm", _grads(engine, i, f1), _grads(engine, i, f2))
-        out = blk if out is None else out + blk
-    if s1.func is not None and s2.func is not None:
-        blk = torch.einsum("knp,qmp->knqm", s1.func, s2.func)
-        out = blk if out is None else out + blk
-    if out is None:
-        dt, dev = engine.layout.entries[0].param.dtype, engine.layout.entries[0].param.device
-        out = torch.zeros(s1.k, s1.n, s2.k, s2.n, dtype=dt, device=dev)
-    return out
+    """Theta[k, n, q, m] between two sides, shape (K1, n1, K2, n2)."""
+    out = add_block(engine, _zeros(engine, s1.n * s1.k, s2.n * s2.k), s1, s2, trace=False)
+    return out.view(s1.n, s1.k, s2.n, s2.k).permute(1, 0, 3, 2)
 
 
 def gram_diag(res: BatchResult) -> Tensor:
@@ -104,12 +226,10 @@ def gram_diag(res: BatchResult) -> Tensor:
     return out
 
 
-def _reduce(blk: Tensor, trace: bool) -> Tensor:
-    """(K1, n1, K2, n2) -> (n1*K1, n2*K2) (row n*K + k), or (n1, n2) summed over k = q."""
-    if trace:
-        return blk.diagonal(dim1=0, dim2=2).sum(-1)
-    k, n, q, m = blk.shape
-    return blk.permute(1, 0, 3, 2).reshape(n * k, m * q)
+def _tiles(n: int) -> list[tuple[int, int]]:
+    """Example ranges splitting a batch of n into at most MAX_TILES_PER_BATCH tiles."""
+    size = max(MIN_TILE, -(-n // MAX_TILES_PER_BATCH))
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
 
 def gram_matrix(
@@ -117,27 +237,45 @@ def gram_matrix(
 ) -> Tensor:
     r"""The full Gram matrix over all batches: (N1*K, N2*K), row n*K + k (or (N1, N2) with
     ``trace``: sum_k Theta[k, n, k, m]). ``batches2=None``: the symmetric Gram of ``batches1``,
-    each off-diagonal block computed once. Features of the second side are kept in memory (per
-    layer (a, g) or per-example gradients, whichever is smaller to contract)."""
-    sides1: list[Side] = []
-    blocks: dict[tuple[int, int], Tensor] = {}
+    only tiles on and below the diagonal computed, the others mirrored. Features of the second
+    side are kept in memory (per layer (a, g) or per-example gradients, whichever is smaller to
+    contract); the output is allocated once and filled in place."""
     if batches2 is None:
-        for i, res in enumerate(engine.run(batches1)):
+        tiles: list[Side] = []
+        for res in engine.run(batches1):
             s = side(res)
-            sides1.append(s)
-            for j in range(i + 1):
-                blocks[i, j] = _reduce(gram_block(engine, s, sides1[j]), trace)
-        rows = []
-        for i in range(len(sides1)):
-            row = [blocks[i, j] if j <= i else blocks[j, i].mT for j in range(len(sides1))]
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)
+            tiles += [s.rows(lo, hi) for lo, hi in _tiles(s.n)]
+        return _symmetric(engine, tiles, trace)
     sides2 = [side(res) for res in engine.run(batches2)]
+    n2 = sum(s.n for s in sides2)
     rows = []
     for res in engine.run(batches1):
         s = side(res)
-        rows.append(torch.cat([_reduce(gram_block(engine, s, s2), trace) for s2 in sides2], dim=1))
+        k = 1 if trace else s.k
+        row = _zeros(engine, s.n * k, n2 * k)
+        c0 = 0
+        for s2 in sides2:
+            c1 = c0 + s2.n * k
+            add_block(engine, row[:, c0:c1], s, s2, trace)
+            c0 = c1
+        rows.append(row)
     return torch.cat(rows, dim=0)
+
+
+def _symmetric(engine: Engine, tiles: list[Side], trace: bool) -> Tensor:
+    """Theta(x, x) from its tiles of examples: lower blocks computed, upper ones mirrored."""
+    k = 1 if trace else tiles[0].k
+    starts = [0]
+    for t in tiles:
+        starts.append(starts[-1] + t.n * k)
+    out = _zeros(engine, starts[-1], starts[-1])
+    for i, ti in enumerate(tiles):
+        for j in range(i + 1):
+            blk = out[starts[i] : starts[i + 1], starts[j] : starts[j + 1]]
+            add_block(engine, blk, ti, tiles[j], trace)
+            if j < i:
+                out[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = blk.T
+    return out
 
 
 def gram_diagonal(engine: Engine, batches: Iterable, trace: bool = False) -> Tensor:

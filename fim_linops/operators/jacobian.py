@@ -20,6 +20,7 @@ from fim_linops.data import batch_size
 from fim_linops.engine.functional import jvp_columns, output_fn, vjp_columns
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import as_columns, from_columns
 
 
@@ -82,6 +83,9 @@ class Jacobian(LinearOperator):
         batches: the inputs, a list of model inputs (each a tensor or tuple/dict of tensors).
         outputs: the output selection (:class:`Outputs`).
         n_outputs: C, the number of selected outputs per example.
+        transposed: represent J^T (P, N*C) instead.
+        max_bytes: memory guard of ``to_dense()`` (and of dense NTKs built from this Jacobian);
+            None: no limit.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Jacobian(LinearOperator):
         outputs: Outputs,
         n_outputs: int,
         transposed: bool = False,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ):
         super().__init__(
             *params,
@@ -102,7 +107,9 @@ class Jacobian(LinearOperator):
             outputs=outputs,
             n_outputs=n_outputs,
             transposed=transposed,
+            max_bytes=max_bytes,
         )
+        self.max_bytes = max_bytes
         self.params = params
         self.model = model
         self.layout = layout
@@ -132,6 +139,7 @@ class Jacobian(LinearOperator):
             outputs=self.outputs,
             n_outputs=self.n_outputs,
             transposed=not self.transposed,
+            max_bytes=self.max_bytes,
         )
 
     def jvp(self, v: Tensor) -> Tensor:
@@ -165,9 +173,22 @@ class Jacobian(LinearOperator):
             out = self.vjp(cols) if self.transposed else self.jvp(cols)
         return from_columns(out, shape, vector)
 
+    def check_dense(self) -> None:
+        """Raise :class:`~fim_linops.memory_guard.MemoryLimitError` if the dense (N*C, P)
+        Jacobian exceeds ``max_bytes``."""
+        check_bytes(
+            "the dense Jacobian",
+            (self.n_examples * self.n_outputs, self.layout.numel),
+            self.params[0].dtype,
+            self.max_bytes,
+            "use products J @ V and J.T @ U (matrix-free), fl.ntk(..., structure='implicit'), "
+            "fewer inputs or params=... (a subset of the parameters)",
+        )
+
     def to_dense(self) -> Tensor:
         from fim_linops.ntk import jacobian_matrix
 
+        self.check_dense()
         j = jacobian_matrix(self.model, self.layout, self.batches, self.outputs)
         return j.T if self.transposed else j
 
