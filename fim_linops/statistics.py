@@ -62,6 +62,7 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
                     for e in block.entries:
                         total[e.start : e.stop] += (grads[e.name] ** 2).sum((0, 1)).reshape(-1)
         out.n += res.n
+        del res  # release this batch before the engine makes the next
     out.tensors = [total]
     return out
 
@@ -79,6 +80,7 @@ def block_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
                 gf = g.reshape(-1, g.shape[-1])
                 blocks[bi] += gf.T @ gf
         out.n += res.n
+        del res  # release this batch before the engine makes the next
     out.tensors = blocks
     return out
 
@@ -94,6 +96,7 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
             g = torch.cat(res.all_block_grads(lo, hi), dim=-1).reshape(-1, engine.layout.numel)
             total += g.T @ g
         out.n += res.n
+        del res  # release this batch before the engine makes the next
     out.tensors = [total]
     return out
 
@@ -106,16 +109,14 @@ def kfac_sums(engine: Engine, results: Iterable[BatchResult], reduce: bool = Fal
         for i, rb in enumerate(engine.ruled):
             for a, g in res.calls.get(i, []):
                 s = rb.rule.kfac(rb.module, a, g, rb.block.local_names, reduce=reduce)
-                if stats[i] is None:
+                prev = stats[i]
+                if prev is None:
                     stats[i] = s
-                else:
-                    prev = stats[i]
-                    stats[i] = KronStats(
-                        prev.left_sum + s.left_sum,
-                        prev.right_sum + s.right_sum,
-                        prev.a_rows + s.a_rows,
-                        s.left_is_a,
-                    )
+                else:  # in place: the first batch's factors are owned by this loop
+                    prev.left_sum += s.left_sum
+                    prev.right_sum += s.right_sum
+                    prev.a_rows += s.a_rows
         out.n += res.n
+        del res  # release this batch before the engine makes the next
     out.extra["stats"] = stats
     return out

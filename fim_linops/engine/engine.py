@@ -234,6 +234,7 @@ class Engine:
                 self._safe = True
                 result = self._batch(x, y, index, columns, need_grads, safe=True)
             yield result
+            del result  # one batch's (a, g) alive at a time, not two
 
     def _batch(
         self,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fim_linops.engine.rules.base import KronStats, LayerRule, register
-from fim_linops.engine.rules.linear import with_ones
+from fim_linops.engine.rules.linear import gram_with_ones
 
 
 def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -74,10 +74,11 @@ class ConvRule(LayerRule):
         if reduce:  # KFAC-reduce: patches averaged, gradients summed over the positions l
             a, g5 = a.mean(-1, keepdim=True), g5.sum(-1, keepdim=True)
         u = a.permute(1, 0, 3, 2).reshape(module.groups, -1, a.shape[2])  # (r, n*l, j)
-        u = with_ones(u, "weight" in names, "bias" in names)
         gf = g5.permute(2, 0, 1, 4, 3).reshape(module.groups, -1, g5.shape[3])  # (r, k*n*l, o)
         return KronStats(
-            left_sum=gf.transpose(1, 2) @ gf, right_sum=u.transpose(1, 2) @ u, a_rows=u.shape[1]
+            left_sum=gf.transpose(1, 2) @ gf,
+            right_sum=gram_with_ones(u, "weight" in names, "bias" in names),
+            a_rows=u.shape[1],
         )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:

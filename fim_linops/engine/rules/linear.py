@@ -33,6 +33,24 @@ def with_ones(a: Tensor, weight: bool, bias: bool) -> Tensor:
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
+def gram_with_ones(a: Tensor, weight: bool, bias: bool) -> Tensor:
+    r"""R^T R for the rows R = with_ones(a) without forming R: a (..., rows, i) ->
+    (..., c, c) with c = i (weight) + 1 (bias); the blocks are a^T a, a^T 1 and rows."""
+    if not bias:
+        return a.transpose(-1, -2) @ a
+    rows = a.shape[-2]
+    if not weight:
+        return torch.full((*a.shape[:-2], 1, 1), float(rows), dtype=a.dtype, device=a.device)
+    i = a.shape[-1]
+    out = torch.empty(*a.shape[:-2], i + 1, i + 1, dtype=a.dtype, device=a.device)
+    torch.matmul(a.transpose(-1, -2), a, out=out[..., :i, :i])  # sum_rows a a^T
+    total = a.sum(-2)  # (..., i): sum_rows a
+    out[..., :i, i] = total
+    out[..., i, :i] = total
+    out[..., i, i] = rows
+    return out
+
+
 class LinearRule(LayerRule):
     types = (nn.Linear,)
     has_kfac = True
@@ -74,10 +92,12 @@ class LinearRule(LayerRule):
         a3, g3 = _as_3d(a, g)
         if reduce:  # KFAC-reduce: a averaged, g summed over the positions t of each example
             a3, g3 = a3.mean(1, keepdim=True), g3.sum(2, keepdim=True)
-        ab = with_ones(a3.reshape(-1, a3.shape[-1]), "weight" in names, "bias" in names)
-        gf = g3.reshape(-1, g3.shape[-1])
+        af = a3.reshape(-1, a3.shape[-1])  # (n*t, i)
+        gf = g3.reshape(-1, g3.shape[-1])  # (k*n*t, o)
         return KronStats(
-            left_sum=(gf.T @ gf)[None], right_sum=(ab.T @ ab)[None], a_rows=ab.shape[0]
+            left_sum=(gf.T @ gf)[None],
+            right_sum=gram_with_ones(af, "weight" in names, "bias" in names)[None],
+            a_rows=af.shape[0],
         )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
