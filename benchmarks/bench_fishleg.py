@@ -100,11 +100,19 @@ def load_data() -> tuple[Tensor, Tensor]:
 
 
 def make_model(seed: int) -> nn.Sequential:
+    """The auto-encoder with the paper's initialisation: W ~ N(0, 1 / fan_in), b = 0.
+
+    (PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), has a third of that variance: through
+    ten layers the signal fades, every optimiser starts on the mean-image plateau (train 27.2) and
+    Adam ends near 16.5 instead of the 15.5 of the issue's re-implementation.)"""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     n = len(SIZES) - 1
     for i in range(n):
-        layers.append(nn.Linear(SIZES[i], SIZES[i + 1]))
+        lin = nn.Linear(SIZES[i], SIZES[i + 1])
+        nn.init.normal_(lin.weight, std=SIZES[i] ** -0.5)
+        nn.init.zeros_(lin.bias)
+        layers.append(lin)
         if i < n - 1 and SIZES[i + 1] != min(SIZES):  # linear code layer and output logits
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_linops.fishleg.block_diag import BlockDiagonal
+from fim_linops.fishleg.cached import apply_block, cache_block
 from fim_linops.fishleg.fvp import fisher_vector_product
 from fim_linops.fishleg.init import kfac_factors
 from fim_linops.fishleg.parameterisation import (
@@ -191,6 +192,7 @@ class FishLeg(torch.optim.Optimizer):
             eps=aux_eps,
             capturable=like.device.type == "cuda",  # Adam's step counter on the device: no syncs
         )
+        self._cache: list[tuple[Tensor, ...]] | None = None
         self.aux_loss = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
         self.aux_skipped = torch.zeros((), dtype=torch.long, device=like.device)
 
@@ -337,6 +339,7 @@ class FishLeg(torch.optim.Optimizer):
             self.aux_skipped += (~ok).long()
         for t in lam:
             t.grad = None
+        self._cache = None  # lambda moved: the squared factors are formed again at the next step
 
     # -- the optimiser step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -349,26 +352,44 @@ class FishLeg(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         t, warmup = self._t, group["warmup"]
-        g = self._gradient()
         in_warmup = t < warmup
         if in_warmup or (t > 0 and (t - warmup) % group["update_aux_every"] == 0):
+            g = self._gradient()
             for _ in range(group["aux_steps"]):
                 self._aux_step(group, g)
         self._t += 1
         if in_warmup:
             return loss
-        qg = self.layout.unflatten(self._apply_q(g, detach=True))
-        beta, wd, lr = group["momentum"], group["weight_decay"], group["lr"]
-        for e in self.layout.entries:
-            p = e.param
-            if p.grad is None:
-                continue
+        if self._cache is None:  # squared factors of Q, formed once per auxiliary update
+            self._cache = [
+                cache_block(s, lam) for s, lam in zip(self.specs, self.lambdas, strict=True)
+            ]
+        params: list[Tensor] = []
+        qgs: list[Tensor] = []
+        for spec, block, factors in zip(self.specs, self.layout.blocks, self._cache, strict=True):
+            grads = [
+                e.param.grad if e.param.grad is not None else torch.zeros_like(e.param)
+                for e in block.entries
+            ]
+            for e, q in zip(block.entries, apply_block(spec, factors, grads), strict=True):
+                if e.param.grad is not None:
+                    params.append(e.param)
+                    qgs.append(q)
+        if not params:
+            return loss
+        bufs = []
+        for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(beta).add_(qg[e.name], alpha=1 - beta)
-            p.add_(buf.add(p, alpha=wd) if wd else buf, alpha=-lr)
+            bufs.append(state["momentum_buffer"])
+        beta, wd, lr = group["momentum"], group["weight_decay"], group["lr"]
+        torch._foreach_mul_(bufs, beta)  # m <- beta m + (1 - beta) Q g
+        torch._foreach_add_(bufs, qgs, alpha=1 - beta)
+        if wd:
+            torch._foreach_add_(params, torch._foreach_add(bufs, params, alpha=wd), alpha=-lr)
+        else:
+            torch._foreach_add_(params, bufs, alpha=-lr)
         return loss
 
     # -- state ----------------------------------------------------------------------------------------
@@ -413,6 +434,7 @@ class FishLeg(torch.optim.Optimizer):
         self._aux_batches = 0
         self._aux_iter = None
         self._last_x = None
+        self._cache = None
         if not _is_one_batch(self._aux_data) and fl["aux_batches"]:
             n = int(fl["aux_batches"])
             if hasattr(self._aux_data, "__len__") and len(self._aux_data) > 0:
