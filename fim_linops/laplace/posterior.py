@@ -7,8 +7,16 @@ Fisher of ``fl.fisher``), s = sigma_0^2 / sigma^2 for a Gaussian likelihood whos
 structure; P keeps its exact algebra (:mod:`fim_linops.laplace.prior`).
 
 GLM predictive at inputs x (N examples, C outputs): f(x) ~ N(f(x; theta*), J Sigma J^T), J the
-(N*C, P) Jacobian; per example (N, C, C), or jointly (N*C, N*C). Computed in batches of examples:
-per batch the Jacobian rows from the layer rules (batch x C x P at most), one exact solve with P.
+(N*C, P) Jacobian; per example (N, C, C), or jointly (N*C, N*C). Computed in batches of examples,
+one forward and one batched backward of the C output columns per batch:
+
+* diag, KFAC, EKFAC posteriors (scalar or per-layer priors): layer by layer in the basis where
+  Sigma_l is diagonal, from the layer inputs a and output gradients g (Linear) or the layer's
+  per-example gradients (other layers), never the N x C x P Jacobian
+  (:mod:`fim_linops.laplace.structured`);
+* lowrank: Woodbury, (J U) D (J U)^T + Theta / delta, J U by forward mode;
+* dense, block_diag, mixed: per batch the Jacobian rows from the layer rules (batch x C x P),
+  one exact solve with P.
 
 Evidence (MacKay; Immer et al. 2021):
 log p(D) ~ log p(D | theta*) - 1/2 (log det P - log det P0 + theta*^T P0 theta*),
@@ -18,6 +26,7 @@ differentiable in P0 and sigma.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -25,13 +34,16 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from fim_linops.algebra import sample as sample_gaussian
+from fim_linops.data import batch_size as n_examples
 from fim_linops.data import call_model, iter_batches
 from fim_linops.engine import Engine, FisherType
 from fim_linops.engine.gram import gram_block, side
 from fim_linops.fisher import fisher
 from fim_linops.laplace import prior as priors
+from fim_linops.laplace import structured
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.ntk import _jacobian_op, gram_of, jacobian_matrix, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
@@ -52,6 +64,11 @@ class Laplace:
         params: the parameters the posterior is over (None: all trainable ones).
         rank: for structure="lowrank".
         batch_size: examples per batch in predictive computations.
+        max_bytes: memory guard, checked before allocating: the dense (P x P) or block-diagonal
+            posterior, the joint predictive covariance (N*C x N*C) and the per-batch Jacobian
+            (batch_size*C x P) of the dense/block_diag predictive; over it a ``ValueError``
+            names what fits (None: no limit).
+        **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``kfac_approx``).
     """
 
     def __init__(
@@ -64,14 +81,17 @@ class Laplace:
         params: Any = None,
         rank: int | None = None,
         batch_size: int = 256,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         **fisher_kwargs: Any,
     ):
         self.model = model
         self.likelihood = get_likelihood(likelihood)
         self.layout = ParamLayout.from_model(model, params)
         self.batch_size = batch_size
+        self.max_bytes = max_bytes
         p0 = self.layout.entries[0].param
         self.dtype, self.device = p0.dtype, p0.device
+        self._check_structure_memory(structure)
         self.mean = self.layout.vector()
         self.n_data, self._fit = self._fit_statistics(data)
         mean_fisher = fisher(
@@ -82,6 +102,7 @@ class Laplace:
             fisher_type="exact",
             params=self.layout.params,
             rank=rank,
+            max_bytes=sys.maxsize if max_bytes is None else max_bytes,
             **fisher_kwargs,
         )
         self.ggn = mean_fisher * float(self.n_data)  # sum over the data
@@ -94,6 +115,18 @@ class Laplace:
         self.sigma = self.sigma0
         self.prior_precision = prior_precision
         self._evals: Tensor | None = None
+
+    def _check_structure_memory(self, structure: Any) -> None:
+        """Raise before fitting when a dense or block-diagonal posterior exceeds max_bytes."""
+        p = self.layout.numel
+        fix = "use structure='kfac', 'ekfac', 'diag' or 'lowrank' (rank=...), or params=..."
+        if structure == "dense":
+            check_bytes("the dense posterior precision", (p, p), self.dtype, self.max_bytes, fix)
+        elif structure == "block_diag":
+            need = sum(b.numel**2 for b in self.layout.blocks)
+            check_bytes(
+                "the block-diagonal posterior precision", (need,), self.dtype, self.max_bytes, fix
+            )
 
     # -- hyper-parameters ------------------------------------------------------------------------
     @property
@@ -209,11 +242,30 @@ class Laplace:
     def predictive(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
         r"""GLM predictive: mean f(x; theta*) (N, C) and covariance J Sigma J^T, per example
         (N, C, C) or, with ``joint``, (N*C, N*C) (row n*C + c)."""
+        if joint:
+            nc = n_examples(x) * self._n_outputs
+            check_bytes(
+                "the joint predictive covariance",
+                (nc, nc),
+                self.dtype,
+                self.max_bytes,
+                "use joint=False (per-example (N, C, C) covariances) or fewer inputs",
+            )
         if isinstance(self.ggn, LowRank):
             return self._predictive_lowrank(x, joint)
         prec = self.posterior_precision
+        covs_l = structured.layer_covariances(prec, self.layout)
+        if covs_l is not None:
+            return self._predictive_structured(x, joint, covs_l)
         sel = Outputs()
         batches = split_inputs(x, self.batch_size)
+        check_bytes(
+            "the Jacobian of one batch",
+            (n_examples(batches[0]) * self._n_outputs, self.layout.numel),
+            self.dtype,
+            self.max_bytes,
+            "use a smaller batch_size, or structure='kfac', 'diag' or 'lowrank'",
+        )
         means, covs, jacs = [], [], []
         for xb in batches:
             f = self._forward(xb)
@@ -231,6 +283,23 @@ class Laplace:
             return mean, j @ prec.solve(j.T)
         return mean, torch.cat(covs)
 
+    def _predictive_structured(
+        self, x: Any, joint: bool, covs: list[structured.LayerCov]
+    ) -> tuple[Tensor, Tensor]:
+        """Diag/KFAC/EKFAC posteriors: layer by layer in Sigma's eigenbasis, from each batch's
+        captured (a, g) or per-layer per-example gradients (:mod:`structured`)."""
+        batches = split_inputs(x, self.batch_size)
+        mean = torch.cat([self._forward(xb) for xb in batches])
+        parts: list = []
+        with preserved_state(self.model):
+            engine = Engine(self.model, self.layout, Outputs(), FisherType.EXACT)
+            for res in engine.run([(xb, None) for xb in batches]):
+                feats = structured.batch_features(res, covs)
+                parts.append((res.n, res.k, feats) if joint else structured.per_example(feats))
+        if joint:
+            return mean, structured.joint(parts, self.dtype, self.device)
+        return mean, torch.cat(parts)
+
     def _predictive_lowrank(self, x: Any, joint: bool) -> tuple[Tensor, Tensor]:
         r"""Low-rank GGN s U diag(lambda) U^T with a scalar prior delta, by Woodbury:
         Sigma = U diag(1/(s lambda + delta) - 1/delta) U^T + I / delta, so
@@ -239,7 +308,7 @@ class Laplace:
         delta = self._prior
         d = 1 / (self._scale(self.sigma) * self.ggn.evals + delta) - 1 / delta  # (k,)
         batches = split_inputs(x, self.batch_size)
-        jac = _jacobian_op(self.model, self.layout, x, Outputs(), self.batch_size)
+        jac = _jacobian_op(self.model, self.layout, x, Outputs(), self.batch_size, self.max_bytes)
         with preserved_state(self.model):
             ju = jac.jvp(self.ggn.u)  # (N*C, k)
         mean = torch.cat([self._forward(xb) for xb in batches])
