@@ -129,7 +129,7 @@ for step in range(60):
 scale = float(gp.covar_module.outputscale.detach())
 gp_noise = float(gp_lik.noise.detach())
 print(f"outputscale 1/delta = {scale:.4g}, noise sigma = {gp_noise**0.5:.4f}, "
-      f"-mll/N = {float(gp_loss):.4f}")
+      f"-mll/N = {float(gp_loss.detach()):.4f}")
 
 gp.eval()
 with torch.no_grad():
