@@ -46,6 +46,8 @@ from fim_linops.operators import KFAC
 from fim_linops.state import preserved_state
 
 try:
+    from laplace.baselaplace import LowRankLaplace as _LowRankLaplace
+    from laplace.baselaplace import ParametricLaplace
     from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
     from laplace.utils import Kron
 except ImportError as err:  # pragma: no cover - exercised only without laplace-torch
@@ -54,7 +56,7 @@ except ImportError as err:  # pragma: no cover - exercised only without laplace-
         "pip install 'fim_linops[laplace]' or pip install laplace-torch"
     ) from err
 
-__all__ = ["FimLinopsEF", "FimLinopsGGN", "FimLinopsInterface"]
+__all__ = ["FimLinopsEF", "FimLinopsGGN", "FimLinopsInterface", "LowRankLaplace"]
 
 #: eigenvalues at or below this multiple of eps * lambda_max are dropped by ``eig_lowrank``
 LOWRANK_CUTOFF = 1000.0
@@ -168,8 +170,8 @@ class FimLinopsInterface(CurvatureInterface):
         loader: the top k = ``low_rank`` eigenpairs of fim_linops' ``structure="lowrank"`` (exact
         SVD of the stacked per-example gradients when they fit, subspace iteration on exact
         products otherwise), less those numerically zero (k' <= k)."""
-        device = next(self.model.parameters()).device
-        loss = torch.zeros((), device=device)
+        device, dtype = self.params[0].device, self.params[0].dtype
+        loss = torch.zeros((), device=device, dtype=dtype)
         n = 0
         batches = []
         for x, y in data_loader:
@@ -286,3 +288,47 @@ class FimLinopsEF(FimLinopsInterface, EFInterface):
     gradients of laplace-torch's loss (its scaling, see the module docstring)."""
 
     _fisher_type = FisherType.EMPIRICAL
+
+
+class LowRankLaplace(_LowRankLaplace):
+    r"""laplace-torch's ``LowRankLaplace`` (posterior precision U diag(lambda) U^T + P_0 from the
+    backend's ``eig_lowrank``) with ``FimLinopsGGN`` as its default backend.
+
+    laplace-torch 0.3's constructor refuses to run unless a module named ``asdfghjkl`` (the old
+    ASDL fork its default ``AsdfghjklHessian`` backend needs) is importable, which PyPI's
+    ``asdfghjkl`` package does not provide (it installs ``asdl``); so
+    ``laplace.Laplace(..., hessian_structure="lowrank")`` raises ImportError there whatever the
+    backend. This class skips that check, which only concerns the default backend; everything
+    else (fit, predictive, evidence, samples) is laplace-torch's own code. With the old asdfghjkl
+    installed, ``laplace.Laplace(..., hessian_structure="lowrank", backend=FimLinopsGGN)`` is the
+    same thing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        backend: type[CurvatureInterface] | None = None,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        ParametricLaplace.__init__(
+            self,
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=FimLinopsGGN if backend is None else backend,
+            backend_kwargs=backend_kwargs,
+        )
