@@ -41,7 +41,12 @@ calibrated classification on scikit-learn's digits.""",
     ),
     (
         "code",
-        """import time
+        """import warnings
+
+warnings.filterwarnings(  # a deprecation notice from a dependency's import, not ours
+    "ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning
+)
+import time
 
 import gpytorch
 import matplotlib

@@ -46,7 +46,12 @@ Two ways to score a shared head: **10-way** (class-incremental: argmax over all 
     ),
     (
         "code",
-        """import copy
+        """import warnings
+
+warnings.filterwarnings(  # a deprecation notice from a dependency's import, not ours
+    "ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning
+)
+import copy
 import time
 
 import matplotlib
