@@ -63,6 +63,7 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
                         total[e.start : e.stop] += (grads[e.name] ** 2).sum((0, 1)).reshape(-1)
         out.n += res.n
         del res  # release this batch before the engine makes the next
+    assert total is not None, "fisher() rejects empty data before building"
     out.tensors = [total]
     return out
 
@@ -81,6 +82,7 @@ def block_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
                 blocks[bi] += gf.T @ gf
         out.n += res.n
         del res  # release this batch before the engine makes the next
+    assert blocks is not None, "fisher() rejects empty data before building"
     out.tensors = blocks
     return out
 
@@ -97,6 +99,7 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
             total += g.T @ g
         out.n += res.n
         del res  # release this batch before the engine makes the next
+    assert total is not None, "fisher() rejects empty data before building"
     out.tensors = [total]
     return out
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -37,10 +37,29 @@ class BuildContext:
         sums.n = all_reduce_count(sums.n, self.group, self.device)
         return sums
 
-    def results(self, columns: list | None = None) -> Iterator[BatchResult]:
+    def results(self, columns: list | None = None) -> Generator[BatchResult, None, None]:
         return self.engine.run(
             self.data, self.device, self.dtype, progress=self.progress, columns=columns
         )
+
+
+@dataclass
+class RecordingContext(BuildContext):
+    """The same context, recording each batch's back-propagated columns (e.g. sampled MC labels)
+    into ``store`` on the way, so that a second pass (``results(columns=store)``) sees the same
+    columns as the first."""
+
+    store: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, ctx: BuildContext, store: list[torch.Tensor] | None) -> RecordingContext:
+        return cls(**{f.name: getattr(ctx, f.name) for f in fields(ctx)}, store=store)
+
+    def results(self, columns: list | None = None) -> Generator[BatchResult, None, None]:
+        for res in super().results(columns):
+            if self.store is not None:
+                self.store.append(res.v)
+            yield res
 
 
 Builder = Callable[[BuildContext], FisherOperator]

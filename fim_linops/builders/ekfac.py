@@ -12,14 +12,13 @@ sampled in pass 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from fim_linops.builders import core  # noqa: F401  (the KFAC builder is registered first)
-from fim_linops.builders.base import BUILDERS, BuildContext, register
+from fim_linops.builders.base import BUILDERS, BuildContext, RecordingContext, register
 from fim_linops.engine import BatchResult, Engine, FisherType
 from fim_linops.engine.rules.conv import ConvRule
 from fim_linops.engine.rules.linear import LinearRule, with_ones
@@ -82,6 +81,7 @@ def _projected_generic(res: BatchResult, i: int, spec: KronSpec, ql: Tensor, qr:
         m = ql.transpose(-1, -2) @ m @ qr
         part = m.square_().sum(0)
         out = part if out is None else out + part
+    assert out is not None  # a batch has at least one example
     return out
 
 
@@ -106,22 +106,10 @@ def eigen_sums(
                 part = _projected_conv(rb.module, *calls[0], spec, ql, qr, res)
             else:
                 part = _projected_generic(res, i, spec, ql, qr)
-            sums[i] = part if sums[i] is None else sums[i] + part
+            prev = sums[i]
+            sums[i] = part if prev is None else prev + part
         n += res.n
     return sums, n
-
-
-@dataclass
-class _Recording(BuildContext):
-    """The same context, recording each batch's back-propagated columns (MC labels) on the way."""
-
-    store: list[Tensor] | None = None
-
-    def results(self, columns: list | None = None) -> Iterator[BatchResult]:
-        for res in super().results(columns):
-            if self.store is not None:
-                self.store.append(res.v)
-            yield res
 
 
 def _reduce(ctx: BuildContext, sums: Sums) -> Sums:
@@ -134,7 +122,7 @@ def _reduce(ctx: BuildContext, sums: Sums) -> Sums:
 def build_ekfac(ctx: BuildContext) -> EKFAC:
     engine = ctx.engine
     columns: list[Tensor] | None = [] if engine.fisher_type is FisherType.MC else None
-    recording = _Recording(**{f.name: getattr(ctx, f.name) for f in fields(ctx)}, store=columns)
+    recording = RecordingContext.of(ctx, columns)
     kfac: KFAC = BUILDERS[Structure.KFAC](recording)
     bases = [(sym_eigh(left)[1], sym_eigh(right)[1]) for _, left, right in kfac.pairs()]
     sums, n = eigen_sums(engine, ctx.results(columns=columns), kfac.specs, bases)

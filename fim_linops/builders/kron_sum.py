@@ -20,13 +20,11 @@ of r Kronecker products R(F) has rank r and the first iteration is exact.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from fim_linops.builders.base import BuildContext, register
+from fim_linops.builders.base import BuildContext, RecordingContext, register
 from fim_linops.builders.lowrank import check_rank
 from fim_linops.engine import BatchResult, Engine, FisherType
 from fim_linops.engine.rules.linear import LinearRule, with_ones
@@ -82,6 +80,7 @@ def _apply(res: BatchResult, i: int, spec: KronSpec, x: Tensor, adjoint: bool) -
         else:
             part = torch.einsum("mgac,jgcd,mgbd->jgab", m, x, m)
         out = part if out is None else out + part
+    assert out is not None  # a batch has at least one example
     return out
 
 
@@ -92,24 +91,13 @@ def _orth(x: Tensor) -> Tensor:
     return q.reshape(g, d, d, j).permute(3, 0, 1, 2)
 
 
-@dataclass
-class _Recording(BuildContext):
-    store: list[Tensor] | None = None
-
-    def results(self, columns: list | None = None) -> Iterator[BatchResult]:
-        for res in super().results(columns):
-            if self.store is not None:
-                self.store.append(res.v)
-            yield res
-
-
 @register(Structure.KRON_SUM)
 def build_kron_sum(ctx: BuildContext) -> KronSum:
     engine = ctx.engine
     specs = kron_specs(engine)
     r = check_rank(ctx.rank, engine.layout.numel, "structure='kron_sum'")
     columns: list[Tensor] | None = [] if engine.fisher_type is FisherType.MC else None
-    recording = _Recording(**{f.name: getattr(ctx, f.name) for f in fields(ctx)}, store=columns)
+    recording = RecordingContext.of(ctx, columns)
     dt, dev = ctx.dtype, ctx.device
     gen = torch.Generator(device=dev).manual_seed(0)
     width = [min(r + OVERSAMPLE, s.rows**2, s.cols**2) for s in specs]
@@ -126,7 +114,8 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
             for i, spec in enumerate(specs):
                 if res.calls.get(i):
                     part = _apply(res, i, spec, xs[i], adjoint)
-                    out[i] = part if out[i] is None else out[i] + part
+                    prev = out[i]
+                    out[i] = part if prev is None else prev + part
             n += res.n
         d = [(s.cols if adjoint else s.rows) for s in specs]
         return [
@@ -148,10 +137,10 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
     for _ in range(MAX_ITER):
         if prev is not None:
             done = True
-            for yi, (qy, u, sv, v) in zip(y, prev, strict=True):
+            for yi, (qy_i, u, sv, v) in zip(y, prev, strict=True):
                 # Ritz residual R(F) v_s - sigma_s u_s, s < r (j iterate, s triplet, g group)
                 lhs = torch.einsum("jgab,gjs->sgab", yi, v)
-                rhs = torch.einsum("jgab,gjs->sgab", qy, u) * sv.T[:, :, None, None]
+                rhs = torch.einsum("jgab,gjs->sgab", qy_i, u) * sv.T[:, :, None, None]
                 res_norm = (lhs - rhs)[:r].flatten(2).norm(dim=-1)
                 if bool((res_norm > tol * sv[:, :1].T.clamp_min(torch.finfo(dt).tiny)).any()):
                     done = False

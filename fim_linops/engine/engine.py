@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import enum
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,7 +221,7 @@ class Engine:
         progress: bool = False,
         need_grads: bool = True,
         columns: list[Tensor] | None = None,
-    ) -> Iterator[BatchResult]:
+    ) -> Generator[BatchResult, None, None]:
         """One forward and one batched backward per batch; yields a :class:`BatchResult`."""
         batches = iter_batches(data, device, dtype, need_targets=True)
         if progress:
@@ -233,6 +233,7 @@ class Engine:
             if result is None:  # an in-place op rewrote a kept tensor: redo with private copies
                 self._safe = True
                 result = self._batch(x, y, index, columns, need_grads, safe=True)
+                assert result is not None  # the safe mode never needs a retry
             yield result
             del result  # one batch's (a, g) alive at a time, not two
 

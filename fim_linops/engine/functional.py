@@ -64,7 +64,7 @@ class FunctionalModel:
                 x_b = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x_n)
                 return likelihood.check_output(_call(self.model, p, x_b))[0]
 
-            _, pullback = vjp(f, params)
+            pullback = vjp(f, params)[1]
             return vmap(pullback)(v_n)[0]
 
         out = vmap(one, in_dims=(0, 0), randomness="different")(xs, vs)  # name -> (n, K, *shape)
@@ -92,7 +92,7 @@ def jvp_columns(f, params: dict[str, Tensor], tangents: dict[str, Tensor]) -> Te
 
 def vjp_columns(f, params: dict[str, Tensor], cotangents: Tensor) -> dict[str, Tensor]:
     """J^T u for each of M cotangents (M, N, C) -> name -> (M, *shape), one forward."""
-    _, pullback = vjp(f, params)
+    pullback = vjp(f, params)[1]
     return vmap(pullback)(cotangents)[0]
 
 

@@ -13,12 +13,19 @@ the patches and sums the gradients over l per example first (Eschenhagen et al. 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fim_linops.engine.rules.base import KronStats, LayerRule, register
 from fim_linops.engine.rules.linear import gram_with_ones
+
+
+def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d:
+    """The module as the type this rule is registered for (for the type checker)."""
+    return cast("nn.Conv1d | nn.Conv2d", module)
 
 
 def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -38,7 +45,7 @@ def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     u = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*prod(k), L)
     n, _, length = u.shape
-    return u.reshape(n, module.groups, -1, length)
+    return u.reshape(n, _conv(module).groups, -1, length)
 
 
 class ConvRule(LayerRule):
@@ -46,13 +53,13 @@ class ConvRule(LayerRule):
     has_kfac = True
 
     def prepare(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        return patches(module, inputs[0].detach())
+        return patches(_conv(module), inputs[0].detach())
 
     @staticmethod
     def _g(module: nn.Module, g: Tensor) -> Tensor:
         """(K, N, O, *spatial) -> (K, N, groups, O/groups, L)."""
         k, n, o = g.shape[:3]
-        return g.reshape(k, n, module.groups, o // module.groups, -1)
+        return g.reshape(k, n, _conv(module).groups, o // _conv(module).groups, -1)
 
     def param_grads(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
@@ -73,8 +80,10 @@ class ConvRule(LayerRule):
         g5 = self._g(module, g)
         if reduce:  # KFAC-reduce: patches averaged, gradients summed over the positions l
             a, g5 = a.mean(-1, keepdim=True), g5.sum(-1, keepdim=True)
-        u = a.permute(1, 0, 3, 2).reshape(module.groups, -1, a.shape[2])  # (r, n*l, j)
-        gf = g5.permute(2, 0, 1, 4, 3).reshape(module.groups, -1, g5.shape[3])  # (r, k*n*l, o)
+        u = a.permute(1, 0, 3, 2).reshape(_conv(module).groups, -1, a.shape[2])  # (r, n*l, j)
+        gf = g5.permute(2, 0, 1, 4, 3).reshape(
+            _conv(module).groups, -1, g5.shape[3]
+        )  # (r, k*n*l, o)
         return KronStats(
             left_sum=gf.transpose(1, 2) @ gf,
             right_sum=gram_with_ones(u, "weight" in names, "bias" in names),
@@ -82,15 +91,15 @@ class ConvRule(LayerRule):
         )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
-        j = module.weight.shape[1:].numel()
+        j = _conv(module).weight.shape[1:].numel()
         cols = (j if "weight" in names else 0) + (1 if "bias" in names else 0)
-        return module.groups, module.out_channels // module.groups, cols
+        return _conv(module).groups, _conv(module).out_channels // _conv(module).groups, cols
 
     # -- NTK blocks: k, q columns; n, m examples; r group; o output; j patch; t, s positions ----
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
         # per pair of examples: L^2 (R J + K^2 O) from the patches against K^2 O J via gradients
-        k, groups, j, length = g.shape[0], module.groups, a.shape[2], a.shape[3]
-        o = module.out_channels
+        k, groups, j, length = g.shape[0], _conv(module).groups, a.shape[2], a.shape[3]
+        o = _conv(module).out_channels
         return length * length * (groups * j + k * k * o) < k * k * o * j
 
     def gram(
@@ -107,7 +116,9 @@ class ConvRule(LayerRule):
         if "weight" in names:
             inner = torch.einsum("nrjt,mrjs->nrtms", a1, a2)
         else:
-            inner = a1.new_zeros(a1.shape[0], module.groups, a1.shape[3], a2.shape[0], a2.shape[3])
+            inner = a1.new_zeros(
+                a1.shape[0], _conv(module).groups, a1.shape[3], a2.shape[0], a2.shape[3]
+            )
         if "bias" in names:
             inner = inner + 1
         return torch.einsum("nrtms,knrot,qmros->knqm", inner, g1, g2)

@@ -9,10 +9,17 @@ A kron G with A = diag(token counts) over N*T rows and G = sum_{k,n,t} g g^T.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 from fim_linops.engine.rules.base import KronStats, LayerRule, register
+
+
+def _emb(module: nn.Module) -> nn.Embedding:
+    """The module as the type this rule is registered for (for the type checker)."""
+    return cast("nn.Embedding", module)
 
 
 class EmbeddingRule(LayerRule):
@@ -25,14 +32,14 @@ class EmbeddingRule(LayerRule):
 
     def prepare(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         tokens = inputs[0].reshape(inputs[0].shape[0], -1)
-        if module.padding_idx is not None:
-            tokens = tokens.masked_fill(tokens == module.padding_idx, -1)  # -1: no gradient
+        if _emb(module).padding_idx is not None:
+            tokens = tokens.masked_fill(tokens == _emb(module).padding_idx, -1)  # -1: no gradient
         return tokens
 
     def _onehot(self, module: nn.Module, tokens: Tensor, dtype: torch.dtype) -> Tensor:
         """(N, T, V) one-hot of the tokens, zero rows for padding_idx."""
         valid = tokens >= 0
-        oh = torch.nn.functional.one_hot(tokens.clamp_min(0), module.num_embeddings).to(dtype)
+        oh = torch.nn.functional.one_hot(tokens.clamp_min(0), _emb(module).num_embeddings).to(dtype)
         return oh * valid[..., None].to(dtype)
 
     def param_grads(
@@ -70,12 +77,12 @@ class EmbeddingRule(LayerRule):
         )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
-        return 1, module.num_embeddings, module.embedding_dim
+        return 1, _emb(module).num_embeddings, _emb(module).embedding_dim
 
     # -- NTK blocks: k, q columns; n, m examples; t, s positions; d feature ---------------------
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
         # per pair of examples: T^2 (K^2 D) from token matches against K^2 V D via gradients
-        return a.shape[1] ** 2 < module.num_embeddings * g.shape[0] ** 2
+        return a.shape[1] ** 2 < _emb(module).num_embeddings * g.shape[0] ** 2
 
     def gram(
         self,

@@ -11,10 +11,17 @@ row-major [W | b]. "reduce": a_n = mean_t a_{n,t}, g_{k,n} = sum_t g_{k,n,t}, th
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 from fim_linops.engine.rules.base import KronStats, LayerRule, register
+
+
+def _lin(module: nn.Module) -> nn.Linear:
+    """The module as the type this rule is registered for (for the type checker)."""
+    return cast("nn.Linear", module)
 
 
 def _as_3d(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,8 +108,10 @@ class LinearRule(LayerRule):
         )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
-        cols = (module.in_features if "weight" in names else 0) + (1 if "bias" in names else 0)
-        return 1, module.out_features, cols
+        cols = (_lin(module).in_features if "weight" in names else 0) + (
+            1 if "bias" in names else 0
+        )
+        return 1, _lin(module).out_features, cols
 
     # -- NTK blocks: q, k columns; n, m examples; t, s positions; i input; o output -------------
     @staticmethod

@@ -10,6 +10,8 @@ dweight[k, n, c] = sum_s g[k, n, c, s] x_hat[n, c, s], dbias[k, n, c] = sum_s g[
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -56,12 +58,14 @@ class LayerNormRule(_AffineNormRule):
     types = (nn.LayerNorm,)
 
     def x_hat(self, module: nn.Module, x: Tensor) -> Tensor:
+        module = cast(nn.LayerNorm, module)
         dims = tuple(range(-len(module.normalized_shape), 0))
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
         return (x - mean) / torch.sqrt(var + module.eps)
 
     def _to_ncs(self, module: nn.Module, t: Tensor) -> Tensor:
+        module = cast(nn.LayerNorm, module)
         c = int(torch.Size(module.normalized_shape).numel())
         return t.reshape(t.shape[0], -1, c).transpose(1, 2)
 
@@ -72,6 +76,7 @@ class GroupNormRule(_AffineNormRule):
     types = (nn.GroupNorm,)
 
     def x_hat(self, module: nn.Module, x: Tensor) -> Tensor:
+        module = cast(nn.GroupNorm, module)
         n = x.shape[0]
         xg = x.reshape(n, module.num_groups, -1)
         mean = xg.mean(-1, keepdim=True)
@@ -88,10 +93,13 @@ class BatchNormRule(_AffineNormRule):
     types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
     def supports(self, module: nn.Module) -> bool:
+        module = cast(nn.modules.batchnorm._BatchNorm, module)
         return not module.training and module.track_running_stats
 
     def x_hat(self, module: nn.Module, x: Tensor) -> Tensor:
+        module = cast(nn.modules.batchnorm._BatchNorm, module)
         shape = (1, -1) + (1,) * (x.ndim - 2)
+        assert module.running_mean is not None and module.running_var is not None  # supports()
         mean = module.running_mean.reshape(shape).to(x.dtype)
         var = module.running_var.reshape(shape).to(x.dtype)
         return (x - mean) / torch.sqrt(var + module.eps)
