@@ -26,6 +26,13 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} bytes"
+
+
 def check_bytes(
     what: str, shape: tuple[int, ...], dtype: torch.dtype, max_bytes: int | None, fix: str
 ) -> None:
@@ -43,7 +50,6 @@ def check_bytes(
     need = nbytes(shape, dtype)
     if need > max_bytes:
         raise MemoryLimitError(
-            f"{what} of shape {tuple(shape)} needs {need / 1024**2:,.1f} MiB, over the limit of "
-            f"{max_bytes / 1024**2:,.1f} MiB; {fix}, or pass max_bytes=... (None: no limit) to "
-            "allow it"
+            f"{what} of shape {tuple(shape)} needs {_human(need)}, over the limit of "
+            f"{_human(max_bytes)}; {fix}, or pass max_bytes=... (None: no limit) to allow it"
         )

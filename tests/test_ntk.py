@@ -221,3 +221,21 @@ def test_bad_outputs_and_structure_raise():
         fntk.ntk(model, x1, structure="kfac")
     with pytest.raises(ValueError, match="out of range"):
         fntk.ntk(model, x1, outputs=5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "seq", "raw", "frozen"])
+@pytest.mark.parametrize("outputs", ["full", "sum"])
+def test_symmetric_gram_by_mirrored_tiles_equals_j_jt(name, outputs, monkeypatch):
+    """The symmetric dense Gram computes tiles of examples on and below the diagonal (also inside
+    one batch) and mirrors the others: equal to J J^T with many uneven tiles."""
+    import fim_linops.engine.gram as gram
+
+    monkeypatch.setattr(gram, "MIN_TILE", 2)
+    monkeypatch.setattr(gram, "MAX_TILES_PER_BATCH", 3)
+    torch.manual_seed(3)
+    make, data = MODELS[name]
+    model, x = make().eval(), data(11)
+    ref = ref_ntk(model, x, None, outputs)
+    for size in (4, None):  # batches 4, 4, 3 (tiles of 2) and one batch (tiles of 4, 4, 3)
+        got = fntk.ntk(model, x, structure="dense", outputs=outputs, batch_size=size).to_dense()
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
