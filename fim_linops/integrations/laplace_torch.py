@@ -115,9 +115,10 @@ class FimLinopsInterface(CurvatureInterface):
         """(module, its inputs, model output f (M, C)): the whole model on x, or with
         ``last_layer`` the last layer on the extracted features."""
         with torch.no_grad():
-            if self.last_layer:
-                f, phi = self.model.forward_with_features(x)
-                return self.model.last_layer, phi.detach(), f.detach()
+            if self.last_layer:  # model is a laplace FeatureExtractor
+                f, phi = self.model.forward_with_features(x)  # type: ignore[operator]
+                last: nn.Module = self.model.last_layer  # type: ignore[assignment]
+                return last, phi.detach(), f.detach()
             return self.model, x, self.model(x).detach()
 
     def _fisher(self, module: nn.Module, data: Any, structure: str, **kwargs: Any):
@@ -239,7 +240,8 @@ def kfac_to_kron(op: KFAC, sum_scale: float, mean_scale: float) -> Kron:
             kfacs.append([left0 * sum_scale, right0[:w, :w] * mean_scale])
         if spec.has_bias:
             kfacs.append([left0 * (sum_scale * right0[-1, -1])])
-    return Kron(kfacs)
+    # lists, not tuples: KronLaplace rescales the factors in place (its annotation says tuples)
+    return Kron(kfacs)  # type: ignore[arg-type]
 
 
 def _move(x: Any, device: torch.device) -> Any:
