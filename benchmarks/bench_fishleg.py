@@ -46,6 +46,7 @@ import fim_linops as fl
 OUT = Path(__file__).parent / "fishleg_results"
 SIZES = (64, 256, 128, 64, 32, 8, 32, 64, 128, 256, 64)
 BATCH = 100
+AUX_BATCH = 100  # examples per auxiliary Fisher-vector product
 N_TRAIN = 1500
 EVAL_EVERY = 20
 ADAM_LRS = (1e-3, 3e-3)
@@ -53,7 +54,7 @@ SGD_LRS = (0.02, 0.05)
 KFAC_EVERY = 20
 KFAC = dict(lr=0.05, damping=1.0, momentum=0.9)
 FISHLEG = dict(
-    lr=0.3, damping=1.0, structure="kron", aux_lr=1e-4, update_aux_every=10, init="kfac",
+    lr=0.3, damping=1.0, structure="kron", aux_lr=3e-3, update_aux_every=50, init="kfac",
     momentum=0.9, weight_decay=0.0,
 )  # fmt: skip
 
@@ -118,23 +119,23 @@ def make_model(seed: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def batches(X: Tensor, seed: int):
-    """Endless shuffled minibatches of X (epochs of N_TRAIN // BATCH batches)."""
+def batches(X: Tensor, seed: int, size: int = BATCH):
+    """Endless shuffled minibatches of X (epochs of len(X) // size batches)."""
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(X), generator=g)
-        for i in range(0, len(X) - BATCH + 1, BATCH):
-            yield X[perm[i : i + BATCH]]
+        for i in range(0, len(X) - size + 1, size):
+            yield X[perm[i : i + size]]
 
 
 class AuxStream:
     """An endless iterable of (x, x) training batches for FishLeg's auxiliary Fisher products."""
 
-    def __init__(self, X: Tensor, seed: int):
-        self.X, self.seed = X, seed
+    def __init__(self, X: Tensor, seed: int, size: int):
+        self.X, self.seed, self.size = X, seed, size
 
     def __iter__(self):
-        return ((x, x) for x in batches(self.X, self.seed))
+        return ((x, x) for x in batches(self.X, self.seed, self.size))
 
 
 # -- optimisers: each returns step(x) -> None --------------------------------------------------------
@@ -154,7 +155,9 @@ def make_step(name: str, model: nn.Module, X: Tensor, seed: int, cfg: dict):
 
         return step
     if name == "fishleg":
-        opt = fl.FishLeg(model, LIKELIHOOD, AuxStream(X, seed + 1000), seed=seed, **cfg)
+        cfg = dict(cfg)
+        aux = AuxStream(X, seed + 1000, cfg.pop("aux_batch", AUX_BATCH))
+        opt = fl.FishLeg(model, LIKELIHOOD, aux, seed=seed, **cfg)
 
         def step(x: Tensor) -> None:
             opt.zero_grad(set_to_none=True)
@@ -198,28 +201,52 @@ def evaluate(model: nn.Module, Xtr: Tensor, Xte: Tensor) -> tuple[float, float]:
     return float(loss_fn(model(Xtr), Xtr)), float(loss_fn(model(Xte), Xte))
 
 
-def run(name: str, cfg: dict, seed: int, steps: int, Xtr: Tensor, Xte: Tensor) -> list[dict]:
-    """Train one optimiser; rows (step, time_s, train, test) every EVAL_EVERY steps."""
-    model = make_model(seed)
-    data = batches(Xtr, seed)
-    t_build = time.perf_counter()
-    step = make_step(name, model, Xtr, seed, cfg)
-    elapsed = time.perf_counter() - t_build  # FishLeg's KFAC initialisation counts
-    tr, te = evaluate(model, Xtr, Xte)
-    rows = [dict(step=0, time_s=elapsed, train=tr, test=te)]
-    for t in range(1, steps + 1):
-        x = next(data)
-        t0 = time.perf_counter()
-        step(x)
-        elapsed += time.perf_counter() - t0
+class Run:
+    """One optimiser configuration training its own model on the seed's batch order."""
+
+    def __init__(self, name: str, cfg: dict, seed: int, Xtr: Tensor, Xte: Tensor):
+        self.name, self.cfg, self.Xtr, self.Xte = name, cfg, Xtr, Xte
+        self.model = make_model(seed)
+        self.data = batches(Xtr, seed)
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.step = make_step(name, self.model, Xtr, seed, cfg)
+        # FishLeg's KFAC initialisation counts
+        self.elapsed, self.cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.rows: list[dict] = []
+        self.done = False
+        self.record(0)
+
+    def record(self, t: int) -> None:
+        tr, te = evaluate(self.model, self.Xtr, self.Xte)
+        self.rows.append(dict(step=t, time_s=self.elapsed, cpu_s=self.cpu, train=tr, test=te))
+        if not math.isfinite(tr) or tr > 1e3:  # diverged: stop (and avoid slow inf/NaN math)
+            self.done = True
+
+    def advance(self, t: int, steps: int) -> None:
+        x = next(self.data)
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.step(x)
+        self.elapsed += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
         if t % EVAL_EVERY == 0 or t == steps:
-            tr, te = evaluate(model, Xtr, Xte)
-            rows.append(dict(step=t, time_s=elapsed, train=tr, test=te))
-            if not math.isfinite(tr) or tr > 1e3:  # diverged: stop (and avoid slow inf/NaN math)
-                break
-    if name == "fishleg":
-        rows[-1]["aux_skipped"] = int(step.opt.aux_skipped)  # type: ignore[attr-defined]
-    return rows
+            self.record(t)
+
+
+def run_lockstep(
+    configs: list[tuple[str, dict]], seed: int, steps: int, Xtr: Tensor, Xte: Tensor
+) -> list[list[dict]]:
+    """Train every configuration for ``steps`` steps, one step of each in turn, so that all of
+    them run under the same load of a shared machine; rows (step, time_s, cpu_s, train, test)
+    every EVAL_EVERY steps, per configuration."""
+    runs = [Run(name, cfg, seed, Xtr, Xte) for name, cfg in configs]
+    for t in range(1, steps + 1):
+        for r in runs:
+            if not r.done:
+                r.advance(t, steps)
+    for r in runs:
+        if r.name == "fishleg":
+            r.rows[-1]["aux_skipped"] = int(r.step.opt.aux_skipped)  # type: ignore[attr-defined]
+    return [r.rows for r in runs]
 
 
 # -- analysis ----------------------------------------------------------------------------------------
@@ -242,27 +269,29 @@ def summarise(
 ) -> str:
     adam_train = mean_curve(results["adam"], "train")
     target = adam_train[max(adam_train)]
-    adam_t = mean_curve(results["adam"], "time_s")
-    adam_per_step = adam_t[max(adam_t)] / max(adam_t)
+    adam_t, adam_c = mean_curve(results["adam"], "time_s"), mean_curve(results["adam"], "cpu_s")
+    adam_wall, adam_cpu = adam_t[max(adam_t)] / max(adam_t), adam_c[max(adam_c)] / max(adam_c)
     lines = [
         f"Deep auto-encoder on digits, {steps} steps, batch {BATCH}, mean over {seeds} seed(s); "
         f"losses evaluated every {EVAL_EVERY} steps on the full train/test sets. Target = Adam's "
-        f"final train loss {target:.2f}.",
+        f"final train loss {target:.2f}. Times: training steps only, 1 thread, all optimisers of "
+        "a seed run in lockstep on a shared machine; CPU = process CPU time (insensitive to the "
+        "other jobs), wall = elapsed time.",
         "",
         "| optimiser | final train | final test | step reaching Adam's final train | "
-        "time to it (s) | time/step vs Adam |",
-        "|---|---|---|---|---|---|",
+        "CPU s to it | wall s to it | CPU/step vs Adam | wall/step vs Adam |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
-        tr, te, ts = (mean_curve(rows, k) for k in ("train", "test", "time_s"))
+        tr, te, ts, tc = (mean_curve(rows, k) for k in ("train", "test", "time_s", "cpu_s"))
         last = max(tr)
         hit = first_step_below(tr, target)
-        per_step = ts[last] / last
         hit_s = f"{hit} ({100 * hit / steps:.0f}%)" if hit is not None else "never"
+        hit_c = f"{tc[hit]:.1f}" if hit is not None else "-"
         hit_t = f"{ts[hit]:.1f}" if hit is not None else "-"
         lines.append(
-            f"| {labels[name]} | {tr[last]:.2f} | {te[last]:.2f} | {hit_s} | {hit_t} | "
-            f"{per_step / adam_per_step:.2f}x |"
+            f"| {labels[name]} | {tr[last]:.2f} | {te[last]:.2f} | {hit_s} | {hit_c} | {hit_t} | "
+            f"{tc[last] / last / adam_cpu:.2f}x | {ts[last] / last / adam_wall:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -275,14 +304,14 @@ def plot(results: dict[str, list[dict]], labels: dict[str, str], path: Path) -> 
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, rows in results.items():
-        tr, te, ts = (mean_curve(rows, k) for k in ("train", "test", "time_s"))
+        tr, te, ts = (mean_curve(rows, k) for k in ("train", "test", "cpu_s"))
         (line,) = axes[0].plot(list(tr), list(tr.values()), label=labels[name])
         axes[0].plot(list(te), list(te.values()), ls="--", color=line.get_color())
         axes[1].plot(list(ts.values()), list(tr.values()), color=line.get_color())
         axes[2].plot(list(tr), list(ts.values()), color=line.get_color())
     axes[0].set(xlabel="step", ylabel="loss (train solid, test dashed)", yscale="log")
-    axes[1].set(xlabel="wall time (s)", ylabel="train loss", yscale="log")
-    axes[2].set(xlabel="step", ylabel="cumulative wall time (s)")
+    axes[1].set(xlabel="CPU time of the training steps (s)", ylabel="train loss", yscale="log")
+    axes[2].set(xlabel="step", ylabel="cumulative CPU time (s)")
     axes[0].legend()
     fig.suptitle("Deep auto-encoder on digits (Bernoulli nll summed over 64 pixels)")
     fig.tight_layout()
@@ -292,10 +321,10 @@ def plot(results: dict[str, list[dict]], labels: dict[str, str], path: Path) -> 
 def write_csv(results: dict[str, list[dict]], labels: dict[str, str], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["optimiser", "label", "seed", "step", "time_s", "train", "test"])
+        w.writerow(["optimiser", "label", "seed", "step", "time_s", "cpu_s", "train", "test"])
         for name, rows in results.items():
             for r in rows:
-                w.writerow([name, labels[name], r["seed"], r["step"], f"{r['time_s']:.3f}",
+                w.writerow([name, labels[name], r["seed"], r["step"], f"{r['time_s']:.3f}", f"{r['cpu_s']:.3f}",
                             f"{r['train']:.3f}", f"{r['test']:.3f}"])  # fmt: skip
 
 
@@ -314,54 +343,71 @@ def final(rows: list[dict], steps: int) -> float:
     return mean_curve(rows, "train")[steps]
 
 
-def profile(Xtr: Tensor, repeats: int = 200) -> str:
-    """Median times (ms) of the parts of a FishLeg step next to an Adam step, on one batch."""
+def profile(Xtr: Tensor, repeats: int = 100) -> str:
+    """Median CPU times (ms) of the parts of a FishLeg step next to an Adam step, on one batch;
+    the parts are timed in turn, round after round, so that all see the same machine load."""
     import statistics
 
+    from fim_linops.fishleg.cached import apply_block
+
     x = Xtr[:BATCH]
-
-    def timed(fn, n: int = repeats) -> float:
-        for _ in range(5):
-            fn()
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(ts)
-
     model = make_model(0)
     adam = make_step("adam", model, Xtr, 0, dict(lr=1e-3))
-    t_adam = timed(lambda: adam(x))
-    t_fb = timed(lambda: (model.zero_grad(), loss_fn(model(x), x).backward()))
-    model = make_model(0)
-    step = make_step("fishleg", model, Xtr, 0, dict(FISHLEG, update_aux_every=10**9))
+    fl_model = make_model(0)
+    step = make_step("fishleg", fl_model, Xtr, 0, dict(FISHLEG, update_aux_every=10**9))
     opt = step.opt  # type: ignore[attr-defined]
-    t_plain = timed(lambda: step(x))
+    step(x)
     g = opt._gradient()
     group = opt.param_groups[0]
-    t_qg = timed(lambda: opt._apply_q(g, detach=True))
-    t_fvp = timed(lambda: opt._fvp(x, g, group), repeats // 4)
-    t_aux = timed(lambda: opt._aux_step(group, g), repeats // 4)
+    aux_x = Xtr[:AUX_BATCH]
+
+    def forward_backward() -> None:
+        fl_model.zero_grad(set_to_none=True)
+        loss_fn(fl_model(x), x).backward()
+
+    def q_g() -> None:
+        for spec, block, factors in zip(opt.specs, opt.layout.blocks, opt._cache, strict=True):
+            apply_block(spec, factors, [e.param.grad for e in block.entries])
+
+    def aux_step() -> None:
+        opt._aux_step(group, g)
+        step(x)  # forms the cached factors again, as the next step after an update does
+
+    parts = {
+        "adam": lambda: adam(x),
+        "fb": forward_backward,
+        "plain": lambda: step(x),
+        "qg": q_g,
+        "aux": aux_step,
+        "fvp": lambda: opt._fvp(aux_x, g, group),
+    }
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for r in range(repeats + 5):
+        for k, fn in parts.items():
+            t0 = time.process_time()
+            fn()
+            if r >= 5:  # warm-up rounds
+                times[k].append(1000 * (time.process_time() - t0))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    aux = med["aux"] - med["plain"]  # the auxiliary update alone
     k = FISHLEG["update_aux_every"]
-    t_fl = t_plain + t_aux / k
     rows = [
-        ("Adam step (forward + backward + Adam)", t_adam),
-        ("forward + backward alone", t_fb),
-        ("FishLeg step without auxiliary update", t_plain),
-        ("  of which Q g (10 Kronecker blocks, R^T R U L L^T)", t_qg),
-        ("FishLeg auxiliary step (one Adam step on lambda)", t_aux),
-        ("  of which (F + damping I) w, jvp + vjp", t_fvp),
-        (f"FishLeg step, auxiliary update every {k} steps (amortised)", t_fl),
+        ("Adam step (forward + backward + torch.optim.Adam)", med["adam"]),
+        ("forward + backward alone", med["fb"]),
+        ("FishLeg step without auxiliary update", med["plain"]),
+        ("  of which Q g (cached R^T R, L L^T: K U M per layer)", med["qg"]),
+        ("FishLeg auxiliary update (one Adam step on lambda, factors formed again)", aux),
+        (f"  of which (F + damping I) w, jvp + vjp on {AUX_BATCH} examples", med["fvp"]),
+        (f"FishLeg step, auxiliary update every {k} steps (amortised)", med["plain"] + aux / k),
     ]
     lines = [
-        f"Median ms on one batch of {BATCH}, torch.set_num_threads(2), CPU "
-        f"(shared machine: absolute times are noisy, ratios less so).",
+        f"Median CPU ms (process time, {repeats} interleaved rounds) on one batch of {BATCH}, "
+        "torch.set_num_threads(1), on a machine shared with other jobs.",
         "",
         "| part | ms | vs Adam step |",
         "|---|---|---|",
     ]
-    lines += [f"| {name} | {t:.2f} | {t / t_adam:.2f}x |" for name, t in rows]
+    lines += [f"| {name} | {t:.2f} | {t / med['adam']:.2f}x |" for name, t in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -372,7 +418,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="subset of adam sgd kfac fishleg")
     ap.add_argument("--profile", action="store_true", help="time the parts of a FishLeg step")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # a shared 2-core machine: more threads only wait on each other
     torch.set_flush_denormal(True)
     Xtr, Xte = load_data()
     OUT.mkdir(exist_ok=True)
@@ -382,31 +428,34 @@ def main() -> None:
         print(table)
         return
     names = args.only or ["adam", "sgd", "kfac", "fishleg"]
-    for name in names:  # warm-up (first-call costs of torch.optim, torch.func, linear_operator)
-        cfg = {"adam": dict(lr=1e-3), "sgd": dict(lr=SGD_LRS[0]), "kfac": KFAC, "fishleg": FISHLEG}[
-            name
-        ]
-        run(name, cfg, 99, 2 * EVAL_EVERY, Xtr, Xte)
+    grid = {
+        "adam": [dict(lr=lr) for lr in ADAM_LRS],
+        "sgd": [dict(lr=lr) for lr in SGD_LRS],
+        "kfac": [KFAC],
+        "fishleg": [FISHLEG],
+    }
+    configs = [(name, cfg) for name in names for cfg in grid[name]]
+    # warm-up (first-call costs of torch.optim, torch.func, linear_operator)
+    run_lockstep(configs, 99, 2 * EVAL_EVERY, Xtr, Xte)
+    per_config: list[list[dict]] = [[] for _ in configs]
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        for rows, new in zip(
+            per_config, run_lockstep(configs, seed, args.steps, Xtr, Xte), strict=True
+        ):
+            rows += [dict(x, seed=seed) for x in new]
+        print(f"seed {seed} ({time.perf_counter() - t0:.0f} s):", flush=True)
+        for (name, cfg), rows in zip(configs, per_config, strict=True):
+            last = rows[-1]
+            print(f"  {name} {cfg}: train {last['train']:.3f} test {last['test']:.3f} "
+                  f"at step {last['step']} ({last['time_s']:.1f} s)", flush=True)  # fmt: skip
     results: dict[str, list[dict]] = {}
     labels: dict[str, str] = {}
     for name in names:
-        cfgs = {
-            "adam": [dict(lr=lr) for lr in ADAM_LRS],
-            "sgd": [dict(lr=lr) for lr in SGD_LRS],
-            "kfac": [KFAC],
-            "fishleg": [FISHLEG],
-        }[name]
-        best = None
-        for cfg in cfgs:
-            rows = []
-            for seed in range(args.seeds):
-                t0 = time.perf_counter()
-                r = run(name, cfg, seed, args.steps, Xtr, Xte)
-                rows += [dict(x, seed=seed) for x in r]
-                print(f"{name} {cfg} seed {seed}: train {r[-1]['train']:.3f} test "
-                      f"{r[-1]['test']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-            if best is None or final(rows, args.steps) < final(best[1], args.steps):
-                best = (cfg, rows)
+        best = min(
+            ((cfg, rows) for (n, cfg), rows in zip(configs, per_config, strict=True) if n == name),
+            key=lambda cr: final(cr[1], args.steps),
+        )
         results[name] = best[1]
         cfg = best[0]
         if name == "adam":

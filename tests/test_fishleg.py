@@ -331,6 +331,12 @@ def test_non_finite_auxiliary_steps_are_undone_or_raise() -> None:
     opt.step()
     assert int(opt.aux_skipped) == 2
     assert torch.equal(opt.inverse_fisher.to_dense(), q0)
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2)
+    opt._sync_free = True  # the accelerator path: the step is undone without a host sync
+    opt.step()
+    opt.step()
+    assert int(opt.aux_skipped) == 2
+    assert torch.equal(opt.inverse_fisher.to_dense(), q0)
     opt = FishLeg(model, "gaussian", (bad, y), warmup=2, nan_policy="raise")
     with pytest.raises(FloatingPointError, match="aux_lr"):
         opt.step()

@@ -97,8 +97,9 @@ class FishLeg(torch.optim.Optimizer):
             with z ~ N(0, I); ``"gradient"`` g/|g| (the library's choice); ``"random"`` z/|z|.
         aux_mix: weight of the random part in ``"mixed"`` (0.5).
         nan_policy: ``"skip"`` (default): an auxiliary step with a non-finite loss or gradient is
-            undone (lambda and Adam state restored, no host sync) and counted in
-            ``opt.aux_skipped``; ``"raise"``: raise FloatingPointError (one host sync per update).
+            skipped (lambda and its Adam state left as they were; on an accelerator without a host
+            sync, by undoing the step) and counted in ``opt.aux_skipped``; ``"raise"``: raise
+            FloatingPointError (one host sync per auxiliary update).
         seed: seed of the optimiser's own generator (probes, sampled labels, kron_sum init).
 
     Attributes:
@@ -191,8 +192,11 @@ class FishLeg(torch.optim.Optimizer):
             betas=tuple(aux_betas),
             eps=aux_eps,
             capturable=like.device.type == "cuda",  # Adam's step counter on the device: no syncs
+            foreach=True,
         )
         self._cache: list[tuple[Tensor, ...]] | None = None
+        # skip non-finite auxiliary steps by a host check on CPU (free there), else without a sync
+        self._sync_free = like.device.type != "cpu"
         self.aux_loss = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
         self.aux_skipped = torch.zeros((), dtype=torch.long, device=like.device)
 
@@ -311,16 +315,20 @@ class FishLeg(torch.optim.Optimizer):
             torch.isfinite(surrogate)
             & torch.stack([torch.isfinite(gr).all() for gr in grads]).all()
         )
-        if group["nan_policy"] == "raise":
+        if group["nan_policy"] == "raise" or not self._sync_free:
             if not bool(ok):
-                raise FloatingPointError(
-                    f"FishLeg: the auxiliary loss or its gradient is not finite at step {self._t}; "
-                    f"lower aux_lr (now {group['aux_lr']}), raise damping (now {group['damping']}) "
-                    "or update the auxiliary parameters less often (update_aux_every)"
-                )
-            for t, gr in zip(lam, grads, strict=True):
-                t.grad = gr
-            self.aux_opt.step()
+                if group["nan_policy"] == "raise":
+                    raise FloatingPointError(
+                        f"FishLeg: the auxiliary loss or its gradient is not finite at step "
+                        f"{self._t}; lower aux_lr (now {group['aux_lr']}), raise damping (now "
+                        f"{group['damping']}) or update the auxiliary parameters less often "
+                        "(update_aux_every)"
+                    )
+                self.aux_skipped += 1  # skipped: lambda and the Adam state are left as they are
+            else:
+                for t, gr in zip(lam, grads, strict=True):
+                    t.grad = gr
+                self.aux_opt.step()
         else:
             # undo a non-finite step without a host sync: keep (tensor, copy) of lambda and of the
             # Adam state that exists now (state created by this step starts from zero gradients)
