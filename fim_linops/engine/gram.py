@@ -37,9 +37,10 @@ from torch import Tensor
 from fim_linops.engine.engine import BatchResult, Engine
 from fim_linops.engine.rules.linear import LinearRule, with_ones
 
-#: examples per tile of the symmetric Gram (diagonal tiles are computed, off-diagonal ones mirrored)
-MIN_TILE = 32
-MAX_TILES_PER_BATCH = 8
+#: examples per tile of the symmetric Gram (tiles below the diagonal computed, above mirrored);
+#: large tiles keep the GEMMs large (many small ones lose to thread synchronisation on busy CPUs)
+MIN_TILE = 128
+MAX_TILES_PER_BATCH = 4
 
 
 @dataclass
