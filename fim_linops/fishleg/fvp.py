@@ -82,7 +82,7 @@ def fisher_vector_product(
         return likelihood.check_output(call_model(model, p, x))
 
     with torch.enable_grad():
-        out, jw = jvp(f, (primals,), (tangents,))  # out, jw: (N, C); out keeps its autograd graph
+        out, jw = jvp(f, (primals,), (tangents,))  # type: ignore[misc]  # out, jw: (N, C); out keeps its graph
         fd, jw = out.detach(), jw.detach()
         if fisher == "exact":
             hjw = likelihood.hessian_matmul(fd, jw)  # (N, C)

@@ -55,6 +55,11 @@ def _outputs(g: Tensor, m: nn.Module) -> Tensor:
     return g.reshape(-1, g.shape[-1])
 
 
+def _out_features(m: nn.Module) -> int:
+    """Output features of a Linear / output channels of a Conv2d layer."""
+    return int(m.out_channels if isinstance(m, nn.Conv2d) else m.weight.shape[0])  # type: ignore[index]
+
+
 def kfac_factors(
     model: nn.Module,
     likelihood: Likelihood,
@@ -87,7 +92,7 @@ def kfac_factors(
     n = f.shape[0]
     s = likelihood.hessian_sqrt(f.detach())  # (N, C, K)
     names = [k for k in layers if k in outputs]
-    sums_g = {k: 0.0 for k in names}
+    sums_g: dict[str, Tensor | None] = {k: None for k in names}
     for k in range(s.shape[-1]):  # K columns of S (C at most): one backward each
         gs = torch.autograd.grad(
             f,
@@ -99,16 +104,19 @@ def kfac_factors(
         for name, g in zip(names, gs, strict=True):
             if g is not None:
                 go = _outputs(g, layers[name][0])  # (N*T, out)
-                sums_g[name] = sums_g[name] + go.mT @ go  # o, p: output features
+                gg = go.mT @ go  # o, p: output features
+                prev = sums_g[name]
+                sums_g[name] = gg if prev is None else prev + gg
     factors = {}
     for name in names:
         m, has_bias = layers[name]
         a = _inputs(m, inputs[name], has_bias)  # (N*T, cols)
         A = a.mT @ a / a.shape[0]
-        G = sums_g[name] / n
-        if not isinstance(G, Tensor):  # the layer does not reach the output: no curvature
-            rows = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-            G = A.new_zeros(rows, rows)
+        sg = sums_g[name]
+        if sg is None:  # the layer does not reach the output: no curvature
+            G = A.new_zeros(_out_features(m), _out_features(m))
+        else:
+            G = sg / n
         factors[name] = (A, G)
     return factors
 

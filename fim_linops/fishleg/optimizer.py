@@ -189,7 +189,7 @@ class FishLeg(torch.optim.Optimizer):
         self.aux_opt = torch.optim.Adam(
             self.aux_parameters(),
             lr=aux_lr,
-            betas=tuple(aux_betas),
+            betas=(aux_betas[0], aux_betas[1]),
             eps=aux_eps,
             capturable=like.device.type == "cuda",  # Adam's step counter on the device: no syncs
             foreach=True,
@@ -306,10 +306,8 @@ class FishLeg(torch.optim.Optimizer):
             fw = self._fvp(x, w, group)
             u2 = (u * u).sum()
             surrogate = (qu * (fw - u)).sum() / u2
-            grads = torch.autograd.grad(surrogate, lam, allow_unused=True)
-        grads = [
-            torch.zeros_like(t) if gr is None else gr for t, gr in zip(lam, grads, strict=True)
-        ]
+            raw = torch.autograd.grad(surrogate, lam, allow_unused=True)
+        grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(lam, raw, strict=True)]
         self.aux_loss = (0.5 * (w * fw).sum() - (u * w).sum()) / u2
         ok = (
             torch.isfinite(surrogate)
@@ -351,7 +349,7 @@ class FishLeg(torch.optim.Optimizer):
 
     # -- the optimiser step -------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Any = None) -> Any:
         """One FishLeg step from the gradients in ``.grad``: auxiliary updates when scheduled, then
         theta <- theta - lr * (EMA_momentum(Q g) + weight_decay * theta) (frozen during warm-up)."""
         loss = None

@@ -81,18 +81,19 @@ def init_lambda(
     """Initial lambda of one block: Q = scale * I, or the damped inverse KFAC (G + d_G)^-1 kron
     (A + d_A)^-1 when ``kfac=(A, G)`` is given (Kronecker blocks only). Tensors follow ``like``'s
     dtype and device."""
-    opts = {"dtype": like.dtype, "device": like.device}
+    dt, dev = like.dtype, like.device
     if spec.kind == "diag":
-        return {"s": torch.full((spec.numel,), scale**0.5, **opts)}
+        return {"s": torch.full((spec.numel,), scale**0.5, dtype=dt, device=dev)}
     if kfac is not None:
-        R, L = kfac_init_factors(kfac[0].to(**opts), kfac[1].to(**opts), damping)
-        R, L = R.to(**opts), L.to(**opts)
+        A, G = kfac[0].to(dtype=dt, device=dev), kfac[1].to(dtype=dt, device=dev)
+        R, L = kfac_init_factors(A, G, damping)
+        R, L = R.to(dtype=dt, device=dev), L.to(dtype=dt, device=dev)
     else:
-        R = torch.eye(spec.rows, **opts) * scale**0.25
-        L = torch.eye(spec.cols, **opts) * scale**0.25
+        R = torch.eye(spec.rows, dtype=dt, device=dev) * scale**0.25
+        L = torch.eye(spec.cols, dtype=dt, device=dev) * scale**0.25
     lam = {"R": R, "L": L}
     if spec.kind == "kron_diag":
-        lam["d"] = torch.ones(spec.rows, spec.cols, **opts)
+        lam["d"] = torch.ones(spec.rows, spec.cols, dtype=dt, device=dev)
     elif spec.kind == "kron_sum":
         # r: typical size of the first term's factors; the second term is small and random
         r_size = (R * R).sum(0).mean().sqrt()
