@@ -87,3 +87,19 @@ def test_structured_predictive_takes_the_structured_route_and_dense_does_not(mon
     assert calls == []
     Laplace(model, (x, y), structure="dense").predictive(x)
     assert calls
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "seq_model", "raw_param_model"])
+def test_lowrank_predictive_by_woodbury_equals_dense_j_sigma_jt(name):
+    model, x, y = _model(name)
+    la = Laplace(model, (x, y), structure="lowrank", rank=5, prior_precision=0.9)
+    la.batch_size = 4
+    sigma = torch.linalg.inv(la.posterior_precision.to_dense())
+    j = per_example_jacobians(model, x)
+    n, c, _ = j.shape
+    ref = j.reshape(n * c, -1) @ sigma @ j.reshape(n * c, -1).T
+    _, cov = la.predictive(x)
+    per_example = torch.stack([ref[i * c : (i + 1) * c, i * c : (i + 1) * c] for i in range(n)])
+    torch.testing.assert_close(cov, per_example, rtol=1e-8, atol=1e-10)
+    _, joint = la.predictive(x, joint=True)
+    torch.testing.assert_close(joint, ref, rtol=1e-8, atol=1e-10)

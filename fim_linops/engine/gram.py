@@ -210,6 +210,31 @@ def gram_block(engine: Engine, s1: Side, s2: Side) -> Tensor:
     return out.view(s1.n, s1.k, s2.n, s2.k).permute(1, 0, 3, 2)
 
 
+def gram_per_example(engine: Engine, s: Side) -> Tensor:
+    """The per-example blocks Theta[n, k, n, q] of one side, shape (n, K, K), without the
+    (n K, n K) block: Linear (ab . ab)[n] G_n G_n^T; gradients J_n J_n^T."""
+    out = torch.zeros(s.n, s.k, s.k, dtype=_dtype(engine), device=_device(engine))
+    for i, f in enumerate(s.ruled):
+        if f is None:
+            continue
+        if isinstance(f, LinearFeats):
+            out.baddbmm_(f.g * f.ab.square().sum(-1)[:, None, None], f.g.transpose(1, 2))
+            continue
+        j = _as_grads(engine, i, f).j  # (n, K, p)
+        out.baddbmm_(j, j.transpose(1, 2))
+    if s.func is not None:
+        out.baddbmm_(s.func.j, s.func.j.transpose(1, 2))
+    return out
+
+
+def _dtype(engine: Engine) -> torch.dtype:
+    return engine.layout.entries[0].param.dtype
+
+
+def _device(engine: Engine) -> torch.device:
+    return engine.layout.entries[0].param.device
+
+
 def gram_diag(res: BatchResult) -> Tensor:
     """The diagonal Theta[k, n, k, n] of one batch, shape (K, n), without the n x n block."""
     engine = res.engine

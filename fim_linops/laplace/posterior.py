@@ -37,7 +37,7 @@ from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import batch_size as n_examples
 from fim_linops.data import call_model, iter_batches
 from fim_linops.engine import Engine, FisherType
-from fim_linops.engine.gram import gram_block, side
+from fim_linops.engine.gram import gram_per_example, side
 from fim_linops.fisher import fisher
 from fim_linops.laplace import prior as priors
 from fim_linops.laplace import structured
@@ -321,8 +321,7 @@ class Laplace:
             engine = Engine(self.model, self.layout, Outputs(), FisherType.EXACT)
             blocks = []
             for res in engine.run([(xb, None) for xb in batches]):
-                s = side(res)
-                blocks.append(gram_block(engine, s, s).diagonal(dim1=1, dim2=3).permute(2, 0, 1))
+                blocks.append(gram_per_example(engine, side(res)))  # (n, C, C)
         theta = torch.cat(blocks)  # (N, C, C)
         return mean, torch.einsum("nck,k,ndk->ncd", ju3, d, ju3) + theta / delta
 
