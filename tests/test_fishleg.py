@@ -231,6 +231,28 @@ def test_first_steps_are_sgd_with_lr_times_init_scale(structure: str) -> None:
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_step_moves_by_the_inverse_fisher_times_the_gradient(structure: str) -> None:
+    """The step's Q g (squared factors cached per auxiliary update, applied to the parameters'
+    own gradients) is ``inverse_fisher @ g`` in the public order, before and after lambda moves."""
+    model = _conv_net()
+    x, y = torch.randn(8, 1, 4, 4, dtype=DT), torch.randint(0, 3, (8,))
+    opt = FishLeg(
+        model, "categorical", (x, y), lr=1.0, momentum=0.0, weight_decay=0.0, damping=0.1,
+        structure=structure, init="kfac", aux_lr=1e-2, update_aux_every=2,
+    )  # fmt: skip
+    layout = fl.ParamLayout.from_model(model)
+    q0 = opt.inverse_fisher.to_dense()
+    for _ in range(4):  # lambda moves at the 3rd step (t = 2), before its parameter update
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        g = layout.flatten([p.grad for p in model.parameters()])
+        before = layout.vector().detach().clone()
+        opt.step()
+        torch.testing.assert_close(layout.vector().detach(), before - opt.inverse_fisher @ g)
+    assert not torch.allclose(opt.inverse_fisher.to_dense(), q0)
+
+
 # -- the learned inverse on a linear-Gaussian model ---------------------------------------------------
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_linear_gaussian_inverse_fisher_approaches_the_damped_inverse(structure: str) -> None:
