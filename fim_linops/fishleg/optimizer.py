@@ -102,6 +102,19 @@ class FishLeg(torch.optim.Optimizer):
             FloatingPointError (one host sync per auxiliary update).
         seed: seed of the optimiser's own generator (probes, sampled labels, kron_sum init).
 
+    Tuning. The paper's experiments (its JAX code) use lr 0.05, Q initialised at
+    (nu_sgd / lr) I = 0.2 I, damping 1e-3, aux_lr 1e-4 with an update every 10 steps, momentum 0.9
+    on the gradient and an L2 term 1e-5, for tens of thousands of steps. Over a few thousand steps
+    aux_lr 1e-4 hardly moves lambda (Adam moves each entry by about aux_lr per update); on the deep
+    auto-encoder of ``benchmarks/bench_fishleg.py`` (2,000 steps) ``init="kfac"``, lr 0.3,
+    damping 1, aux_lr 3e-3 and ``update_aux_every=50`` worked best of the settings tried (see
+    ``benchmarks/fishleg_results/README.md``); damping 0.3 diverged there.
+
+    Cost per step: the parameter step applies the cached squared factors (R^T R, L L^T, formed
+    once per auxiliary update) to each layer's gradient, two matrix products per layer; an
+    auxiliary update adds one Fisher-vector product on an ``aux_data`` batch (about three forward
+    passes) and a backward pass through Q(lambda).
+
     Attributes:
         inverse_fisher: block-diagonal LinearOperator (P, P) ~ (F + damping I)^-1, in the order of
             ``torch.nn.utils.parameters_to_vector``.
