@@ -17,31 +17,35 @@ from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
 
 #: default limit on the bytes of one dense (P x P) or block allocation before asking for consent
-MAX_DENSE_BYTES = 8 * 1024**3
+MAX_DENSE_BYTES = DEFAULT_MAX_BYTES
 
 
 def _check_memory(
-    structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int
+    structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int | None
 ) -> None:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    """Dense storage is P x P, block-diagonal storage sum_b p_b x p_b: checked before the build."""
     if structure is Structure.DENSE:
-        need = layout.numel**2 * itemsize
-        fix = "structure='kfac', 'block_diag', 'diag' or 'implicit'"
+        check_bytes(
+            f"structure='dense' for P={layout.numel} parameters",
+            (layout.numel, layout.numel),
+            dtype,
+            max_bytes,
+            "use structure='kfac', 'block_diag', 'diag' or 'implicit'",
+        )
     elif structure is Structure.BLOCK_DIAG:
-        need = sum(b.numel**2 for b in layout.blocks) * itemsize
-        fix = "structure='kfac', 'diag' or 'implicit'"
-    else:
-        return
-    if need > max_bytes:
-        raise MemoryError(
-            f"structure='{structure.value}' needs {need / 1024**3:.1f} GiB for P={layout.numel} "
-            f"parameters (limit {max_bytes / 1024**3:.1f} GiB); use {fix}, or pass "
-            "max_bytes=... to allow it"
+        check_bytes(
+            f"structure='block_diag' for P={layout.numel} parameters (largest block "
+            f"{max(b.numel for b in layout.blocks)})",
+            (sum(b.numel**2 for b in layout.blocks),),
+            dtype,
+            max_bytes,
+            "use structure='kfac', 'diag' or 'implicit'",
         )
 
 
@@ -98,7 +102,7 @@ def fisher(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     generator: torch.Generator | None = None,
-    max_bytes: int = MAX_DENSE_BYTES,
+    max_bytes: int | None = MAX_DENSE_BYTES,
     process_group: Any = None,
     kfac_approx: str = "expand",
 ) -> FisherOperator:
@@ -118,7 +122,8 @@ def fisher(
         device: where to compute (the model is copied if needed).
         dtype: in which precision to compute (the model is copied if needed).
         progress: tqdm progress bar over the batches.
-        max_bytes: memory guard for dense and block-diagonal storage.
+        max_bytes: memory guard for dense and block-diagonal storage (bytes; None: no limit);
+            over it, :class:`fim_linops.MemoryLimitError` names a structure that fits.
         kfac_approx: for layers applied at several positions (sequences, convolutions),
             "expand" (positions as extra examples) or "reduce" (inputs averaged and output
             gradients summed over positions per example), Eschenhagen et al. 2023.

@@ -11,6 +11,7 @@ columns of V. Diagonal and dense form come from per-example gradients (torch.fun
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -23,7 +24,11 @@ from fim_linops.engine.functional import FunctionalModel, jvp_columns, output_fn
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
+
+#: bytes of per-example gradient chunks kept for the Frobenius norm before recomputing them
+FROBENIUS_KEEP_BYTES = 1 << 28
 
 
 class Implicit(FisherOperator):
@@ -173,15 +178,34 @@ class Implicit(FisherOperator):
         )
 
     def _frobenius_sq_undamped(self) -> Tensor:
-        # ||F||_F^2 = ||G^T G||_F^2 / N^2 = ||G G^T||_F^2 / N^2 over stacked per-example gradients
+        r"""||F||_F^2 = ||G G^T||_F^2 / N^2 over the stacked per-example gradients G (N K, P),
+        from pairs of gradient chunks: chunks are kept while they fit in ``chunk_size``'s budget
+        (FROBENIUS_KEEP_BYTES); beyond it the earlier chunks are recomputed for each new one (exact,
+        O(chunks^2) passes, memory of two chunks), never N K x P at once."""
         if self.group is not None:
+            check_bytes(
+                "the dense Fisher for the Frobenius norm across processes",
+                (self._numel(), self._numel()),
+                self.dtype,
+                DEFAULT_MAX_BYTES,
+                "estimate it with fl.spectral's Frobenius estimator instead",
+            )
             return (self.to_dense() ** 2).sum()
-        chunks = list(self.per_example_grads())
+        budget = FROBENIUS_KEEP_BYTES
+        kept: list[Tensor] = []
+        kept_bytes, streaming = 0, False
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        for i, gi in enumerate(chunks):
-            for j, gj in enumerate(chunks[: i + 1]):
-                w = 1.0 if i == j else 2.0
-                total = total + w * ((gi @ gj.T) ** 2).sum()
+        for i, gi in enumerate(self.per_example_grads()):
+            earlier = itertools.islice(self.per_example_grads(), i) if streaming else kept
+            for gj in earlier:
+                total = total + 2.0 * ((gi @ gj.T) ** 2).sum()
+            total = total + ((gi @ gi.T) ** 2).sum()
+            if not streaming:
+                kept_bytes += gi.numel() * gi.element_size()
+                if kept_bytes <= budget:
+                    kept.append(gi)
+                else:
+                    streaming, kept = True, []
         return total / self.n_examples**2
 
     def quad_exact(self, v: Tensor) -> Tensor:
