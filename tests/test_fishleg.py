@@ -22,6 +22,7 @@ from fim_linops.fishleg import (
     KronSumQ,
     fisher_vector_product,
 )
+from fim_linops.fishleg.parameterisation import block_operator
 
 DT = torch.float64
 STRUCTURES = ["kron", "kron_diag", "kron_sum"]
@@ -275,6 +276,31 @@ def test_linear_gaussian_inverse_fisher_approaches_the_damped_inverse(structure:
     after = opt.auxiliary_loss(u)
     assert after >= best - 1e-10  # A is bounded below by its minimum
     assert abs(after - best) < 0.01 * abs(best) < abs(before - best)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_auxiliary_step_follows_the_gradient_of_the_auxiliary_loss(structure: str) -> None:
+    """The gradient an auxiliary step hands to Adam is d/dlambda of A = 1/2 u^T Q F_gamma Q u -
+    u^T Q u (divided by |u|^2), with F the closed-form Fisher of a linear-Gaussian model."""
+    model, x, y, F = _linear_gaussian()
+    gamma = 0.1
+    Fg = F + gamma * torch.eye(F.shape[0], dtype=DT)
+    opt = FishLeg(model, "gaussian", (x, y), damping=gamma, structure=structure, init="kfac")
+    u = torch.randn(F.shape[0], dtype=DT, generator=torch.Generator().manual_seed(5))
+    opt._probe = lambda g, aux_u, aux_mix: u  # type: ignore[method-assign]
+    got: list[torch.Tensor] = []
+    opt.aux_opt.step = lambda *a, **k: got.extend(  # type: ignore[method-assign]
+        t.grad.clone() for t in opt.aux_parameters()
+    )
+    opt._aux_step(opt.param_groups[0], torch.zeros(F.shape[0], dtype=DT))
+    assert len(opt.specs) == 1  # one nn.Linear: one block, Q of the whole model
+    lam = [t.detach().clone().requires_grad_(True) for t in opt.aux_parameters()]
+    Qd = block_operator(opt.specs[0], dict(zip(opt.lambdas[0], lam, strict=True))).to_dense()
+    A = (0.5 * u @ Qd @ Fg @ Qd @ u - u @ Qd @ u) / (u @ u)
+    want = torch.autograd.grad(A, lam)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_kfac_init_is_the_inverse_for_a_linear_gaussian_model() -> None:
