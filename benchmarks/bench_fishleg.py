@@ -284,13 +284,17 @@ def summarise(
     ]
     for name, rows in results.items():
         tr, te, ts, tc = (mean_curve(rows, k) for k in ("train", "test", "time_s", "cpu_s"))
+        label = labels[name]
+        n_div = diverged(rows, steps)
+        if n_div:  # the means after its divergence are over the other seeds only
+            label += f" **diverged on {n_div} of {seeds} seeds** (means over the others)"
         last = max(tr)
         hit = first_step_below(tr, target)
         hit_s = f"{hit} ({100 * hit / steps:.0f}%)" if hit is not None else "never"
         hit_c = f"{tc[hit]:.1f}" if hit is not None else "-"
         hit_t = f"{ts[hit]:.1f}" if hit is not None else "-"
         lines.append(
-            f"| {labels[name]} | {tr[last]:.2f} | {te[last]:.2f} | {hit_s} | {hit_c} | {hit_t} | "
+            f"| {label} | {tr[last]:.2f} | {te[last]:.2f} | {hit_s} | {hit_c} | {hit_t} | "
             f"{tc[last] / last / adam_cpu:.2f}x | {ts[last] / last / adam_wall:.2f}x |"
         )
     return "\n".join(lines) + "\n"
@@ -316,6 +320,20 @@ def plot(results: dict[str, list[dict]], labels: dict[str, str], path: Path) -> 
     fig.suptitle("Deep auto-encoder on digits (Bernoulli nll summed over 64 pixels)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def read_csv(path: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """The results and labels of a ``curves.csv`` written by :func:`write_csv`."""
+    results: dict[str, list[dict]] = {}
+    labels: dict[str, str] = {}
+    with path.open() as f:
+        for r in csv.DictReader(f):
+            labels[r["optimiser"]] = r["label"]
+            results.setdefault(r["optimiser"], []).append(
+                dict(seed=int(r["seed"]), step=int(r["step"]), time_s=float(r["time_s"]),
+                     cpu_s=float(r["cpu_s"]), train=float(r["train"]), test=float(r["test"]))
+            )  # fmt: skip
+    return results, labels
 
 
 def write_csv(results: dict[str, list[dict]], labels: dict[str, str], path: Path) -> None:
@@ -417,7 +435,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None, help="subset of adam sgd kfac fishleg")
     ap.add_argument("--profile", action="store_true", help="time the parts of a FishLeg step")
+    ap.add_argument(
+        "--from-csv", action="store_true", help="rewrite summary.md and curves.png from curves.csv"
+    )
     args = ap.parse_args()
+    if args.from_csv:
+        results, labels = read_csv(OUT / "curves.csv")
+        steps = max(r["step"] for rows in results.values() for r in rows)
+        seeds = len({r["seed"] for rows in results.values() for r in rows})
+        plot(results, labels, OUT / "curves.png")
+        table = summarise(results, steps, seeds, labels)
+        (OUT / "summary.md").write_text(table)
+        print(table)
+        return
     torch.set_num_threads(1)  # a shared 2-core machine: more threads only wait on each other
     torch.set_flush_denormal(True)
     Xtr, Xte = load_data()
