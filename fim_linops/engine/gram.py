@@ -143,8 +143,9 @@ def _as_grads(engine: Engine, i: int, f: Feats) -> GradFeats:
         if "weight" in names and "bias" in names:  # public order: W (o, i) then b (o,)
             j = torch.cat([j[..., :-1].flatten(2), j[..., -1]], dim=-1)
         return GradFeats(j.flatten(2))
-    grads = sum(rb.rule.grads(rb.module, a, g, rb.block.local_names) for a, g in f.calls)
-    return GradFeats(grads.transpose(0, 1))
+    names = rb.block.local_names
+    grads = [rb.rule.grads(rb.module, a, g, names) for a, g in f.calls]  # (K, n, p) per call
+    return GradFeats(torch.stack(grads).sum(0).transpose(0, 1))
 
 
 def _add_grads(out: Tensor, j1: Tensor, j2: Tensor, trace: bool) -> None:

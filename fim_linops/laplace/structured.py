@@ -201,6 +201,8 @@ def per_example(feats: list[Feats]) -> Tensor:
         else:
             blk = f.f @ f.f.transpose(1, 2)
         out = blk if out is None else out + blk
+    if out is None:
+        raise ValueError("the posterior covers no parameters")
     return out
 
 
