@@ -30,7 +30,10 @@ over the floor's median. A method whose first call (the memory measurement) take
 ``--slow`` seconds (default 10; the torch.func peers) is not repeated: its time is the median of
 that first call and two more, taken after the round-robin (marked "3 calls"). Memory: the peak resident set size during one call, over the resident
 size just before it (Linux: ``/proc/self/clear_refs`` resets ``VmHWM``, then ``VmHWM - VmRSS``),
-so "extra memory touched by the task" in the same process. Agreement: ||peer - ours|| / ||ours||
+so "extra memory touched by the task" in the same process; memory freed by an earlier method
+and still resident makes this an underestimate for later methods. ``--memory fim_linops,...``
+measures instead each method in a fresh process: ``ru_maxrss`` minus the RSS after set-up.
+Agreement: ||peer - ours|| / ||ours||
 of the Gram in the same (row n*C + c) order.
 """
 
@@ -217,6 +220,55 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+SPECS = {
+    "mlp": ("MLP 64-256-256-10", models.mlp, False),
+    "cnn": ("CNN 2 conv + linear", models.cnn, True),
+}
+METHODS = ("fim_linops", "nngeometry", "func jac", "func ntk-vp")
+
+
+def child(model_key: str, method: str, n: int) -> None:
+    """One call of one method in this (fresh) process; prints its peak RSS over the RSS after
+    set-up (torch, libraries, model and data loaded), MiB."""
+    import resource
+
+    torch.set_num_threads(THREADS)
+    _, make, image = SPECS[model_key]
+    model = make()
+    loader = PreloadedLoader(models.digits_batches(image, n=n, batch=n))
+    x = loader._batches[0][0]
+    fn = {
+        "fim_linops": lambda: ours(model, x),
+        "nngeometry": lambda: nngeometry(model, loader),
+        "func jac": lambda: func_jacobian(model, x),
+        "func ntk-vp": lambda: func_ntk_vp(model, x),
+    }[method]()
+    base = _status_kib("VmRSS")
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{(peak - base) / 1024:.1f}")
+
+
+def fresh_memory(keys: list[str], n: int, methods: tuple[str, ...]) -> str:
+    """Peak RSS of each method in a fresh process per (model, method)."""
+    import subprocess
+
+    lines = ["| model | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for method in methods:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", key, method, "--n", str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+            cells.append(f"{float(out):.0f} MiB")
+            print(f"  {key} {method}: {out} MiB", flush=True)
+        lines.append(f"| {SPECS[key][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 rounds")
@@ -224,7 +276,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="examples (default 256)")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--slow", type=float, default=10.0, help="seconds: time such methods 3x only")
+    ap.add_argument(
+        "--memory",
+        default=None,
+        help="comma-separated methods: only their peak RSS, each in a fresh process",
+    )
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.n)
+        return
+    if args.memory:
+        methods = tuple(m.strip() for m in args.memory.split(","))
+        print(fresh_memory(args.models.split(","), args.n, methods))
+        return
     torch.set_num_threads(THREADS)
     repeats = args.repeats or (3 if args.quick else 7)
     warmup = 1 if args.quick else 2
@@ -235,12 +300,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"{repeats} rounds after {warmup} warm-up"
     )
-    specs = {
-        "mlp": ("MLP 64-256-256-10", models.mlp, False),
-        "cnn": ("CNN 2 conv + linear", models.cnn, True),
-    }
     for key in args.models.split(","):
-        name, make, image = specs[key]
+        name, make, image = SPECS[key]
         res = bench_model(name, make(), image, args.n, repeats, warmup, args.slow)
         print(table(res), flush=True)
         print()
