@@ -8,6 +8,7 @@ from fim_linops.fisher import fisher
 from fim_linops.fishleg import FishLeg
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
+from fim_linops.memory_guard import MemoryLimitError
 from fim_linops.metrics import frobenius_norm, quad, trace
 from fim_linops.ntk import jacobian, ntk
 from fim_linops.operators import (
@@ -36,6 +37,7 @@ __all__ = [
     "KFAC",
     "KronSum",
     "LowRank",
+    "MemoryLimitError",
     "Mixed",
     "Power",
     "QuasiDiag",
