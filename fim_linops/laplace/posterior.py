@@ -166,6 +166,7 @@ class Laplace:
         with preserved_state(self.model), torch.no_grad():
             for x, y in iter_batches(data, self.device, self.dtype, need_targets=True):
                 f = lik.check_output(call_model(self.model, x))
+                assert y is not None  # need_targets=True
                 y = lik.check_target(f, y)
                 total = total + (
                     ((y - f) ** 2).sum() if isinstance(lik, Gaussian) else lik.nll(f, y).sum()
@@ -179,6 +180,7 @@ class Laplace:
         if self.sigma0 is None:
             return -self._fit
         sigma = self.sigma if sigma is None else sigma
+        assert sigma is not None  # a Gaussian likelihood has a sigma
         nc = self.n_data * self._n_outputs
         return -self._fit / (2 * sigma**2) - nc * torch.log(sigma * math.sqrt(2 * math.pi))
 
@@ -216,6 +218,7 @@ class Laplace:
         if sigma:
             if self.sigma0 is None:
                 raise ValueError("sigma=True needs a Gaussian likelihood")
+            assert self.sigma is not None
             log_sigma = self.sigma.detach().log().clone().requires_grad_()
             variables.append(log_sigma)
         opt = torch.optim.Adam(variables, lr=lr)

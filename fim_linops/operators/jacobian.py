@@ -165,6 +165,7 @@ class Jacobian(LinearOperator):
             )
             out = g if out is None else out + g
             lo += n
+        assert out is not None  # a Jacobian has at least one batch
         return out.T
 
     def _matmul(self, rhs: Tensor) -> Tensor:
