@@ -8,12 +8,9 @@ is there, so run the benchmark first.
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbgen import main
 
 HERE = Path(__file__).resolve().parent
 PATH = HERE / "03_fishleg.ipynb"
@@ -188,30 +185,5 @@ print(type(Q).__name__, tuple(Q.shape), "diagonal mean", Q.diagonal().mean().ite
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [
-        new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS
-    ]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    return nb
-
-
-def main() -> None:
-    nb = build()
-    if "--execute" in sys.argv:
-        from nbclient import NotebookClient
-
-        with tempfile.TemporaryDirectory() as tmp:  # figures are kept in the outputs only
-            NotebookClient(
-                nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp}}
-            ).execute()
-    nbformat.write(nb, PATH)
-
-
 if __name__ == "__main__":
-    main()
+    main(CELLS, PATH)

@@ -6,12 +6,9 @@ run it (nbclient, in a temporary folder) and store its outputs and figures, as c
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbgen import main
 
 HERE = Path(__file__).resolve().parent
 PATH = HERE / "04_ewc.ipynb"
@@ -265,30 +262,5 @@ between the tasks.
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [
-        new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS
-    ]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    return nb
-
-
-def main() -> None:
-    nb = build()
-    if "--execute" in sys.argv:
-        from nbclient import NotebookClient
-
-        with tempfile.TemporaryDirectory() as tmp:  # figures are kept in the outputs only
-            NotebookClient(
-                nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp}}
-            ).execute()
-    nbformat.write(nb, PATH)
-
-
 if __name__ == "__main__":
-    main()
+    main(CELLS, PATH)
