@@ -10,7 +10,9 @@ import torch
 
 from fim_linops.distributed import all_reduce_, all_reduce_count
 from fim_linops.engine import BatchResult, Engine
+from fim_linops.engine.engine import RuledBlock
 from fim_linops.operators.base import FisherOperator
+from fim_linops.operators.kron import KronSpec
 from fim_linops.statistics import Sums
 from fim_linops.structures import Structure
 
@@ -41,6 +43,23 @@ class BuildContext:
         return self.engine.run(
             self.data, self.device, self.dtype, progress=self.progress, columns=columns
         )
+
+
+def kron_spec(rb: RuledBlock, left_is_a: bool = False) -> KronSpec:
+    """The Kronecker view (groups, rows, cols; weight/bias columns) of one ruled block."""
+    groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
+    names = rb.block.local_names
+    return KronSpec(
+        rb.block.module_name,
+        rb.block.start,
+        rb.block.stop,
+        groups,
+        rows,
+        cols,
+        has_weight="weight" in names,
+        has_bias="bias" in names,
+        left_is_a=left_is_a,
+    )
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fim_linops import statistics
-from fim_linops.builders.base import BuildContext, register
+from fim_linops.builders.base import BuildContext, kron_spec, register
 from fim_linops.data import batch_size, iter_batches
 from fim_linops.distributed import all_reduce_count
 from fim_linops.engine import Engine, FisherType
@@ -83,27 +83,13 @@ def kfac_operator(engine: Engine, sums: statistics.Sums) -> KFAC:
     factors: list[Tensor] = []
     specs: list[KronSpec] = []
     for rb, st in zip(engine.ruled, sums.extra["stats"], strict=True):
-        groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
         a_count = max(st.a_rows, 1)
         if st.left_is_a:
             left, right = st.left_sum / a_count, st.right_sum / sums.n
         else:
             left, right = st.left_sum / sums.n, st.right_sum / a_count
-        left_is_a = st.left_is_a
         factors += [left, right]
-        specs.append(
-            KronSpec(
-                rb.block.module_name,
-                rb.block.start,
-                rb.block.stop,
-                groups,
-                rows,
-                cols,
-                has_weight="weight" in rb.block.local_names,
-                has_bias="bias" in rb.block.local_names,
-                left_is_a=left_is_a,
-            )
-        )
+        specs.append(kron_spec(rb, st.left_is_a))
     return KFAC(*factors, specs=tuple(specs))
 
 

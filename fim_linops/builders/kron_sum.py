@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from fim_linops.builders.base import BuildContext, RecordingContext, register
+from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec, register
 from fim_linops.builders.lowrank import check_rank
 from fim_linops.engine import BatchResult, Engine, FisherType
 from fim_linops.engine.rules.linear import LinearRule, with_ones
@@ -37,23 +37,7 @@ MAX_ITER = 100
 
 
 def kron_specs(engine: Engine) -> list[KronSpec]:
-    specs = []
-    for rb in engine.ruled:
-        groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
-        names = rb.block.local_names
-        specs.append(
-            KronSpec(
-                rb.block.module_name,
-                rb.block.start,
-                rb.block.stop,
-                groups,
-                rows,
-                cols,
-                has_weight="weight" in names,
-                has_bias="bias" in names,
-            )
-        )
-    return specs
+    return [kron_spec(rb) for rb in engine.ruled]
 
 
 def _apply(res: BatchResult, i: int, spec: KronSpec, x: Tensor, adjoint: bool) -> Tensor:
