@@ -13,7 +13,7 @@ from torch import nn
 
 import fim_linops as fl
 
-STRUCTURES = ["diag", "kfac", "dense", "block_diag", "implicit"]
+STRUCTURES = ["diag", "kfac", "ekfac", "dense", "block_diag", "implicit"]
 
 
 def _setup():
@@ -31,6 +31,8 @@ def _results(model, batches, v):
     for s in STRUCTURES:
         F = fl.fisher(model, batches, structure=s)
         out[s] = (F @ v, F.diagonal())
+    la = fl.laplace.Laplace(model, batches, structure="kfac", prior_precision=0.5)
+    out["laplace"] = (la.log_marginal_likelihood().reshape(1), la.posterior_precision @ v)
     return out
 
 
@@ -64,6 +66,6 @@ def test_two_processes_with_half_the_data_each_equal_one_process_on_all(tmp_path
     model, x, y = _setup()
     v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     want = _results(model, [(x, y)], v)
-    for s in STRUCTURES:
+    for s in [*STRUCTURES, "laplace"]:
         for a, b in zip(got[s], want[s], strict=True):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), s

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import batch_size as n_examples
 from fim_linops.data import call_model, iter_batches
+from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine, FisherType
 from fim_linops.engine.gram import gram_per_example, side
 from fim_linops.fisher import fisher
@@ -68,7 +69,9 @@ class Laplace:
             posterior, the joint predictive covariance (N*C x N*C) and the per-batch Jacobian
             (batch_size*C x P) of the dense/block_diag predictive; over it a ``ValueError``
             names what fits (None: no limit).
-        **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``kfac_approx``).
+        **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``kfac_approx``, ``process_group``:
+            with torch.distributed each rank passes its own shard of ``data``; the GGN, the
+            example count and the fit term are summed over the ranks).
     """
 
     def __init__(
@@ -93,7 +96,12 @@ class Laplace:
         self.dtype, self.device = p0.dtype, p0.device
         self._check_structure_memory(structure)
         self.mean = self.layout.vector()
-        self.n_data, self._fit = self._fit_statistics(data)
+        n_local, fit = self._fit_statistics(data)
+        # torch.distributed: each rank passes its shard; the count and the fit term are summed
+        # over the ranks (the GGN is all-reduced by fl.fisher with the same process group)
+        group = resolve_group(fisher_kwargs.get("process_group"))
+        self._fit = all_reduce_([fit], group)[0]
+        self.n_data = all_reduce_count(n_local, group, self.device)
         mean_fisher = fisher(
             model,
             data,
