@@ -77,7 +77,9 @@ def main() -> None:
     rows = []
     t_ours, ev_ours = timed(lambda: eigsh(ours, k=10, which="LA", tol=1e-3, v0=v0)[0], 2)
     t_theirs, ev_theirs = timed(lambda: eigsh(theirs_sp, k=10, which="LA", tol=1e-3, v0=v0)[0], 2)
+    print(f"eigsh: ours {t_ours:.2f} s, curvlinops {t_theirs:.2f} s", flush=True)
     t_lanczos, (ev_lanczos, _) = timed(lambda: fl.spectral.lanczos(F, 10, which="LA"), 2)
+    print(f"fl.spectral.lanczos: {t_lanczos:.2f} s", flush=True)
     agree = float(np.max(np.abs(np.sort(ev_ours) - np.sort(ev_theirs)) / np.max(np.abs(ev_theirs))))
     rows.append(("top-10 eigsh (scipy on to_scipy)", t_ours, t_theirs, agree))
     agree_l = float(
@@ -86,6 +88,7 @@ def main() -> None:
     rows.append(("top-10 fl.spectral.lanczos vs curvlinops eigsh", t_lanczos, t_theirs, agree_l))
 
     t_slq, d = timed(lambda: fl.spectral.density(F, n_probes=10, n_steps=80, seed=0), 1)
+    print(f"SLQ ours: {t_slq:.2f} s", flush=True)
     t_slq_theirs, (grid, dens) = timed(
         lambda: lanczos_approximate_spectrum(theirs, ncv=80, num_repeats=10), 1
     )
