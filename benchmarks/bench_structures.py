@@ -43,48 +43,22 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import fim_linops as fl  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import cnn, digits_batches, mlp  # noqa: E402
+
 N, BATCH, DAMPING, K = 1024, 256, 1e-3, 10
 
 
-# -- data and models -------------------------------------------------------------------------------
+# -- data and models: the same as bench_fisher.py's (benchmarks/models.py) ------------------------
 def digits(image: bool) -> DataLoader:
-    """The first N digits as float32 batches (not shuffled; NNGeometry needs a DataLoader, every
-    library and the floor get the same one): x (B, 64) or (B, 1, 8, 8) in [0, 1], y (B,)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x[:N] / 16.0, dtype=torch.float32)
-    y = torch.tensor(y[:N], dtype=torch.long)
-    if image:
-        x = x.reshape(-1, 1, 8, 8)
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    )
-
-
-def cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
+    return digits_batches(image, N, BATCH)
 
 
 # -- timing ----------------------------------------------------------------------------------------
