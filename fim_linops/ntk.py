@@ -16,7 +16,6 @@ parameters in the public vector order. Rows are example-major: index n*C + c.
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from torch.utils._pytree import tree_map
 from fim_linops.data import batch_size, call_model
 from fim_linops.engine import Engine, FisherType
 from fim_linops.engine.gram import gram_diagonal, gram_matrix
+from fim_linops.enums import ParsedEnum
 from fim_linops.layout import ParamLayout
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.jacobian import Jacobian, Outputs
@@ -42,22 +42,21 @@ from fim_linops.state import preserved_state
 DEFAULT_BATCH_SIZE = 256
 
 
-class NTKStructure(enum.Enum):
+class NTKStructure(ParsedEnum):
     IMPLICIT = "implicit"
     DENSE = "dense"
     LOWRANK = "lowrank"
 
     @classmethod
-    def parse(cls, value: str | NTKStructure) -> NTKStructure:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ValueError(
-                f"unknown NTK structure {value!r}; use 'implicit' (products J1 (J2^T V)), 'dense' "
-                "(the Gram from per-layer rules) or 'lowrank' (root operator of the Jacobians)"
-            ) from None
+    def _kind(cls) -> str:
+        return "NTK structure"
+
+    @classmethod
+    def _choices(cls) -> str:
+        return (
+            "'implicit' (products J1 (J2^T V)), 'dense' (the Gram from per-layer rules) or "
+            "'lowrank' (root operator of the Jacobians)"
+        )
 
 
 def split_inputs(x: Any, size: int | None) -> list[Any]:

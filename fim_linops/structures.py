@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import enum
+from fim_linops.enums import ParsedEnum
 
 
-class Structure(enum.Enum):
+class Structure(ParsedEnum):
     DENSE = "dense"
     BLOCK_DIAG = "block_diag"
     KFAC = "kfac"
@@ -17,16 +17,8 @@ class Structure(enum.Enum):
     IMPLICIT = "implicit"
 
     @classmethod
-    def parse(cls, value: str | Structure) -> Structure:
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, str):
-            raise TypeError(f"structure must be a name or fl.Structure, got {type(value).__name__}")
-        try:
-            return cls(value.lower())
-        except ValueError:
-            names = ", ".join(repr(s.value) for s in cls)
-            raise ValueError(f"unknown structure {value!r}; use one of {names}") from None
+    def _kind(cls) -> str:
+        return "structure"
 
     @property
     def kronecker(self) -> bool:

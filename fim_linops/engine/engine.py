@@ -16,7 +16,6 @@ between modules, get per-example gradients from torch.func (vmap over examples o
 from __future__ import annotations
 
 import copy
-import enum
 import math
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -30,11 +29,12 @@ from fim_linops.engine import functional
 from fim_linops.engine.capture import Call, capturing
 from fim_linops.engine.rules import LayerRule, rule_for
 from fim_linops.engine.rules.base import chunk_size
+from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
 
 
-class FisherType(enum.Enum):
+class FisherType(ParsedEnum):
     """How the expectation over y ~ p(y | x) is taken."""
 
     EXACT = "exact"
@@ -42,16 +42,15 @@ class FisherType(enum.Enum):
     EMPIRICAL = "empirical"
 
     @classmethod
-    def parse(cls, value: str | FisherType) -> FisherType:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ValueError(
-                f"unknown fisher_type {value!r}; use 'exact' (closed-form expectation, = GGN), "
-                "'mc' (sampled labels, mc_samples=...) or 'empirical' (the data's labels)"
-            ) from None
+    def _kind(cls) -> str:
+        return "fisher_type"
+
+    @classmethod
+    def _choices(cls) -> str:
+        return (
+            "'exact' (closed-form expectation, = GGN), 'mc' (sampled labels, mc_samples=...) or "
+            "'empirical' (the data's labels)"
+        )
 
 
 @dataclass
