@@ -178,12 +178,7 @@ def fisher(
         engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
         if struct.kronecker:
             _check_kronecker(engine, struct)
-        builder = BUILDERS.get(struct)
-        if builder is None:
-            raise NotImplementedError(
-                f"structure='{struct.value}' is not available yet; use 'kfac', 'diag', "
-                "'block_diag', 'dense' or 'implicit'"
-            )
+        builder = BUILDERS[struct]  # every Structure registers a builder (fim_linops.builders)
         ctx = BuildContext(
             engine,
             data,
