@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fim_linops.tensor_batches import fast_batches
+
 
 def _looks_like_one_batch(data: Any) -> bool:
     """An (x, y) pair: y a tensor with a leading dim, x a tensor/dict/tuple of tensors of that size."""
@@ -109,7 +111,7 @@ def iter_batches(
     elif _looks_like_one_batch(data):
         batches = [data]
     else:
-        batches = data
+        batches = fast_batches(data)  # a DataLoader over a TensorDataset: no per-example collation
     try:
         iterator = iter(batches)
     except TypeError:

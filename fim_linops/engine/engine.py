@@ -253,7 +253,14 @@ class Engine:
             keys = list(cap.calls)
             flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
             grads: tuple = ()
-            if flat and need_grads:
+            if flat and need_grads and v.shape[0] == 1:  # one column (mc, empirical): no vmap
+                grads = tuple(
+                    None if g is None else g[None]
+                    for g in torch.autograd.grad(
+                        f, [c.output for _, c in flat], grad_outputs=v[0], allow_unused=True
+                    )
+                )
+            elif flat and need_grads:
                 grads = torch.autograd.grad(
                     f,
                     [c.output for _, c in flat],
