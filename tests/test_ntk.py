@@ -196,10 +196,10 @@ def test_conv_gram_routes_both_match():
     """The patch route (one output position) and the gradient route (many positions) agree."""
     model, x, _ = build("cnn")
     rule = ConvRule()
-    a = torch.randn(7, 1, 64, 1)
+    a = torch.randn(7, 1, 1, 64)  # patches (N, groups, L, J)
     assert rule.gram_from_ag(model.c3, a, torch.randn(3, 7, 3, 1, 1), ("weight",))
     assert not rule.gram_from_ag(
-        model.c1, torch.randn(7, 1, 18, 16), torch.randn(3, 7, 4, 4, 4), ("weight", "bias")
+        model.c1, torch.randn(7, 1, 16, 18), torch.randn(3, 7, 4, 4, 4), ("weight", "bias")
     )
 
 

@@ -58,9 +58,7 @@ def _projected_conv(
     Index convention: k column, n example, q group, l output position, o/r output channel
     (eigendirection) within the group, j/c patch entry (eigendirection)."""
     g5 = ConvRule._g(module, g)  # (k, n, q, o, l)
-    u = with_ones(
-        a.transpose(-1, -2), spec.has_weight and spec.w_cols > 0, spec.has_bias
-    )  # (n,q,l,j)
+    u = with_ones(a, spec.has_weight and spec.w_cols > 0, spec.has_bias)  # (n, q, l, j)
     up = torch.einsum("nqlj,qjc->nqlc", u, qr)
     gp = torch.einsum("knqol,qor->knqrl", g5, ql)
     out = torch.zeros(spec.groups, spec.rows, spec.cols, dtype=a.dtype, device=a.device)

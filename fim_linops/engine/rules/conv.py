@@ -4,8 +4,8 @@ Index convention: k back-propagated column, n example, r group, o output channel
 j patch entry (input channel within the group, kernel offsets; row-major like the weight), l output
 position.
 
-Patches U[n, r, j, l] come from ``unfold`` of the input padded exactly as the module pads it.
-Per-example gradient: dW[k, n, r, o, j] = sum_l g[k, n, r, o, l] U[n, r, j, l]; db = sum_l g.
+Patches U[n, r, l, j] are strided windows of the input padded exactly as the module pads it.
+Per-example gradient: dW[k, n, r, o, j] = sum_l g[k, n, r, o, l] U[n, r, l, j]; db = sum_l g.
 KFAC (Grosse & Martens 2016), one Kronecker pair per group (grouped convs have no cross-group
 weights): A_r = sum_{n,l} [u;1][u;1]^T over N*L rows, G_r = sum_{k,n,l} g g^T ("expand"); "reduce" averages
 the patches and sums the gradients over l per example first (Eschenhagen et al. 2023).
@@ -29,23 +29,35 @@ def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d:
 
 
 def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfolded input patches, shape (N, groups, J, L)."""
-    pad = module._reversed_padding_repeated_twice
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    """Input patches U[n, r, l, j], shape (N, groups, L, J): one strided copy of the padded input
+    (an ``as_strided`` view (N, H_out, W_out, C, kh, kw) made contiguous), j in the weight's
+    row-major order (input channel within the group, then kernel offsets). Faster than
+    ``F.unfold`` (which loops over examples) followed by a transpose to rows of patches."""
+    conv = _conv(module)
+    pad = conv._reversed_padding_repeated_twice
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     if any(pad):
         x = F.pad(x, pad, mode=mode)
-    if isinstance(module, nn.Conv1d):
+    if isinstance(conv, nn.Conv1d):
         x = x.unsqueeze(2)  # (N, C, 1, W)
         kernel, stride, dilation = (
-            (1, *module.kernel_size),
-            (1, *module.stride),
-            (1, *module.dilation),
+            (1, *conv.kernel_size),
+            (1, *conv.stride),
+            (1, *conv.dilation),
         )
     else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    u = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*prod(k), L)
-    n, _, length = u.shape
-    return u.reshape(n, _conv(module).groups, -1, length)
+        kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    n, c, h, w = x.shape
+    h_out = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    w_out = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    s_n, s_c, s_h, s_w = x.stride()
+    view = x.as_strided(
+        (n, h_out, w_out, c, kernel[0], kernel[1]),
+        (s_n, s_h * stride[0], s_w * stride[1], s_c, s_h * dilation[0], s_w * dilation[1]),
+    )
+    groups = conv.groups
+    u = view.reshape(n, h_out * w_out, groups, -1)  # (N, L, groups, J): the one copy
+    return u.transpose(1, 2)  # (N, groups, L, J), a view
 
 
 class ConvRule(LayerRule):
@@ -69,7 +81,7 @@ class ConvRule(LayerRule):
         parts = []
         for name in names:
             if name == "weight":
-                parts.append(torch.einsum("knrol,nrjl->knroj", g5, a).reshape(k, n, -1))
+                parts.append(torch.einsum("knrol,nrlj->knroj", g5, a).reshape(k, n, -1))
             else:
                 parts.append(g5.sum(-1).reshape(k, n, -1))
         return parts
@@ -79,8 +91,8 @@ class ConvRule(LayerRule):
     ) -> KronStats:
         g5 = self._g(module, g)
         if reduce:  # KFAC-reduce: patches averaged, gradients summed over the positions l
-            a, g5 = a.mean(-1, keepdim=True), g5.sum(-1, keepdim=True)
-        u = a.permute(1, 0, 3, 2).reshape(_conv(module).groups, -1, a.shape[2])  # (r, n*l, j)
+            a, g5 = a.mean(-2, keepdim=True), g5.sum(-1, keepdim=True)
+        u = a.transpose(0, 1).reshape(_conv(module).groups, -1, a.shape[3])  # (r, n*l, j)
         gf = g5.permute(2, 0, 1, 4, 3).reshape(
             _conv(module).groups, -1, g5.shape[3]
         )  # (r, k*n*l, o)
@@ -98,7 +110,7 @@ class ConvRule(LayerRule):
     # -- NTK blocks: k, q columns; n, m examples; r group; o output; j patch; t, s positions ----
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
         # per pair of examples: L^2 (R J + K^2 O) from the patches against K^2 O J via gradients
-        k, groups, j, length = g.shape[0], _conv(module).groups, a.shape[2], a.shape[3]
+        k, groups, length, j = g.shape[0], _conv(module).groups, a.shape[2], a.shape[3]
         o = _conv(module).out_channels
         return length * length * (groups * j + k * k * o) < k * k * o * j
 
@@ -114,10 +126,10 @@ class ConvRule(LayerRule):
         r"""sum_{r,t,s} <[U1_t;1], [U2_s;1]>_r <G1_t, G2_s>_r over the unfolded patches U."""
         g1, g2 = self._g(module, g1), self._g(module, g2)
         if "weight" in names:
-            inner = torch.einsum("nrjt,mrjs->nrtms", a1, a2)
+            inner = torch.einsum("nrtj,mrsj->nrtms", a1, a2)
         else:
             inner = a1.new_zeros(
-                a1.shape[0], _conv(module).groups, a1.shape[3], a2.shape[0], a2.shape[3]
+                a1.shape[0], _conv(module).groups, a1.shape[2], a2.shape[0], a2.shape[2]
             )
         if "bias" in names:
             inner = inner + 1
