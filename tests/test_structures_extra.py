@@ -202,6 +202,30 @@ def test_lowrank_by_subspace_iteration_matches_the_svd_route(monkeypatch) -> Non
     assert close(F_it.to_dense(), F_svd.to_dense(), rtol=1e-8)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 6])
+@pytest.mark.parametrize("rank", [3, 40, 200])
+def test_block_lanczos_top_eigenpairs_of_a_dense_matrix(blocks: int, rank: int) -> None:
+    """Close eigenvalues around the k-th, restarts (blocks=1 is subspace iteration, 2 restarts
+    often) and rank-deficient operators (rank 3 < the block width): the top-k pairs of eigh."""
+    from fim_linops.builders.lowrank import top_eigenpairs
+
+    g = torch.Generator().manual_seed(0)
+    p, k = 200, 6
+    q = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+    lam = torch.cat(
+        [torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.99, 0.98]), 0.9 ** torch.arange(193.0)]
+    )
+    lam = lam.to(torch.float64)
+    lam[rank:] = 0
+    a = (q * lam) @ q.T
+    u, ev = top_eigenpairs(lambda x: a @ x, p, k, torch.float64, torch.device("cpu"), max_iter=2000)
+    ref = torch.linalg.eigvalsh(a).flip(0)[:k]
+    torch.testing.assert_close(ev, ref, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-8)
+    resid = torch.linalg.vector_norm(a @ u - u * ev, dim=0)
+    assert bool((resid <= 1e-9 * ev[0]).all())
+
+
 def test_lowrank_rank_larger_than_p_is_a_clear_error() -> None:
     model, data = make("mlp")
     p = sum(q.numel() for q in model.parameters())
