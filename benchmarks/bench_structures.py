@@ -18,7 +18,7 @@ forward + backward of the summed cross-entropy over the same batches):
 * EKFAC damped solve (F + lambda I)^-1 b, lambda = 1e-3: ours ``F.add_diagonal(lambda).solve(b)``;
   NNGeometry ``solve(b, regul=lambda)``; curvlinops ``KFACInverseLinearOperator(F, lambda,
   use_exact_damping=True) @ b`` (inverse built inside the timed region);
-* low-rank top-10: ours ``fl.fisher(structure="lowrank", rank=10)`` (subspace iteration on exact
+* low-rank top-10: ours ``fl.fisher(structure="lowrank", rank=10)`` (Lanczos on exact
   implicit products, residual tol 1e-5 lambda_max in float32) vs
   ``scipy.sparse.linalg.eigsh(GGNLinearOperator(...).to_scipy(), k=10, tol=1e-5)``; and, as a
   like-for-like product check, the same ``eigsh`` on ours: ``fl.to_scipy(fl.fisher(structure=

@@ -5,8 +5,8 @@ columns (the square-root Jacobian). Two routes:
 
 * small N K (Jt fits in ``SVD_MAX_BYTES``): one pass collects Jt, and the thin SVD
   Jt / sqrt(N) = W S V^T gives F = V S^2 V^T exactly: U = V[:, :k], lambda = S[:k]^2;
-* otherwise: block Lanczos with full reorthogonalisation and thick restarts on exact implicit
-  products F Q (one data pass, jvp + vjp over k + oversampling columns, per block), with
+* otherwise: Lanczos with full reorthogonalisation and thick restarts on exact implicit
+  products F q (one data pass, one forward-mode forward and one backward per product), with
   Rayleigh-Ritz on the Krylov basis, until every Ritz residual ||F u - lambda u|| <= tol *
   lambda_max.
 """
@@ -81,48 +81,56 @@ def top_eigenpairs(
     device: torch.device,
     oversample: int = 10,
     tol: float | None = None,
-    max_iter: int = 200,
+    max_iter: int = 2000,
     generator: torch.Generator | None = None,
-    blocks: int = 6,
+    block: int = 1,
 ) -> tuple[Tensor, Tensor]:
     r"""Top-k eigenpairs (U (P, k), lambda (k,) descending) of a symmetric PSD operator given by
-    ``matmul`` (P, M) -> (P, M), by block Lanczos with full reorthogonalisation and thick restarts
-    (a block Krylov method: Golub & Underwood 1977; Musco & Musco 2015 for the randomized view).
+    ``matmul`` (P, M) -> (P, M), by (block) Lanczos with full reorthogonalisation and thick
+    restarts (Wu & Simon 2000; Golub & Underwood 1977 for blocks).
 
-    Each step multiplies one block of m = k + oversample columns (one batched implicit product)
-    and appends it, orthogonalised, to the basis V (P, s m); Rayleigh-Ritz on V uses the stored
-    products Z = F V, so T = V^T Z and the residuals ||Z w - V w lambda|| are exact without extra
-    products. After ``blocks`` steps the basis restarts from its top m Ritz vectors. Stops when
-    every one of the top k residuals is <= tol * lambda_max, or after ``max_iter`` products. For
-    the same number of products, the Krylov space converges much faster than subspace iteration
-    (which keeps only the last block) when eigenvalues near the k-th are close."""
+    Each step multiplies the newest direction(s) (``block`` columns: the last product,
+    orthogonalised against the basis V) and appends them to V (P, s); Rayleigh-Ritz on V uses the
+    stored products Z = F V, so T = V^T Z and the residuals ||Z w - V w lambda|| are exact without
+    extra products. When s would pass 2k + ``oversample`` (at least 20), V and Z restart from the
+    top k + ``oversample`` / 2 Ritz vectors (no product needed: F V w = Z w). Stops when every
+    one of the top k residuals is <= tol * lambda_max, or after ``max_iter`` product columns.
+    One column per step by default: an implicit product of one column runs forward-mode AD in a
+    single pass, and single-vector Krylov methods need the fewest columns in all. Like ARPACK's
+    eigsh, one column per step cannot separate an exactly repeated eigenvalue (its Krylov space
+    holds one vector of each eigenspace): ``block=b`` finds multiplicities up to b."""
     tol = tol if tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
-    m = min(p, k + oversample)
-    q = _orthonormal_block(torch.randn(p, m, dtype=dtype, device=device, generator=generator), None)
-    products = 0
-    ritz, lam = q[:, :k], torch.zeros(k, dtype=dtype, device=device)
-    while products < max_iter:
-        vs: list[Tensor] = [q]
-        zs: list[Tensor] = []
-        for step in range(blocks):
-            zs.append(matmul(vs[-1]))  # F V_j, (P, m)
-            products += 1
-            basis, z = torch.cat(vs, dim=1), torch.cat(zs, dim=1)  # (P, s m) each
-            t = basis.T @ z
-            evals, w = torch.linalg.eigh((t + t.T) / 2)  # ascending
-            evals, w = evals.flip(0), w.flip(1)
-            top = w[:, :k]
-            ritz, lam = basis @ top, evals[:k]
-            resid = torch.linalg.vector_norm(z @ top - ritz * lam, dim=0)
-            scale = evals[0].abs().clamp_min(torch.finfo(dtype).tiny)
-            if bool((resid <= tol * scale).all()):
-                return ritz, lam.clamp_min(0)
-            if step + 1 == blocks or basis.shape[1] + m > p or products >= max_iter:
-                break
-            vs.append(_orthonormal_block(zs[-1], basis))
-        q = basis @ w[:, :m]  # thick restart from the top m Ritz vectors
+    block = max(1, block)
+    keep = k + oversample // 2
+    max_dim = min(p, max(2 * k + oversample, 20, keep + 3 * block))
+    block = min(block, max(1, max_dim - k))
+    keep = min(max_dim - block, keep)
+    basis = torch.zeros(p, 0, dtype=dtype, device=device)
+    prods = torch.zeros(p, 0, dtype=dtype, device=device)
+    d = torch.randn(p, block, dtype=dtype, device=device, generator=generator)
+    ritz, lam, columns = basis, basis.new_zeros(0), 0
+    d = _orthonormal_block(d, None)
+    while columns < max_iter:
+        z = matmul(d)  # F d, (P, b)
+        columns += d.shape[1]
+        basis, prods = torch.cat([basis, d], dim=1), torch.cat([prods, z], dim=1)
+        t = basis.T @ prods
+        evals, w = torch.linalg.eigh((t + t.T) / 2)  # ascending
+        evals, w = evals.flip(0), w.flip(1)
+        top = w[:, :k]
+        ritz, lam = basis @ top, evals[:k]
+        resid = torch.linalg.vector_norm(prods @ top - ritz * lam, dim=0)
+        scale = evals[0].abs().clamp_min(torch.finfo(dtype).tiny)
+        if lam.shape[0] == k and bool((resid <= tol * scale).all()):
+            return ritz, lam.clamp_min(0)
+        # the Krylov continuation: the newest product orthogonalised against the whole basis
+        # (in exact arithmetic the direction of every Ritz residual), taken before a restart
+        d = _orthonormal_block(z, basis)
+        if basis.shape[1] + block > max_dim:  # thick restart from the top Ritz vectors
+            basis, prods = basis @ w[:, :keep], prods @ w[:, :keep]
+            d = _orthonormal_block(d, basis)
     warnings.warn(
-        f"lowrank: block Lanczos did not reach tol={tol} in {max_iter} products "
+        f"lowrank: Lanczos did not reach tol={tol} in {max_iter} product columns "
         "(close eigenvalues near rank k); the eigenpairs are approximate",
         stacklevel=2,
     )

@@ -169,7 +169,7 @@ class FimLinopsInterface(CurvatureInterface):
     def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
         """(eigenvectors (P, k'), eigenvalues (k',), loss) of the curvature N scale F over the
         loader: the top k = ``low_rank`` eigenpairs of fim_linops' ``structure="lowrank"`` (exact
-        SVD of the stacked per-example gradients when they fit, block Lanczos on exact products
+        SVD of the stacked per-example gradients when they fit, Lanczos on exact products
         otherwise), less those numerically zero (k' <= k)."""
         device, dtype = self.params[0].device, self.params[0].dtype
         loss = torch.zeros((), device=device, dtype=dtype)
