@@ -158,9 +158,9 @@ def lanczos(
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"BE"`` both ends
             (k // 2 from the bottom, the rest from the top).
         n_steps: Lanczos steps m (restart-free Krylov space of dimension m). ``None``: adaptive,
-            starting at min(P, max(2k + 20, 50)) and growing until every wanted Ritz pair has
-            residual ||A y - theta y|| = |beta_m s_{m,i}| <= tol ||T_m||, up to
-            min(P, 6 max(2k + 20, 50)) steps (with a warning if that is not enough).
+            starting at min(P, max(2k + 10, 20)) and growing 5 steps at a time until every
+            wanted Ritz pair has residual ||A y - theta y|| = |beta_m s_{m,i}| <= tol ||T_m||, up
+            to min(P, 6 max(2k + 20, 50)) steps (with a warning if that is not enough).
         reorth: ``"full"`` (default) or ``"none"`` (only sensible for n_steps << P).
         seed: seed of the random start vector (a ``torch.Generator`` on ``op``'s device).
         tol: residual tolerance of the adaptive mode; default eps^(2/3) of the dtype.
@@ -185,8 +185,8 @@ def lanczos(
         rec.extend(n_steps)
         theta, S = torch.linalg.eigh(rec.tridiagonal()[0])
     else:
-        m0 = min(P, max(2 * k + 20, 50))
-        m_max, chunk = min(P, 6 * m0), max(10, m0 // 4)
+        m0 = min(P, max(2 * k + 10, 20))
+        m_max, chunk = min(P, 6 * max(2 * k + 20, 50)), 5
         tol = torch.finfo(op.dtype).eps ** (2 / 3) if tol is None else tol
         rec.extend(m0)
         while True:
