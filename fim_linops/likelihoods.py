@@ -36,8 +36,10 @@ class Likelihood:
             )
         return f
 
-    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
-        """Validate labels against the output; return them in the form ``nll`` expects."""
+    def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
+        """Validate labels against the output; return them in the form ``nll`` expects.
+        ``values=False`` checks shapes and dtypes only (no device synchronisation), for Fisher
+        types that do not use the labels."""
         return y
 
     def nll(self, f: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -70,7 +72,7 @@ class Categorical(Likelihood):
 
     name = "categorical"
 
-    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+    def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
         if y.ndim == 2 and y.shape == f.shape and y.is_floating_point():
             raise ValueError(
                 "categorical likelihood expects class indices of shape (N,), got one-hot or "
@@ -81,7 +83,7 @@ class Categorical(Likelihood):
                 f"categorical likelihood expects integer class indices of shape ({f.shape[0]},), "
                 f"got {tuple(y.shape)} of dtype {y.dtype}"
             )
-        if y.numel() and bool((y.min() < 0) | (y.max() >= f.shape[-1])):
+        if values and y.numel() and bool((y.min() < 0) | (y.max() >= f.shape[-1])):
             raise ValueError(
                 f"categorical labels out of range: the model has {f.shape[-1]} classes, labels must "
                 f"lie in [0, {f.shape[-1] - 1}] (got min {int(y.min())}, max {int(y.max())})"
@@ -92,9 +94,12 @@ class Categorical(Likelihood):
         return torch.nn.functional.cross_entropy(f, y, reduction="none")
 
     def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """(S, N) labels y ~ softmax(f) by inverting the CDF: y = #{c : cdf_c < u}, u ~ U[0, 1)
+        (one uniform per draw; about 5x faster than ``torch.multinomial`` on small C)."""
         p = torch.softmax(f.detach(), dim=-1)
-        y = torch.multinomial(p, n_samples, replacement=True, generator=generator)  # (N, S)
-        return y.T.contiguous()
+        u = torch.rand(f.shape[0], n_samples, dtype=p.dtype, device=p.device, generator=generator)
+        y = torch.searchsorted(p.cumsum(-1), u)  # (N, S); cdf rows are sorted
+        return y.clamp_(max=f.shape[-1] - 1).T.contiguous()  # round-off may leave cdf_C < u
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
         p = torch.softmax(f.detach(), dim=-1)
@@ -138,7 +143,7 @@ class Gaussian(Likelihood):
             raise ValueError(f"Gaussian sigma must be a positive finite number, got {sigma}")
         self.sigma = sigma
 
-    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+    def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
         if y.shape == f.shape[:1] and f.shape[1] == 1:
             y = y[:, None]
         if y.shape != f.shape:
@@ -193,7 +198,7 @@ class Bernoulli(Likelihood):
             )
         return f
 
-    def check_target(self, f: Tensor, y: Tensor) -> Tensor:
+    def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.shape != f.shape[:1]:
@@ -201,7 +206,7 @@ class Bernoulli(Likelihood):
                 f"bernoulli likelihood expects labels of shape ({f.shape[0]},), got {tuple(y.shape)}"
             )
         y = y.to(f.dtype)
-        if not bool(((y == 0) | (y == 1)).all()):
+        if values and not bool(((y == 0) | (y == 1)).all()):
             raise ValueError("bernoulli likelihood expects labels in {0, 1}")
         return y
 

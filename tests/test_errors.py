@@ -190,3 +190,23 @@ def test_model_that_is_not_a_module() -> None:
     _, x, y = _setup()
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fl.fisher(lambda t: t, (x, y), structure="diag")
+
+
+def test_label_values_checked_only_where_used() -> None:
+    """Out-of-range labels are an error for the empirical Fisher (which uses them), not for the
+    exact and MC Fishers (which do not); a user likelihood with the two-argument check_target of
+    earlier versions still works."""
+    model, x, _ = _setup()
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])  # 3 is out of range for 3 classes
+    exact = fl.fisher(model, (x, y), fisher_type="exact", structure="diag").diagonal()
+    assert torch.isfinite(exact).all()
+    fl.fisher(model, (x, y), fisher_type="mc", structure="diag")
+
+    class OldStyle(fl.Categorical):
+        def check_target(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().check_target(f, y)
+
+    with pytest.raises(ValueError, match="out of range"):
+        fl.fisher(model, (x, y), OldStyle(), fisher_type="empirical", structure="diag")
+    with pytest.raises(ValueError, match="out of range"):
+        fl.fisher(model, (x, y), OldStyle(), fisher_type="exact", structure="diag")

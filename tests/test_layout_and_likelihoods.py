@@ -110,6 +110,15 @@ def test_sampling_is_reproducible_and_has_the_right_distribution(name: str) -> N
         assert torch.allclose(a.std(0), torch.full_like(f, 0.7), atol=0.03)
 
 
+def test_categorical_samples_stay_in_range_at_extreme_logits() -> None:
+    """The inverse-CDF sampler never returns C (float32 cumulative sums may end below 1) and puts
+    all mass on a class whose probability rounds to 1."""
+    f = torch.tensor([[80.0, 0.0, -80.0], [0.0, 0.0, 100.0], [1e-3, 2e-3, 3e-3]])
+    y = fl.Categorical().sample(f, 5000, generator=torch.Generator().manual_seed(1))
+    assert y.shape == (5000, 3) and int(y.min()) >= 0 and int(y.max()) <= 2
+    assert bool((y[:, 0] == 0).all()) and bool((y[:, 1] == 2).all())
+
+
 def test_likelihoods_by_name_and_errors() -> None:
     assert isinstance(fl.get_likelihood("categorical"), fl.Categorical)
     assert isinstance(fl.get_likelihood("gaussian"), fl.Gaussian)

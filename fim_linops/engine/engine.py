@@ -16,6 +16,7 @@ between modules, get per-example gradients from torch.func (vmap over examples o
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -202,14 +203,21 @@ class Engine:
             return lik.grad_output(f, ys) / math.sqrt(self.mc_samples)
         if y is None:
             raise ValueError("fisher_type='empirical' needs labels: pass (x, y) batches")
-        return lik.grad_output(f, lik.check_target(f, y))[None]
+        return lik.grad_output(f, self._check_target(f, y, values=False))[None]  # see output()
 
     def output(self, x: Any, y: Tensor | None, batch_index: int) -> Tensor:
         f = self.likelihood.check_output(call_model(self.model, x))
         check_finite(f.detach(), "the model output", batch_index)
-        if y is not None:
-            self.likelihood.check_target(f, y)
+        if y is not None:  # label values matter (and are checked) for the empirical Fisher only
+            self._check_target(f, y, values=self.fisher_type is FisherType.EMPIRICAL)
         return f
+
+    def _check_target(self, f: Tensor, y: Tensor, values: bool) -> Tensor:
+        """The likelihood's label check; ``values=False`` skips checks of the label values where
+        the likelihood supports it (a user likelihood may define ``check_target(f, y)`` only)."""
+        if "values" in inspect.signature(self.likelihood.check_target).parameters:
+            return self.likelihood.check_target(f, y, values=values)
+        return self.likelihood.check_target(f, y)
 
     # -- batches ---------------------------------------------------------------------------------
     def run(
