@@ -154,6 +154,7 @@ class Engine:
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.generator = generator
+        self._target_values = "values" in inspect.signature(likelihood.check_target).parameters
         for name, module in model.named_modules():
             if (
                 isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -215,7 +216,7 @@ class Engine:
     def _check_target(self, f: Tensor, y: Tensor, values: bool) -> Tensor:
         """The likelihood's label check; ``values=False`` skips checks of the label values where
         the likelihood supports it (a user likelihood may define ``check_target(f, y)`` only)."""
-        if "values" in inspect.signature(self.likelihood.check_target).parameters:
+        if self._target_values:
             return self.likelihood.check_target(f, y, values=values)
         return self.likelihood.check_target(f, y)
 
