@@ -230,6 +230,30 @@ def test_lanczos_top_eigenpairs_of_a_dense_matrix(block: int, rank: int) -> None
     assert bool((resid <= 1e-9 * ev[0]).all())
 
 
+def test_lanczos_stops_at_the_precision_floor_of_noisy_products() -> None:
+    """Products accurate to 1e-7 relative cannot give residuals below ~1e-7 lambda_max: with tol
+    1e-10 the iteration stops once the residuals stall, long before max_iter, and warns (the
+    floor is above 100 tol); the top eigenvalues are still accurate to ~1e-6."""
+    from fim_linops.builders.lowrank import top_eigenpairs
+
+    g = torch.Generator().manual_seed(0)
+    p, k = 300, 4
+    q = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+    lam = (0.95 ** torch.arange(float(p))).to(torch.float64)
+    a = (q * lam) @ q.T
+    count = [0]
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        count[0] += x.shape[1]
+        y = a @ x
+        return y + 1e-7 * torch.randn(y.shape, generator=g, dtype=y.dtype) * y.norm(dim=0)
+
+    with pytest.warns(UserWarning, match="stalled"):
+        u, ev = top_eigenpairs(noisy, p, k, torch.float64, torch.device("cpu"), tol=1e-10)
+    assert count[0] < 500  # max_iter is 2000 columns
+    torch.testing.assert_close(ev, lam[:k], rtol=1e-5, atol=0)
+
+
 def test_lowrank_rank_larger_than_p_is_a_clear_error() -> None:
     model, data = make("mlp")
     p = sum(q.numel() for q in model.parameters())
