@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec, register
+from fim_linops.builders.convergence import Stagnation
 from fim_linops.builders.lowrank import check_rank
 from fim_linops.engine import BatchResult, Engine, FisherType
 from fim_linops.engine.rules.linear import LinearRule, with_ones
@@ -36,7 +37,7 @@ from fim_linops.structures import Structure
 
 OVERSAMPLE = 2
 MAX_ITER = 100
-#: iterations (two data passes each) without halving the worst residual before stopping
+#: iterations (two data passes each) without a 10% fall of the worst residual before stopping
 STALL_ITERS = 5
 
 
@@ -122,7 +123,7 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
     y = apply_all(qx, adjoint=False)
     tol = 1e-11 if dt == torch.float64 else 1e-5
     prev = None
-    best, since_best = float("inf"), 0  # smallest worst relative residual, iterations since
+    stagnation = Stagnation(tol, patience=STALL_ITERS)
     for _ in range(MAX_ITER):
         if prev is not None:
             worst = 0.0
@@ -135,11 +136,7 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
                 worst = max(worst, float(rel.max()))
             if worst <= tol:
                 break
-            # stagnation at the precision of the products (float32 passes over large layers):
-            # within 100 tol, stop after STALL_ITERS iterations in which the worst residual did
-            # not fall by 10% (slow convergence still falls; above 100 tol keep iterating)
-            best, since_best = (worst, 0) if worst < 0.9 * best else (best, since_best + 1)
-            if since_best >= STALL_ITERS and best <= 100 * tol:
+            if stagnation.stalled(worst):  # the precision floor of float32 passes
                 break
         qy = [_orth(yi) for yi in y]
         z = apply_all(qy, adjoint=True)

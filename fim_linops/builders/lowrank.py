@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fim_linops.builders.base import BuildContext, register
+from fim_linops.builders.convergence import Stagnation
 from fim_linops.builders.core import implicit_operator
 from fim_linops.operators.lowrank import LowRank
 from fim_linops.structures import Structure
@@ -109,10 +110,11 @@ def top_eigenpairs(
     keep = min(max_dim - block, keep)
     basis = torch.zeros(p, 0, dtype=dtype, device=device)
     prods = torch.zeros(p, 0, dtype=dtype, device=device)
-    d = torch.randn(p, block, dtype=dtype, device=device, generator=generator)
+    d = _orthonormal_block(
+        torch.randn(p, block, dtype=dtype, device=device, generator=generator), None
+    )
     ritz, lam, columns = basis, basis.new_zeros(0), 0
-    best, since_best = float("inf"), 0  # smallest worst-residual so far, columns since
-    d = _orthonormal_block(d, None)
+    stagnation = Stagnation(tol, patience=2 * max_dim)  # counted in product columns
     while columns < max_iter:
         z = matmul(d)  # F d, (P, b)
         columns += d.shape[1]
@@ -128,14 +130,7 @@ def top_eigenpairs(
             worst = float((resid / scale).max())
             if worst <= tol:
                 return ritz, lam.clamp_min(0)
-            # stagnation: the residuals stop falling at the precision of the products (float32
-            # products of a large operator: ~1e-5 lambda_max); within 100 tol, stop there
-            # instead of iterating (above it, slow convergence is real progress)
-            if worst < 0.9 * best:
-                best, since_best = worst, 0
-            else:
-                since_best += d.shape[1]
-            if since_best >= 2 * max_dim and best <= 100 * tol:
+            if stagnation.stalled(worst, steps=d.shape[1]):  # the products' precision floor
                 return ritz, lam.clamp_min(0)
         # the Krylov continuation: the newest product orthogonalised against the whole basis
         # (in exact arithmetic the direction of every Ritz residual), taken before a restart

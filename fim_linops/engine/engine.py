@@ -262,20 +262,13 @@ class Engine:
             keys = list(cap.calls)
             flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
             grads: tuple = ()
+            outputs = [c.output for _, c in flat]
             if flat and need_grads and v.shape[0] == 1:  # one column (mc, empirical): no vmap
-                grads = tuple(
-                    None if g is None else g[None]
-                    for g in torch.autograd.grad(
-                        f, [c.output for _, c in flat], grad_outputs=v[0], allow_unused=True
-                    )
-                )
+                one = torch.autograd.grad(f, outputs, grad_outputs=v[0], allow_unused=True)
+                grads = tuple(None if g is None else g[None] for g in one)
             elif flat and need_grads:
                 grads = torch.autograd.grad(
-                    f,
-                    [c.output for _, c in flat],
-                    grad_outputs=v,
-                    is_grads_batched=True,
-                    allow_unused=True,
+                    f, outputs, grad_outputs=v, is_grads_batched=True, allow_unused=True
                 )
             calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
             for (key, c), g in zip(flat, grads, strict=False):
