@@ -32,7 +32,7 @@ def _is_plain_tensor_loader(data: Any) -> bool:
         return False
     if data.batch_sampler is None:  # batch_size=None: the loader yields single examples
         return False
-    if data.pin_memory and torch.accelerator.is_available():
+    if data.pin_memory:  # the loader would pin the batches (torch.accelerator needs torch 2.6)
         return False
     return all(isinstance(t, Tensor) for t in data.dataset.tensors)
 
