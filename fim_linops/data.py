@@ -3,6 +3,7 @@ the target device and dtype."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -71,8 +72,14 @@ def call_model(model: torch.nn.Module, x: Any) -> Tensor:
 
 
 def check_finite(t: Tensor, what: str, index: int) -> None:
-    """Raise if a floating tensor holds NaN or inf (one device sync per batch)."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    """Raise if a floating tensor holds NaN or inf (one device sync per batch). A NaN or inf
+    entry makes the sum non-finite, so a finite sum clears the tensor with one reduction; only a
+    non-finite sum (possibly an overflow of finite entries) is checked entry by entry."""
+    if (
+        t.is_floating_point()
+        and not math.isfinite(float(t.sum()))
+        and not bool(torch.isfinite(t).all())
+    ):
         raise ValueError(
             f"{what} of batch {index} contains NaN or inf; clean the data or the model"
         )

@@ -102,8 +102,10 @@ class Categorical(Likelihood):
         return y.clamp_(max=f.shape[-1] - 1).T.contiguous()  # round-off may leave cdf_C < u
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
-        p = torch.softmax(f.detach(), dim=-1)
-        return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(p.dtype)
+        """p - onehot(y), shape (*y.shape, C): y (N,) or (S, N) labels."""
+        p = torch.softmax(f.detach(), dim=-1).expand(*y.shape, -1)
+        minus_one = torch.full((*y.shape, 1), -1.0, dtype=p.dtype, device=p.device)
+        return p.scatter_add(-1, y.unsqueeze(-1), minus_one)
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         r"""A root with C - 1 columns (H has rank C - 1: H 1 = 0), so that the exact Fisher

@@ -45,12 +45,12 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
                 names = rb.block.local_names
                 work = rb.rule.diag_workspace(rb.module, a, g, names)
                 if work == 0:
-                    total[sl] += rb.rule.diag(rb.module, a, g, names)
+                    rb.rule.add_diag(total[sl], rb.module, a, g, names)
                     continue
                 step = max(1, DIAG_CHUNK_BYTES // (work * g.element_size()))
                 for lo in range(0, res.n, step):
                     hi = min(res.n, lo + step)
-                    total[sl] += rb.rule.diag(rb.module, a[lo:hi], g[:, lo:hi], names)
+                    rb.rule.add_diag(total[sl], rb.module, a[lo:hi], g[:, lo:hi], names)
             elif len(calls) > 1:  # shared module: sum the calls' gradients, then square
                 for lo, hi in res.chunks(rb.block.numel):
                     total[sl] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))

@@ -91,6 +91,21 @@ def test_nan_in_inputs_names_the_batch() -> None:
         fl.fisher(model, [(x, y), (x2, y)], structure="diag")
 
 
+def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
+    # the NaN check sums first and looks entry by entry only when the sum is not finite
+    model, x, y = _setup()
+    x2 = x.clone()
+    x2[:, 0] = 3e38  # finite, but the sum overflows float32
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0.0  # so that the model output stays finite
+    F = fl.fisher(model, (x2, y), structure="diag")
+    assert torch.isfinite(F.diagonal()[-18:]).all()  # the second layer's entries (the
+    # first layer's squared gradients on input 0 overflow legitimately)
+    x2[0, 1] = -float("inf")
+    with pytest.raises(ValueError, match="batch 0 contains NaN or inf"):
+        fl.fisher(model, (x2, y), structure="diag")
+
+
 def test_inf_in_outputs_names_the_batch() -> None:
     model, x, y = _setup()
     with torch.no_grad():

@@ -90,6 +90,9 @@ def test_likelihood_nll_hessian_sqrt_and_grad_output(name: str) -> None:
     assert torch.allclose(lik.hessian_matmul(f, v), torch.einsum("ncd,knd->knc", h, v), atol=1e-12)
     g = torch.func.grad(lambda ff: lik.nll(ff, y).sum())(f)
     assert torch.allclose(lik.grad_output(f, y), g)
+    ys = lik.sample(f, 5, generator=torch.Generator().manual_seed(0))  # (S, N) sampled labels
+    per_sample = torch.stack([lik.grad_output(f, ys[s]) for s in range(5)])
+    assert torch.equal(lik.grad_output(f, ys), per_sample)
 
 
 @pytest.mark.parametrize("name", list(LIKS))

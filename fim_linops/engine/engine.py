@@ -201,7 +201,8 @@ class Engine:
             return lik.hessian_sqrt(f).permute(2, 0, 1)
         if self.fisher_type is FisherType.MC:
             ys = lik.sample(f, self.mc_samples, generator=self.generator)
-            return lik.grad_output(f, ys) / math.sqrt(self.mc_samples)
+            v = lik.grad_output(f, ys)
+            return v if self.mc_samples == 1 else v / math.sqrt(self.mc_samples)
         if y is None:
             raise ValueError("fisher_type='empirical' needs labels: pass (x, y) batches")
         return lik.grad_output(f, self._check_target(f, y, values=False))[None]  # see output()

@@ -62,12 +62,17 @@ class LayerRule:
         """Per-example gradients (K, N, p) of the trainable parameters ``names``."""
         return flat_cat(self.param_grads(module, a, g, names))
 
-    def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
-        """Sum over K, N of squared per-example gradients, shape (p,) (squares in place, no
-        concatenation of the per-example tensors)."""
-        return torch.cat(
-            [t.square_().sum((0, 1)).reshape(-1) for t in self.param_grads(module, a, g, names)]
-        )
+    def add_diag(
+        self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
+        """``out += sum_{K, N}`` of the squared per-example gradients, out of shape (p,): the
+        block's slice of the running total (squares in place in the fresh per-example tensors, no
+        concatenation)."""
+        lo = 0
+        for t in self.param_grads(module, a, g, names):
+            size = t[0, 0].numel()
+            out[lo : lo + size] += t.square_().sum((0, 1)).reshape(-1)
+            lo += size
 
     def diag_workspace(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
@@ -140,6 +145,18 @@ def chunk_size(k: int, n: int, p: int, itemsize: int, budget_bytes: int = 1 << 2
     """How many examples to process at once so that a (K, n, p) tensor stays under the budget."""
     per_example = max(1, k * p * itemsize)
     return int(max(1, min(n, budget_bytes // per_example)))
+
+
+def column_square_sum(g: Tensor) -> Tensor:
+    """sum_k g[k]^2 for g (K, ...) -> (...). For few columns one fused multiply-add per column
+    into one output: no (K, ...) temporary of squares, whose fresh pages cost more than the
+    arithmetic on a CPU (page faults)."""
+    if g.shape[0] > 32:
+        return g.square().sum(0)
+    out = g[0].square()
+    for k in range(1, g.shape[0]):  # columns, not examples
+        out.addcmul_(g[k], g[k])
+    return out
 
 
 def flat_cat(parts: list[Tensor]) -> Tensor:

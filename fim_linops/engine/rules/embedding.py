@@ -14,7 +14,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from fim_linops.engine.rules.base import KronStats, LayerRule, register
+from fim_linops.engine.rules.base import KronStats, LayerRule, column_square_sum, register
 
 
 def _emb(module: nn.Module) -> nn.Embedding:
@@ -50,13 +50,17 @@ class EmbeddingRule(LayerRule):
         oh = self._onehot(module, a, g.dtype)
         return [torch.einsum("ntv,kntd->knvd", oh, g4)]
 
-    def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+    def add_diag(
+        self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
         k, n = g.shape[:2]
         g4 = g.reshape(k, n, -1, g.shape[-1])
         if g4.shape[2] == 1:  # one token per example: no cross terms
             oh = self._onehot(module, a, g.dtype)[:, 0]  # (n, v)
-            return (oh.T @ (g4[:, :, 0] ** 2).sum(0)).reshape(-1)
-        return super().diag(module, a, g, names)
+            v, d = oh.shape[1], g4.shape[-1]
+            out.view(v, d).addmm_(oh.T, column_square_sum(g4[:, :, 0]))  # out[v, d] += sum_n
+            return
+        super().add_diag(out, module, a, g, names)
 
     def diag_workspace(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]

@@ -16,7 +16,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from fim_linops.engine.rules.base import KronStats, LayerRule, register
+from fim_linops.engine.rules.base import KronStats, LayerRule, column_square_sum, register
 
 
 def _lin(module: nn.Module) -> nn.Linear:
@@ -74,18 +74,23 @@ class LinearRule(LayerRule):
                 parts.append(g3.sum(2))
         return parts
 
-    def diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+    def add_diag(
+        self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
         a3, g3 = _as_3d(a, g)
         if a3.shape[1] != 1:  # sums over positions come before the square: per-example grads
-            return super().diag(module, a, g, names)
-        g2 = (g3[:, :, 0] ** 2).sum(0)  # (n, o): sum over k of g^2
-        parts = []
+            super().add_diag(out, module, a, g, names)
+            return
+        g2 = column_square_sum(g3[:, :, 0])  # (n, o): sum over k of g^2
+        lo = 0
         for name in names:
-            if name == "weight":
-                parts.append((g2.T @ a3[:, 0] ** 2).reshape(-1))  # sum_n g2[n,o] a[n,i]^2 -> (o, i)
+            if name == "weight":  # out[o, i] += sum_n g2[n, o] a[n, i]^2, straight into the total
+                o, i = g2.shape[1], a3.shape[2]
+                out[lo : lo + o * i].view(o, i).addmm_(g2.T, a3[:, 0].square())
+                lo += o * i
             else:
-                parts.append(g2.sum(0))
-        return torch.cat(parts)
+                out[lo : lo + g2.shape[1]] += g2.sum(0)
+                lo += g2.shape[1]
 
     def diag_workspace(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
