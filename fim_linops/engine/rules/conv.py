@@ -91,6 +91,34 @@ class ConvRule(LayerRule):
                 parts.append(g5.sum(-1).reshape(k, n, -1))
         return parts
 
+    def add_diag(
+        self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
+        """One column at a time: dW[n, r, o, j] = sum_l g[k, n, r, o, l] U[n, r, l, j] as a batched
+        product over (n, r) on views of g (no permuted copy of the (K, N, ...) gradients), then
+        squared in place and summed over n into the block's slice of the total."""
+        g5 = self._g(module, g)  # (K, N, r, o, L)
+        k, n, r, o, length = g5.shape
+        u = a.reshape(n * r, length, a.shape[3])  # (n*r, L, J): a view when groups == 1
+        lo = 0
+        for name in names:
+            if name == "weight":
+                w = out[lo : lo + r * o * u.shape[2]].view(r, o, u.shape[2])
+                for col in range(k):  # columns, not examples
+                    dw = torch.bmm(g5[col].reshape(n * r, o, length), u)  # (n*r, o, J)
+                    w += dw.square_().view(n, r, o, -1).sum(0)
+                lo += r * o * u.shape[2]
+            else:
+                b = out[lo : lo + r * o].view(r, o)
+                for col in range(k):
+                    b += g5[col].sum(-1).square_().sum(0)  # (r, o)
+                lo += r * o
+
+    def diag_workspace(
+        self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> int:
+        return sum(getattr(module, name).numel() for name in names)  # one column at a time
+
     def kfac(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
     ) -> KronStats:
