@@ -54,6 +54,12 @@ class Likelihood:
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def sampled_grad_output(
+        self, f: Tensor, n_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(S, N, C) gradients of the nll w.r.t. f at S labels sampled from p(y | f)."""
+        return self.grad_output(f, self.sample(f, n_samples, generator=generator))
+
     def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
         # n: example, c/d: output, k: column of S; v: (..., N, C)
         s = self.hessian_sqrt(f)
@@ -94,18 +100,32 @@ class Categorical(Likelihood):
         return torch.nn.functional.cross_entropy(f, y, reduction="none")
 
     def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """(S, N) labels y ~ softmax(f) by inverting the CDF: y = #{c : cdf_c < u}, u ~ U[0, 1)
-        (one uniform per draw; about 5x faster than ``torch.multinomial`` on small C)."""
-        p = torch.softmax(f.detach(), dim=-1)
-        u = torch.rand(f.shape[0], n_samples, dtype=p.dtype, device=p.device, generator=generator)
+        """(S, N) labels y ~ softmax(f)."""
+        return self._sample(torch.softmax(f.detach(), dim=-1), n_samples, generator)
+
+    @staticmethod
+    def _sample(p: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+        """(S, N) labels from the probabilities p (N, C) by inverting the CDF:
+        y = #{c : cdf_c < u}, u ~ U[0, 1) (one uniform per draw; about 5x faster than
+        ``torch.multinomial`` on small C)."""
+        u = torch.rand(p.shape[0], n_samples, dtype=p.dtype, device=p.device, generator=generator)
         y = torch.searchsorted(p.cumsum(-1), u)  # (N, S); cdf rows are sorted
-        return y.clamp_(max=f.shape[-1] - 1).T.contiguous()  # round-off may leave cdf_C < u
+        return y.clamp_(max=p.shape[-1] - 1).T.contiguous()  # round-off may leave cdf_C < u
+
+    @staticmethod
+    def _grad(p: Tensor, y: Tensor) -> Tensor:
+        """p - onehot(y), shape (*y.shape, C), for labels y (N,) or (S, N)."""
+        minus_one = torch.full((*y.shape, 1), -1.0, dtype=p.dtype, device=p.device)
+        return p.expand(*y.shape, -1).scatter_add(-1, y.unsqueeze(-1), minus_one)
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
-        """p - onehot(y), shape (*y.shape, C): y (N,) or (S, N) labels."""
-        p = torch.softmax(f.detach(), dim=-1).expand(*y.shape, -1)
-        minus_one = torch.full((*y.shape, 1), -1.0, dtype=p.dtype, device=p.device)
-        return p.scatter_add(-1, y.unsqueeze(-1), minus_one)
+        return self._grad(torch.softmax(f.detach(), dim=-1), y)
+
+    def sampled_grad_output(
+        self, f: Tensor, n_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        p = torch.softmax(f.detach(), dim=-1)  # once for both the draw and the gradient
+        return self._grad(p, self._sample(p, n_samples, generator))
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         r"""A root with C - 1 columns (H has rank C - 1: H 1 = 0), so that the exact Fisher

@@ -34,26 +34,27 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
     """sum_n sum_k (J_n^T V[k, n])^2, elementwise, shape (P,)."""
     out = Sums()
     total = None
+    parts: list[Tensor] = []  # each ruled block's slice of the total, made once
     for res in results:
         if total is None:
             total = _zeros(engine, engine.layout.numel, like=res.v)
+            parts = [total[rb.block.start : rb.block.stop] for rb in engine.ruled]
         for i, rb in enumerate(engine.ruled):
             calls = res.calls.get(i, [])
-            sl = slice(rb.block.start, rb.block.stop)
             if len(calls) == 1:
                 a, g = calls[0]
                 names = rb.block.local_names
                 work = rb.rule.diag_workspace(rb.module, a, g, names)
                 if work == 0:
-                    rb.rule.add_diag(total[sl], rb.module, a, g, names)
+                    rb.rule.add_diag(parts[i], rb.module, a, g, names)
                     continue
                 step = max(1, DIAG_CHUNK_BYTES // (work * g.element_size()))
                 for lo in range(0, res.n, step):
                     hi = min(res.n, lo + step)
-                    rb.rule.add_diag(total[sl], rb.module, a[lo:hi], g[:, lo:hi], names)
+                    rb.rule.add_diag(parts[i], rb.module, a[lo:hi], g[:, lo:hi], names)
             elif len(calls) > 1:  # shared module: sum the calls' gradients, then square
                 for lo, hi in res.chunks(rb.block.numel):
-                    total[sl] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
+                    parts[i] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
         if engine.fallback:
             p_fb = sum(b.numel for b in engine.fallback)
             for lo, hi in res.chunks(p_fb):
@@ -110,15 +111,10 @@ def kfac_sums(engine: Engine, results: Iterable[BatchResult], reduce: bool = Fal
     stats: list[KronStats | None] = [None] * len(engine.ruled)
     for res in results:
         for i, rb in enumerate(engine.ruled):
-            for a, g in res.calls.get(i, []):
-                s = rb.rule.kfac(rb.module, a, g, rb.block.local_names, reduce=reduce)
-                prev = stats[i]
-                if prev is None:
-                    stats[i] = s
-                else:  # in place: the first batch's factors are owned by this loop
-                    prev.left_sum += s.left_sum
-                    prev.right_sum += s.right_sum
-                    prev.a_rows += s.a_rows
+            for a, g in res.calls.get(i, []):  # in place: the factors are owned by this loop
+                stats[i] = rb.rule.add_kfac(
+                    stats[i], rb.module, a, g, rb.block.local_names, reduce=reduce
+                )
         out.n += res.n
         del res  # release this batch before the engine makes the next
     out.extra["stats"] = stats

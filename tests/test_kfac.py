@@ -273,3 +273,35 @@ def test_kfac_reduce_on_a_sequence_model_matches_its_definition() -> None:
     assert close(F.to_dense()[last, last], expand.to_dense()[last, last])
     with pytest.raises(ValueError, match="kfac_approx"):
         fl.fisher(model, (x, y), structure="kfac", kfac_approx="average")
+
+
+class _Accumulate(nn.Module):
+    """A grouped strided conv, a sequence Linear (3-d inputs), a weight-only Linear and a
+    Linear whose weight is frozen (bias only): every in-place accumulation path of the factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+        self.seq = nn.Linear(6, 5)
+        self.nobias = nn.Linear(5, 4, bias=False)
+        self.head = nn.Linear(4, 3)
+        self.head.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # (N, L, 6)
+        h = torch.tanh(self.seq(h)).mean(1)
+        return self.head(torch.tanh(self.nobias(h)))
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_factors_accumulated_over_batches_equal_one_batch(fisher_type: str) -> None:
+    torch.manual_seed(0)
+    model = _Accumulate()
+    x, y = torch.randn(9, 4, 6, 6), torch.randint(0, 3, (9,))
+    kw = {"structure": "kfac", "fisher_type": fisher_type}
+    one = fl.fisher(model, (x, y), **kw)
+    three = fl.fisher(model, [(x[:2], y[:2]), (x[2:6], y[2:6]), (x[6:], y[6:])], **kw)
+    assert len(three.factors) == 8  # conv, seq, nobias, head (bias only)
+    for a, b in zip(three.factors, one.factors, strict=True):
+        assert close(a, b)
+    assert close(three.to_dense(), one.to_dense())

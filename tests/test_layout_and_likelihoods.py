@@ -93,6 +93,8 @@ def test_likelihood_nll_hessian_sqrt_and_grad_output(name: str) -> None:
     ys = lik.sample(f, 5, generator=torch.Generator().manual_seed(0))  # (S, N) sampled labels
     per_sample = torch.stack([lik.grad_output(f, ys[s]) for s in range(5)])
     assert torch.equal(lik.grad_output(f, ys), per_sample)
+    fused = lik.sampled_grad_output(f, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(fused, lik.grad_output(f, ys), atol=1e-15)
 
 
 @pytest.mark.parametrize("name", list(LIKS))

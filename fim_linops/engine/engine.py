@@ -200,8 +200,7 @@ class Engine:
         if self.fisher_type is FisherType.EXACT:
             return lik.hessian_sqrt(f).permute(2, 0, 1)
         if self.fisher_type is FisherType.MC:
-            ys = lik.sample(f, self.mc_samples, generator=self.generator)
-            v = lik.grad_output(f, ys)
+            v = lik.sampled_grad_output(f, self.mc_samples, generator=self.generator)
             return v if self.mc_samples == 1 else v / math.sqrt(self.mc_samples)
         if y is None:
             raise ValueError("fisher_type='empirical' needs labels: pass (x, y) batches")

@@ -89,6 +89,25 @@ class LayerRule:
         2023) instead of expand, for rules that have positions."""
         raise NotImplementedError(f"no KFAC rule for {type(module).__name__}")
 
+    def add_kfac(
+        self,
+        acc: KronStats | None,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        reduce: bool = False,
+    ) -> KronStats:
+        """``acc`` plus this call's Kronecker factor sums, accumulated in place (``acc`` is owned
+        by the caller; None on the first call)."""
+        s = self.kfac(module, a, g, names, reduce=reduce)
+        if acc is None:
+            return s
+        acc.left_sum += s.left_sum
+        acc.right_sum += s.right_sum
+        acc.a_rows += s.a_rows
+        return acc
+
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         """(groups, rows, cols) of the block's matrix view for Kronecker structures."""
         raise NotImplementedError(f"no Kronecker view for {type(module).__name__}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fim_linops.engine.rules.base import KronStats, LayerRule, register
-from fim_linops.engine.rules.linear import gram_with_ones
+from fim_linops.engine.rules.linear import add_gram_with_ones, gram_with_ones
 
 
 def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d:
@@ -134,6 +134,26 @@ class ConvRule(LayerRule):
             right_sum=gram_with_ones(u, "weight" in names, "bias" in names),
             a_rows=u.shape[1],
         )
+
+    def add_kfac(
+        self,
+        acc: KronStats | None,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        reduce: bool = False,
+    ) -> KronStats:
+        if acc is None or reduce:
+            return super().add_kfac(acc, module, a, g, names, reduce=reduce)
+        g5 = self._g(module, g)
+        groups = _conv(module).groups
+        u = a.transpose(0, 1).reshape(groups, -1, a.shape[3])  # (r, n*l, j)
+        gf = g5.permute(2, 0, 1, 4, 3).reshape(groups, -1, g5.shape[3])  # (r, k*n*l, o)
+        acc.left_sum.baddbmm_(gf.transpose(1, 2), gf)  # straight into the running sums
+        add_gram_with_ones(acc.right_sum, u, "weight" in names, "bias" in names)
+        acc.a_rows += u.shape[1]
+        return acc
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         j = _conv(module).weight.shape[1:].numel()

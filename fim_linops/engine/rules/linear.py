@@ -58,6 +58,27 @@ def gram_with_ones(a: Tensor, weight: bool, bias: bool) -> Tensor:
     return out
 
 
+def add_gram_with_ones(out: Tensor, a: Tensor, weight: bool, bias: bool) -> None:
+    """``out += gram_with_ones(a, weight, bias)`` in place, for a (rows, i) or (groups, rows, i)
+    and out (..., c, c): one multiply-add of a^T a into the top-left block, the column sums of
+    a into the last row and column, the row count into the corner."""
+    rows = a.shape[-2]
+    if not weight:
+        out += rows
+        return
+    i = a.shape[-1]
+    top = out[..., :i, :i] if bias else out
+    if a.ndim == 2:
+        top.addmm_(a.T, a)
+    else:
+        top.baddbmm_(a.transpose(-1, -2), a)
+    if bias:
+        total = a.sum(-2)  # (..., i)
+        out[..., :i, i] += total
+        out[..., i, :i] += total
+        out[..., i, i] += rows
+
+
 class LinearRule(LayerRule):
     types = (nn.Linear,)
     has_kfac = True
@@ -77,16 +98,18 @@ class LinearRule(LayerRule):
     def add_diag(
         self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
     ) -> None:
-        a3, g3 = _as_3d(a, g)
-        if a3.shape[1] != 1:  # sums over positions come before the square: per-example grads
-            super().add_diag(out, module, a, g, names)
-            return
-        g2 = column_square_sum(g3[:, :, 0])  # (n, o): sum over k of g^2
+        if a.ndim != 2:
+            a3, g3 = _as_3d(a, g)
+            if a3.shape[1] != 1:  # sums over positions come before the square: per-example grads
+                super().add_diag(out, module, a, g, names)
+                return
+            a, g = a3[:, 0], g3[:, :, 0]  # (n, i), (k, n, o)
+        g2 = column_square_sum(g)  # (n, o): sum over k of g^2
         lo = 0
         for name in names:
             if name == "weight":  # out[o, i] += sum_n g2[n, o] a[n, i]^2, straight into the total
-                o, i = g2.shape[1], a3.shape[2]
-                out[lo : lo + o * i].view(o, i).addmm_(g2.T, a3[:, 0].square())
+                o, i = g2.shape[1], a.shape[1]
+                out[lo : lo + o * i].view(o, i).addmm_(g2.T, a.square())
                 lo += o * i
             else:
                 out[lo : lo + g2.shape[1]] += g2.sum(0)
@@ -95,8 +118,8 @@ class LinearRule(LayerRule):
     def diag_workspace(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
     ) -> int:
-        a3, _ = _as_3d(a, g)
-        return 0 if a3.shape[1] == 1 else super().diag_workspace(module, a, g, names)
+        one_position = a.ndim == 2 or a[0].numel() == a.shape[-1]
+        return 0 if one_position else super().diag_workspace(module, a, g, names)
 
     def kfac(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
@@ -111,6 +134,24 @@ class LinearRule(LayerRule):
             right_sum=gram_with_ones(af, "weight" in names, "bias" in names)[None],
             a_rows=af.shape[0],
         )
+
+    def add_kfac(
+        self,
+        acc: KronStats | None,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        reduce: bool = False,
+    ) -> KronStats:
+        if acc is None or reduce:
+            return super().add_kfac(acc, module, a, g, names, reduce=reduce)
+        af = a.reshape(-1, a.shape[-1])  # (n*t, i)
+        gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
+        acc.left_sum[0].addmm_(gf.T, gf)  # sum g g^T straight into the running sum
+        add_gram_with_ones(acc.right_sum[0], af, "weight" in names, "bias" in names)
+        acc.a_rows += af.shape[0]
+        return acc
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         cols = (_lin(module).in_features if "weight" in names else 0) + (
