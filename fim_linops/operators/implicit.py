@@ -84,8 +84,9 @@ class Implicit(FisherOperator):
         """name -> (M, *shape) tangents; rows of Embedding ``padding_idx`` are zeroed, since
         reverse mode defines their gradient as zero while forward mode would propagate them."""
         tangents = self.layout.unflatten(rhs.T)
+        modules = dict(self.model.named_modules())
         for e in self.layout.entries:
-            module = dict(self.model.named_modules()).get(e.module_name)
+            module = modules.get(e.module_name)
             if (
                 isinstance(module, nn.Embedding)
                 and module.padding_idx is not None

@@ -144,13 +144,19 @@ class ConvRule(LayerRule):
         names: tuple[str, ...],
         reduce: bool = False,
     ) -> KronStats:
-        if acc is None or reduce:
+        if reduce:
             return super().add_kfac(acc, module, a, g, names, reduce=reduce)
+        if acc is None:
+            groups, rows, cols = self.kron_shape(module, names)
+            acc = KronStats(
+                g.new_zeros(groups, rows, rows), g.new_zeros(groups, cols, cols), a_rows=0
+            )
         g5 = self._g(module, g)
         groups = _conv(module).groups
         u = a.transpose(0, 1).reshape(groups, -1, a.shape[3])  # (r, n*l, j)
-        gf = g5.permute(2, 0, 1, 4, 3).reshape(groups, -1, g5.shape[3])  # (r, k*n*l, o)
-        acc.left_sum.baddbmm_(gf.transpose(1, 2), gf)  # straight into the running sums
+        for col in range(g5.shape[0]):  # columns, not examples: a cache-sized copy each
+            gf = g5[col].permute(1, 0, 3, 2).reshape(groups, -1, g5.shape[3])  # (r, n*l, o)
+            acc.left_sum.baddbmm_(gf.transpose(1, 2), gf)  # straight into the running sums
         add_gram_with_ones(acc.right_sum, u, "weight" in names, "bias" in names)
         acc.a_rows += u.shape[1]
         return acc
