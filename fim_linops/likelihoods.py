@@ -94,10 +94,10 @@ class Categorical(Likelihood):
                 f"categorical labels out of range: the model has {f.shape[-1]} classes, labels must "
                 f"lie in [0, {f.shape[-1] - 1}] (got min {int(y.min())}, max {int(y.max())})"
             )
-        return y
+        return y.long()  # any integer dtype in, int64 indices out (a no-op for int64)
 
     def nll(self, f: Tensor, y: Tensor) -> Tensor:
-        return torch.nn.functional.cross_entropy(f, y, reduction="none")
+        return torch.nn.functional.cross_entropy(f, y.long(), reduction="none")
 
     def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """(S, N) labels y ~ softmax(f)."""

@@ -106,6 +106,14 @@ def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
         fl.fisher(model, (x2, y), structure="diag")
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_categorical_labels_of_any_integer_dtype(dtype: torch.dtype) -> None:
+    model, x, y = _setup()
+    ref = fl.fisher(model, (x, y), structure="diag", fisher_type="empirical").diagonal()
+    got = fl.fisher(model, (x, y.to(dtype)), structure="diag", fisher_type="empirical")
+    assert torch.equal(got.diagonal(), ref)
+
+
 def test_inf_in_outputs_names_the_batch() -> None:
     model, x, y = _setup()
     with torch.no_grad():
