@@ -156,7 +156,7 @@ class ConvRule(LayerRule):
         u = a.transpose(0, 1).reshape(groups, -1, a.shape[3])  # (r, n*l, j)
         for col in range(g5.shape[0]):  # columns, not examples: a cache-sized copy each
             gf = g5[col].permute(1, 0, 3, 2).reshape(groups, -1, g5.shape[3])  # (r, n*l, o)
-            acc.left_sum.baddbmm_(gf.transpose(1, 2), gf)  # straight into the running sums
+            acc.left_sum += gf.transpose(1, 2) @ gf  # (rules/base.py, ACCUMULATE)
         add_gram_with_ones(acc.right_sum, u, "weight" in names, "bias" in names)
         acc.a_rows += u.shape[1]
         return acc

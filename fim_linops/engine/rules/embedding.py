@@ -58,7 +58,7 @@ class EmbeddingRule(LayerRule):
         if g4.shape[2] == 1:  # one token per example: no cross terms
             oh = self._onehot(module, a, g.dtype)[:, 0]  # (n, v)
             v, d = oh.shape[1], g4.shape[-1]
-            out.view(v, d).addmm_(oh.T, column_square_sum(g4[:, :, 0]))  # out[v, d] += sum_n
+            out.view(v, d).add_(oh.T @ column_square_sum(g4[:, :, 0]))  # out[v, d] += sum_n
             return
         super().add_diag(out, module, a, g, names)
 

@@ -60,18 +60,15 @@ def gram_with_ones(a: Tensor, weight: bool, bias: bool) -> Tensor:
 
 def add_gram_with_ones(out: Tensor, a: Tensor, weight: bool, bias: bool) -> None:
     """``out += gram_with_ones(a, weight, bias)`` in place, for a (rows, i) or (groups, rows, i)
-    and out (..., c, c): one multiply-add of a^T a into the top-left block, the column sums of
-    a into the last row and column, the row count into the corner."""
+    and out (..., c, c): a^T a added into the top-left block, the column sums of a into the last
+    row and column, the row count into the corner."""
     rows = a.shape[-2]
     if not weight:
         out += rows
         return
     i = a.shape[-1]
     top = out[..., :i, :i] if bias else out
-    if a.ndim == 2:
-        top.addmm_(a.T, a)
-    else:
-        top.baddbmm_(a.transpose(-1, -2), a)
+    top += a.transpose(-1, -2) @ a  # product, then add (rules/base.py, ACCUMULATE)
     if bias:
         total = a.sum(-2)  # (..., i)
         out[..., :i, i] += total
@@ -109,7 +106,7 @@ class LinearRule(LayerRule):
         for name in names:
             if name == "weight":  # out[o, i] += sum_n g2[n, o] a[n, i]^2, straight into the total
                 o, i = g2.shape[1], a.shape[1]
-                out[lo : lo + o * i].view(o, i).addmm_(g2.T, a.square())
+                out[lo : lo + o * i].view(o, i).add_(g2.T @ a.square())
                 lo += o * i
             else:
                 out[lo : lo + g2.shape[1]] += g2.sum(0)
@@ -148,7 +145,7 @@ class LinearRule(LayerRule):
             return super().add_kfac(acc, module, a, g, names, reduce=reduce)
         af = a.reshape(-1, a.shape[-1])  # (n*t, i)
         gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
-        acc.left_sum[0].addmm_(gf.T, gf)  # sum g g^T straight into the running sum
+        acc.left_sum[0] += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
         add_gram_with_ones(acc.right_sum[0], af, "weight" in names, "bias" in names)
         acc.a_rows += af.shape[0]
         return acc
