@@ -106,7 +106,10 @@ class LinearRule(LayerRule):
         for name in names:
             if name == "weight":  # out[o, i] += sum_n g2[n, o] a[n, i]^2, straight into the total
                 o, i = g2.shape[1], a.shape[1]
-                out[lo : lo + o * i].view(o, i).add_(g2.T @ a.square())
+                # fused into the total: for this (o, i) output over a short inner dimension
+                # (the examples) 1.5x the float32 error of product-then-add (9e-8 against 6e-8
+                # on the digits MLP) for a 12% faster build; rules/base.py, ACCUMULATE
+                out[lo : lo + o * i].view(o, i).addmm_(g2.T, a.square())
                 lo += o * i
             else:
                 out[lo : lo + g2.shape[1]] += g2.sum(0)
