@@ -155,20 +155,8 @@ def fisher(
             process_group=process_group,
             kfac_approx=kfac_approx,
         )
-    lik = get_likelihood(likelihood)
     struct = Structure.parse(structure)
-    ftype = FisherType.parse(fisher_type)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    layout = ParamLayout.from_model(model, params)
-    for e in layout.entries:
-        if e.param.dtype in (torch.float16, torch.bfloat16) and dtype is None:
-            raise TypeError(
-                f"parameter '{e.name}' is {e.param.dtype}; Fisher statistics in half precision are "
-                "not accurate: pass dtype=torch.float32 (the model is copied and upcast)"
-            )
+    lik, ftype, layout = _validated(model, params, likelihood, fisher_type, mc_samples, dtype)
     with preserved_state(model):
         dev_arg = torch.device(device) if device is not None else None
         work, work_layout = prepare_model(model, layout, dev_arg, dtype)
@@ -190,3 +178,81 @@ def fisher(
             options={"kfac_approx": _kfac_approx(kfac_approx)},
         )
         return builder(ctx)
+
+
+def _validated(
+    model: nn.Module,
+    params: Any,
+    likelihood: str | Likelihood,
+    fisher_type: str | FisherType,
+    mc_samples: int,
+    dtype: torch.dtype | None,
+) -> tuple[Likelihood, FisherType, ParamLayout]:
+    """The parsed likelihood and Fisher type and the layout, after the checks of the arguments."""
+    lik = get_likelihood(likelihood)
+    ftype = FisherType.parse(fisher_type)
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    layout = ParamLayout.from_model(model, params)
+    for e in layout.entries:
+        if e.param.dtype in (torch.float16, torch.bfloat16) and dtype is None:
+            raise TypeError(
+                f"parameter '{e.name}' is {e.param.dtype}; Fisher statistics in half precision are "
+                "not accurate: pass dtype=torch.float32 (the model is copied and upcast)"
+            )
+    return lik, ftype, layout
+
+
+def fisher_one_pass(
+    model: nn.Module,
+    data: Any,
+    groups: list[tuple[Structure, list[nn.Parameter]]],
+    likelihood: str | Likelihood = "categorical",
+    fisher_type: str | FisherType = "exact",
+    mc_samples: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    max_bytes: int | None = MAX_DENSE_BYTES,
+    process_group: Any = None,
+    kfac_approx: str = "expand",
+    rank: int | None = None,
+) -> list[FisherOperator]:
+    """One operator per (structure, parameters) group, every structure a one-pass one
+    (``builders.one_pass.ONE_PASS``), all from one engine pass over the union of the groups (the
+    same checks and state guarantees as :func:`fisher`)."""
+    from fim_linops.builders.one_pass import Group, build_one_pass
+
+    union = [p for _, ps in groups for p in ps]
+    lik, ftype, layout = _validated(model, union, likelihood, fisher_type, mc_samples, dtype)
+    with preserved_state(model):
+        dev_arg = torch.device(device) if device is not None else None
+        work, work_layout = prepare_model(model, layout, dev_arg, dtype)
+        dev = work_layout.entries[0].param.device
+        dt = work_layout.entries[0].param.dtype
+        by_name = dict(work.named_parameters())
+        plan = []
+        for struct, ps in groups:
+            names = {e.name for e in ParamLayout.from_model(model, ps).entries}
+            group_layout = ParamLayout.from_model(
+                work, params=[by_name[e.name] for e in work_layout.entries if e.name in names]
+            )
+            _check_memory(struct, group_layout, dt, max_bytes)
+            if struct.kronecker:  # a check of the group's layers alone (construction only)
+                _check_kronecker(Engine(work, group_layout, lik, ftype, mc_samples), struct)
+            plan.append(Group(struct, group_layout))
+        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+        ctx = BuildContext(
+            engine,
+            data,
+            dev,
+            dt,
+            progress=progress,
+            rank=rank,
+            group=resolve_group(process_group),
+            options={"kfac_approx": _kfac_approx(kfac_approx)},
+        )
+        return build_one_pass(ctx, plan)

@@ -499,3 +499,86 @@ def test_a_mix_that_misses_a_layer_names_it() -> None:
     model, data = make("normed")
     with pytest.raises(ValueError, match="'1' \\(LayerNorm\\)"):
         fl.fisher(model, data, structure={nn.Linear: "kfac"})
+
+
+class _CountingBatches:
+    """An iterable of batches that counts the passes over it."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    ).double()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_a_one_pass_mix_equals_its_groups_built_alone_from_one_data_pass(kfac_approx: str) -> None:
+    model = _bn_model()
+    x, y = torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    data = _CountingBatches([(x[:4], y[:4]), (x[4:], y[4:])])
+    mapping = {"default": "kfac", nn.BatchNorm2d: "block_diag", "4": "diag"}
+    mix = fl.fisher(model, data, structure=mapping, kfac_approx=kfac_approx)
+    assert data.passes == 1
+    assert mix.structures == ("kfac", "block_diag", "diag")
+    alone = [
+        fl.fisher(model, data, structure="kfac", params=[model[0]], kfac_approx=kfac_approx),
+        fl.fisher(model, data, structure="block_diag", params=[model[1]]),
+        fl.fisher(model, data, structure="diag", params=[model[4]]),
+    ]
+    assert close(mix.to_dense(), torch.block_diag(*[op.to_dense() for op in alone]))
+    # the BatchNorm block against the brute-force float64 reference
+    F_ref = reference_fisher(model, x)
+    bn = fl.ParamLayout.from_model(model).blocks[1]
+    sl = slice(bn.start, bn.stop)
+    assert close(mix.to_dense()[sl, sl], F_ref[sl, sl])
+
+
+def test_a_one_pass_mc_mix_shares_the_sampled_labels() -> None:
+    model = _bn_model()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    kw = {"fisher_type": "mc", "mc_samples": 2}
+    mix = fl.fisher(
+        model,
+        (x, y),
+        structure={"default": "diag", nn.Linear: "dense"},
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
+    union = fl.fisher(
+        model, (x, y), structure="dense", generator=torch.Generator().manual_seed(3), **kw
+    ).to_dense()
+    lin = fl.ParamLayout.from_model(model).blocks[-1]
+    sl = slice(lin.start, lin.stop)
+    assert close(mix.to_dense()[sl, sl], union[sl, sl])  # the same samples as one engine pass
+    assert close(mix.diagonal()[: lin.start], union.diagonal()[: lin.start])
+
+
+def test_a_one_pass_mix_leaves_the_model_as_found_when_a_batch_raises() -> None:
+    model = _bn_model()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    x_bad = x.clone()
+    x_bad[0, 0, 0, 0] = float("nan")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="batch 1 contains NaN"):
+        fl.fisher(
+            model, [(x, y), (x_bad, y)], structure={"default": "kfac", nn.BatchNorm2d: "diag"}
+        )
+    assert not model.training and all(not m.training for m in model.modules())
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())

@@ -16,31 +16,52 @@ from fim_linops.engine.rules.base import KronStats
 from fim_linops.operators import KFAC, BlockDiag, Dense, Diag, Implicit, KronSpec
 from fim_linops.structures import Structure
 
+# Each one-pass structure is a statistic over the batches (statistics.py) and an operator made
+# from its sums (``*_operator(ctx, engine, sums)``, which also all-reduces them across processes);
+# builders/one_pass.py feeds several of them from one engine pass.
+
+
+def diag_operator(ctx: BuildContext, engine: Engine, sums: statistics.Sums) -> Diag:
+    sums = ctx.reduce(sums)
+    return Diag(sums.tensors[0] / sums.n)
+
+
+def block_diag_operator(ctx: BuildContext, engine: Engine, sums: statistics.Sums) -> BlockDiag:
+    sums = ctx.reduce(sums)
+    names = tuple(b.module_name for b in engine.layout.blocks)
+    return BlockDiag(*[b / sums.n for b in sums.tensors], names=names)
+
+
+def dense_operator(ctx: BuildContext, engine: Engine, sums: statistics.Sums) -> Dense:
+    sums = ctx.reduce(sums)
+    return Dense(sums.tensors[0] / sums.n)
+
 
 @register(Structure.DIAG)
 def build_diag(ctx: BuildContext) -> Diag:
-    sums = ctx.reduce(statistics.diag_sums(ctx.engine, ctx.results()))
-    return Diag(sums.tensors[0] / sums.n)
+    return diag_operator(ctx, ctx.engine, statistics.diag_sums(ctx.engine, ctx.results()))
 
 
 @register(Structure.BLOCK_DIAG)
 def build_block_diag(ctx: BuildContext) -> BlockDiag:
-    sums = ctx.reduce(statistics.block_sums(ctx.engine, ctx.results()))
-    names = tuple(b.module_name for b in ctx.engine.layout.blocks)
-    return BlockDiag(*[b / sums.n for b in sums.tensors], names=names)
+    return block_diag_operator(ctx, ctx.engine, statistics.block_sums(ctx.engine, ctx.results()))
 
 
 @register(Structure.DENSE)
 def build_dense(ctx: BuildContext) -> Dense:
-    sums = ctx.reduce(statistics.dense_sums(ctx.engine, ctx.results()))
-    return Dense(sums.tensors[0] / sums.n)
+    return dense_operator(ctx, ctx.engine, statistics.dense_sums(ctx.engine, ctx.results()))
 
 
 @register(Structure.KFAC)
 def build_kfac(ctx: BuildContext) -> KFAC:
     reduce = ctx.options.get("kfac_approx", "expand") == "reduce"
     sums = statistics.kfac_sums(ctx.engine, ctx.results(), reduce=reduce)
-    stats = fill_kron_stats(ctx.engine, sums.extra["stats"], ctx.dtype, ctx.device)
+    return kfac_from_sums(ctx, ctx.engine, sums)
+
+
+def kfac_from_sums(ctx: BuildContext, engine: Engine, sums: statistics.Sums) -> KFAC:
+    """The KFAC operator from the factor sums of :func:`statistics.kfac_sums` (all-reduced)."""
+    stats = fill_kron_stats(engine, sums.extra["stats"], ctx.dtype, ctx.device)
     sums.tensors = [t for st in stats for t in (st.left_sum, st.right_sum)]
     sums.tensors.append(
         torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device)
@@ -51,7 +72,7 @@ def build_kfac(ctx: BuildContext) -> KFAC:
         KronStats(sums.tensors[2 * i], sums.tensors[2 * i + 1], int(rows[i]), st.left_is_a)
         for i, st in enumerate(stats)
     ]
-    return kfac_operator(ctx.engine, sums)
+    return kfac_operator(engine, sums)
 
 
 def fill_kron_stats(

@@ -3,9 +3,10 @@ r"""Per-layer mixes: ``structure={nn.Linear: "kfac", model.norm: "block_diag", "
 Each layer (the trainable parameters owned by one module) gets a structure by, in order: its module
 instance as a key, its qualified module name as a key (a string other than "default"), its exact
 type, a base class (keys in the mapping's order), then "default". Layers with the same structure
-form one group; each group is one ``fisher()`` call restricted to its parameters (one data pass
-per group, two for EKFAC), and the groups are put together in a :class:`Mixed` block-diagonal
-operator. A group of "dense", "lowrank" or "implicit" layers keeps the couplings between them.
+form one group. When every group's structure is a one-pass one (diag, block_diag, dense, kfac),
+one engine pass over the union feeds all groups (builders/one_pass.py; MC labels drawn once);
+otherwise each group is one ``fisher()`` call restricted to its parameters (one data pass per
+group, two for EKFAC). The groups are put together in a :class:`Mixed` block-diagonal operator. A group of "dense", "lowrank" or "implicit" layers keeps the couplings between them.
 """
 
 from __future__ import annotations
@@ -93,10 +94,20 @@ def fisher_mixed(
     if len(groups) == 1:
         ((s, _),) = groups.items()
         return fisher(model, data, structure=s, params=params, **kwargs)
-    ops = []
-    for s, blocks in groups.items():
-        group_params = [e.param for b in blocks for e in b.entries]
-        ops.append(fisher(model, data, structure=s, params=group_params, **kwargs))
+    from fim_linops.builders.one_pass import ONE_PASS
+
+    if all(s in ONE_PASS for s in groups):  # one engine pass feeds every group
+        from fim_linops.fisher import fisher_one_pass
+
+        params_of = [
+            (s, [e.param for b in blocks for e in b.entries]) for s, blocks in groups.items()
+        ]
+        ops = fisher_one_pass(model, data, params_of, **kwargs)
+    else:
+        ops = []
+        for s, blocks in groups.items():
+            group_params = [e.param for b in blocks for e in b.entries]
+            ops.append(fisher(model, data, structure=s, params=group_params, **kwargs))
     return Mixed(
         *ops,
         spans=tuple(_spans(b) for b in groups.values()),
