@@ -30,11 +30,14 @@ def _zeros(engine: Engine, *shape: int, like: Tensor) -> Tensor:
     return torch.zeros(*shape, dtype=like.dtype, device=like.device)
 
 
-def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
-    """sum_n sum_k (J_n^T V[k, n])^2, elementwise, shape (P,)."""
-    out = Sums()
-    total = None
+def diag_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None = None) -> Sums:
+    """sum_n sum_k (J_n^T V[k, n])^2, elementwise, shape (P,); added to ``into`` when given (a
+    previous call's sums, continued in place)."""
+    out = into if into is not None else Sums()
+    total = out.tensors[0] if out.tensors else None
     parts: list[Tensor] = []  # each ruled block's slice of the total, made once
+    if total is not None:
+        parts = [total[rb.block.start : rb.block.stop] for rb in engine.ruled]
     for res in results:
         if total is None:
             total = _zeros(engine, engine.layout.numel, like=res.v)
@@ -69,10 +72,11 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
     return out
 
 
-def block_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
-    """Per layout block, sum_n sum_k g g^T with g the block's per-example gradient, (p_b, p_b)."""
-    out = Sums()
-    blocks: list[Tensor] | None = None
+def block_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None = None) -> Sums:
+    """Per layout block, sum_n sum_k g g^T with g the block's per-example gradient, (p_b, p_b);
+    added to ``into`` when given."""
+    out = into if into is not None else Sums()
+    blocks: list[Tensor] | None = out.tensors or None
     widest = max(b.numel for b in engine.layout.blocks)
     for res in results:
         if blocks is None:
@@ -88,10 +92,11 @@ def block_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
     return out
 
 
-def dense_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
-    """sum_n sum_k g g^T with g the full per-example gradient, (P, P)."""
-    out = Sums()
-    total = None
+def dense_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None = None) -> Sums:
+    """sum_n sum_k g g^T with g the full per-example gradient, (P, P); added to ``into`` when
+    given."""
+    out = into if into is not None else Sums()
+    total = out.tensors[0] if out.tensors else None
     for res in results:
         if total is None:
             total = _zeros(engine, engine.layout.numel, engine.layout.numel, like=res.v)
@@ -105,10 +110,13 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult]) -> Sums:
     return out
 
 
-def kfac_sums(engine: Engine, results: Iterable[BatchResult], reduce: bool = False) -> Sums:
-    """Per ruled block, the Kronecker factor sums (left, right) and the A-row count."""
-    out = Sums()
-    stats: list[KronStats | None] = [None] * len(engine.ruled)
+def kfac_sums(
+    engine: Engine, results: Iterable[BatchResult], reduce: bool = False, into: Sums | None = None
+) -> Sums:
+    """Per ruled block, the Kronecker factor sums (left, right) and the A-row count; added to
+    ``into`` when given."""
+    out = into if into is not None else Sums()
+    stats: list[KronStats | None] = out.extra.get("stats") or [None] * len(engine.ruled)
     for res in results:
         for i, rb in enumerate(engine.ruled):
             for a, g in res.calls.get(i, []):  # in place: the factors are owned by this loop

@@ -18,20 +18,19 @@ from fim_linops.builders.core import (
     kfac_from_sums,
 )
 from fim_linops.engine import BatchResult, Engine
-from fim_linops.engine.rules.base import KronStats
 from fim_linops.engine.view import EngineView
 from fim_linops.layout import ParamLayout
 from fim_linops.operators.base import FisherOperator
 from fim_linops.statistics import Sums
 from fim_linops.structures import Structure
 
-Statistic = Callable[[Engine, Iterable[BatchResult]], Sums]
+Statistic = Callable[[Engine, Iterable[BatchResult], Sums | None], Sums]
 Finish = Callable[[BuildContext, Engine, Sums], FisherOperator]
 
 
 def _kfac_statistic(reduce: bool) -> Statistic:
-    def stat(engine: Engine, results: Iterable[BatchResult]) -> Sums:
-        return statistics.kfac_sums(engine, results, reduce=reduce)
+    def stat(engine: Engine, results: Iterable[BatchResult], into: Sums | None) -> Sums:
+        return statistics.kfac_sums(engine, results, reduce=reduce, into=into)
 
     return stat
 
@@ -49,28 +48,6 @@ def _plan(structure: Structure, reduce: bool) -> tuple[Statistic, Finish]:
 ONE_PASS = frozenset({Structure.DIAG, Structure.BLOCK_DIAG, Structure.DENSE, Structure.KFAC})
 
 
-def _add(total: Sums | None, part: Sums) -> Sums:
-    """Running sum of per-batch Sums (tensors elementwise; KFAC's per-layer KronStats)."""
-    if total is None:
-        return part
-    total.n += part.n
-    for t, p in zip(total.tensors, part.tensors, strict=True):
-        t += p
-    if "stats" in part.extra:
-        stats: list[KronStats | None] = total.extra["stats"]
-        for i, s in enumerate(part.extra["stats"]):
-            if s is None:
-                continue
-            acc = stats[i]
-            if acc is None:
-                stats[i] = s
-            else:
-                acc.left_sum += s.left_sum
-                acc.right_sum += s.right_sum
-                acc.a_rows += s.a_rows
-    return total
-
-
 @dataclass
 class Group:
     structure: Structure
@@ -85,7 +62,7 @@ def build_one_pass(ctx: BuildContext, groups: list[Group]) -> list[FisherOperato
     totals: list[Sums | None] = [None] * len(groups)
     for res in ctx.results():
         for gi, (view, (stat, _)) in enumerate(zip(views, plans, strict=True)):
-            totals[gi] = _add(totals[gi], stat(view, [view.result(res)]))
+            totals[gi] = stat(view, [view.result(res)], totals[gi])  # continued in place
         del res  # release this batch before the engine makes the next
     ops = []
     for view, (_, finish), total in zip(views, plans, totals, strict=True):
