@@ -7,7 +7,8 @@ parameters.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from fim_linops.structures import Structure
 
 #: default limit on the bytes of one dense (P x P) or block allocation before asking for consent
 MAX_DENSE_BYTES = DEFAULT_MAX_BYTES
+
+R = TypeVar("R")
 
 
 def _check_memory(
@@ -156,17 +159,67 @@ def fisher(
             kfac_approx=kfac_approx,
         )
     struct = Structure.parse(structure)
+
+    def prepare(
+        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ftype: FisherType
+    ) -> Callable[[BuildContext], FisherOperator]:
+        _check_memory(struct, layout, dt, max_bytes)
+
+        def build(ctx: BuildContext) -> FisherOperator:
+            if struct.kronecker:
+                _check_kronecker(ctx.engine, struct)
+            return BUILDERS[struct](ctx)  # every Structure registers a builder
+
+        return build
+
+    return _run(
+        model,
+        data,
+        params,
+        likelihood,
+        fisher_type,
+        mc_samples,
+        device,
+        dtype,
+        progress,
+        generator,
+        process_group,
+        kfac_approx,
+        rank,
+        prepare,
+    )
+
+
+def _run(
+    model: nn.Module,
+    data: Any,
+    params: Any,
+    likelihood: str | Likelihood,
+    fisher_type: str | FisherType,
+    mc_samples: int,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    progress: bool,
+    generator: torch.Generator | None,
+    process_group: Any,
+    kfac_approx: str,
+    rank: int | None,
+    prepare: Callable[
+        [nn.Module, ParamLayout, torch.dtype, Likelihood, FisherType],
+        Callable[[BuildContext], R],
+    ],
+) -> R:
+    """The shared frame of a build: checked arguments, the model left as found, the working copy
+    (device/dtype), then ``prepare(work, layout, dtype, likelihood, fisher_type)`` (its checks;
+    it returns the builder), one engine over ``params`` and the builder run on its context."""
     lik, ftype, layout = _validated(model, params, likelihood, fisher_type, mc_samples, dtype)
     with preserved_state(model):
         dev_arg = torch.device(device) if device is not None else None
         work, work_layout = prepare_model(model, layout, dev_arg, dtype)
         dev = work_layout.entries[0].param.device
         dt = work_layout.entries[0].param.dtype
-        _check_memory(struct, work_layout, dt, max_bytes)
+        build = prepare(work, work_layout, dt, lik, ftype)
         engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
-        if struct.kronecker:
-            _check_kronecker(engine, struct)
-        builder = BUILDERS[struct]  # every Structure registers a builder (fim_linops.builders)
         ctx = BuildContext(
             engine,
             data,
@@ -177,7 +230,7 @@ def fisher(
             group=resolve_group(process_group),
             options={"kfac_approx": _kfac_approx(kfac_approx)},
         )
-        return builder(ctx)
+        return build(ctx)
 
 
 def _validated(
@@ -227,32 +280,36 @@ def fisher_one_pass(
     from fim_linops.builders.one_pass import Group, build_one_pass
 
     union = [p for _, ps in groups for p in ps]
-    lik, ftype, layout = _validated(model, union, likelihood, fisher_type, mc_samples, dtype)
-    with preserved_state(model):
-        dev_arg = torch.device(device) if device is not None else None
-        work, work_layout = prepare_model(model, layout, dev_arg, dtype)
-        dev = work_layout.entries[0].param.device
-        dt = work_layout.entries[0].param.dtype
+
+    def prepare(
+        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ftype: FisherType
+    ) -> Callable[[BuildContext], list[FisherOperator]]:
         by_name = dict(work.named_parameters())
         plan = []
         for struct, ps in groups:
             names = {e.name for e in ParamLayout.from_model(model, ps).entries}
             group_layout = ParamLayout.from_model(
-                work, params=[by_name[e.name] for e in work_layout.entries if e.name in names]
+                work, params=[by_name[e.name] for e in layout.entries if e.name in names]
             )
             _check_memory(struct, group_layout, dt, max_bytes)
             if struct.kronecker:  # a check of the group's layers alone (construction only)
                 _check_kronecker(Engine(work, group_layout, lik, ftype, mc_samples), struct)
             plan.append(Group(struct, group_layout))
-        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
-        ctx = BuildContext(
-            engine,
-            data,
-            dev,
-            dt,
-            progress=progress,
-            rank=rank,
-            group=resolve_group(process_group),
-            options={"kfac_approx": _kfac_approx(kfac_approx)},
-        )
-        return build_one_pass(ctx, plan)
+        return lambda ctx: build_one_pass(ctx, plan)
+
+    return _run(
+        model,
+        data,
+        union,
+        likelihood,
+        fisher_type,
+        mc_samples,
+        device,
+        dtype,
+        progress,
+        generator,
+        process_group,
+        kfac_approx,
+        rank,
+        prepare,
+    )

@@ -83,14 +83,7 @@ def fill_kron_stats(
     out = []
     for rb, st in zip(engine.ruled, stats, strict=True):
         if st is None:
-            groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
-            left_is_a = rb.rule.kron_left_is_a
-            st = KronStats(
-                torch.zeros(groups, rows, rows, dtype=dtype, device=device),
-                torch.zeros(groups, cols, cols, dtype=dtype, device=device),
-                0,
-                left_is_a,
-            )
+            st = rb.rule.zero_kron_stats(rb.module, rb.block.local_names, dtype, device)
         out.append(st)
     return out
 

@@ -98,15 +98,35 @@ class LayerRule:
         names: tuple[str, ...],
         reduce: bool = False,
     ) -> KronStats:
-        """``acc`` plus this call's Kronecker factor sums, accumulated in place (``acc`` is owned
-        by the caller; None on the first call)."""
-        s = self.kfac(module, a, g, names, reduce=reduce)
+        """``acc`` (zero sums when None, on the first call) plus this call's Kronecker factor
+        sums, in place: :meth:`accumulate_kfac` for the expand convention, the sums of
+        :meth:`kfac` added for reduce."""
         if acc is None:
-            return s
-        acc.left_sum += s.left_sum
-        acc.right_sum += s.right_sum
-        acc.a_rows += s.a_rows
+            acc = self.zero_kron_stats(module, names, g.dtype, g.device)
+        if reduce:
+            _add_stats(acc, self.kfac(module, a, g, names, reduce=True))
+        else:
+            self.accumulate_kfac(acc, module, a, g, names)
         return acc
+
+    def accumulate_kfac(
+        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
+        """Add this call's factor sums ("expand") into ``acc``; by default the sums of
+        :meth:`kfac`, overridden by rules that can skip the per-call factor tensors."""
+        _add_stats(acc, self.kfac(module, a, g, names))
+
+    def zero_kron_stats(
+        self, module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device
+    ) -> KronStats:
+        """Zero factor sums of this block's Kronecker shape."""
+        groups, rows, cols = self.kron_shape(module, names)
+        return KronStats(
+            torch.zeros(groups, rows, rows, dtype=dtype, device=device),
+            torch.zeros(groups, cols, cols, dtype=dtype, device=device),
+            0,
+            self.kron_left_is_a,
+        )
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         """(groups, rows, cols) of the block's matrix view for Kronecker structures."""
@@ -135,6 +155,12 @@ class LayerRule:
     def gram_diag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
         """The diagonal sum_p J[k, n, p]^2 of this layer's NTK block, shape (K, N)."""
         return self.grads(module, a, g, names).square().sum(-1)
+
+
+def _add_stats(acc: KronStats, s: KronStats) -> None:
+    acc.left_sum += s.left_sum
+    acc.right_sum += s.right_sum
+    acc.a_rows += s.a_rows
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}

@@ -135,22 +135,9 @@ class ConvRule(LayerRule):
             a_rows=u.shape[1],
         )
 
-    def add_kfac(
-        self,
-        acc: KronStats | None,
-        module: nn.Module,
-        a: Tensor,
-        g: Tensor,
-        names: tuple[str, ...],
-        reduce: bool = False,
-    ) -> KronStats:
-        if reduce:
-            return super().add_kfac(acc, module, a, g, names, reduce=reduce)
-        if acc is None:
-            groups, rows, cols = self.kron_shape(module, names)
-            acc = KronStats(
-                g.new_zeros(groups, rows, rows), g.new_zeros(groups, cols, cols), a_rows=0
-            )
+    def accumulate_kfac(
+        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
         g5 = self._g(module, g)
         groups = _conv(module).groups
         u = a.transpose(0, 1).reshape(groups, -1, a.shape[3])  # (r, n*l, j)
@@ -159,7 +146,6 @@ class ConvRule(LayerRule):
             acc.left_sum += gf.transpose(1, 2) @ gf  # (rules/base.py, ACCUMULATE)
         add_gram_with_ones(acc.right_sum, u, "weight" in names, "bias" in names)
         acc.a_rows += u.shape[1]
-        return acc
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         j = _conv(module).weight.shape[1:].numel()

@@ -135,23 +135,14 @@ class LinearRule(LayerRule):
             a_rows=af.shape[0],
         )
 
-    def add_kfac(
-        self,
-        acc: KronStats | None,
-        module: nn.Module,
-        a: Tensor,
-        g: Tensor,
-        names: tuple[str, ...],
-        reduce: bool = False,
-    ) -> KronStats:
-        if acc is None or reduce:
-            return super().add_kfac(acc, module, a, g, names, reduce=reduce)
+    def accumulate_kfac(
+        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+    ) -> None:
         af = a.reshape(-1, a.shape[-1])  # (n*t, i)
         gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
         acc.left_sum[0] += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
         add_gram_with_ones(acc.right_sum[0], af, "weight" in names, "bias" in names)
         acc.a_rows += af.shape[0]
-        return acc
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         cols = (_lin(module).in_features if "weight" in names else 0) + (
