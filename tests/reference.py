@@ -102,13 +102,40 @@ def _outputs(model64: nn.Module, x64: Any, lik: Likelihood) -> Tensor:
 
 
 # -- Jacobians and output Hessians --------------------------------------------------------------
-def per_example_jacobians(model: nn.Module, x: Any, params: Iterable | None = None) -> Tensor:
+def per_example_jacobians(
+    model: nn.Module, x: Any, params: Iterable | None = None, loop: bool = False
+) -> Tensor:
     """Jacobians (N, C, P) of the model output w.r.t. the trainable parameters (or ``params``),
-    one example at a time: vmap over examples of jacrev of functional_call on a batch of one."""
+    one example at a time: vmap over examples of jacrev of functional_call on a batch of one.
+    ``loop=True``: plain autograd instead, one backward per example and output, for modules whose
+    backward torch.func cannot vmap over examples (nn.LSTM, nn.GRU, nn.RNN, nn.PReLU)."""
     model64, x64, names, p = _setup(model, x, params)
     out = _per_example_fn(model64)
+    if loop:
+        rows = []
+        for i in range(batch_examples(x64)):
+            leaves = {k: t.clone().requires_grad_() for k, t in p.items()}
+            fn = out(leaves, tree_map(lambda t, i=i: t[i], x64))  # (C,)
+            rows.append(
+                torch.stack(
+                    [_grad_row(fn[c], [leaves[k] for k in names]) for c in range(fn.shape[0])]
+                )
+            )
+        return torch.stack(rows)  # (N, C, P)
     jac = vmap(jacrev(out), in_dims=(None, 0))(p, x64)  # name -> (N, C, *shape)
     return _flat(jac, names, lead=2)
+
+
+def _grad_row(scalar: Tensor, leaves: list[Tensor]) -> Tensor:
+    """The gradient (P,) of one scalar w.r.t. the leaves, flattened in their order."""
+    grads = torch.autograd.grad(scalar, leaves, retain_graph=True)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def batch_examples(x: Any) -> int:
+    """The number of examples of a tensor / tuple / dict input (its first tensor's first dim)."""
+    first = x if isinstance(x, Tensor) else next(iter(x.values() if isinstance(x, dict) else x))
+    return first.shape[0]
 
 
 def _default_target(lik: Likelihood, f: Tensor) -> Tensor:
@@ -139,14 +166,19 @@ def _hessian_sqrt(h: Tensor) -> Tensor:
 
 # -- Fishers -----------------------------------------------------------------------------------
 def exact_fisher(
-    model: nn.Module, x: Any, likelihood: str | Likelihood, params: Iterable | None = None
+    model: nn.Module,
+    x: Any,
+    likelihood: str | Likelihood,
+    params: Iterable | None = None,
+    loop: bool = False,
 ) -> Tensor:
     """Exact Fisher (= GGN) F (P, P) = 1/N sum_n J_n^T H_n J_n, with J from
-    :func:`per_example_jacobians` and H from :func:`output_hessians`."""
+    :func:`per_example_jacobians` (``loop``: by plain autograd) and H from
+    :func:`output_hessians`."""
     lik = get_likelihood(likelihood)
     model64, x64, _, _ = _setup(model, x, params)
     f = _outputs(model64, x64, lik)
-    jac = per_example_jacobians(model, x, params)  # (n, c, p)
+    jac = per_example_jacobians(model, x, params, loop=loop)  # (n, c, p)
     h = output_hessians(lik, f)  # (n, c, d)
     # n: example, c/d: output, p/q: parameter
     return torch.einsum("ncp,ncd,ndq->pq", jac, h, jac) / jac.shape[0]

@@ -9,9 +9,12 @@ as ``vmap`` over n of (``vjp`` then ``vmap`` over k).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
@@ -33,12 +36,32 @@ def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
     return functional_call(model, params, (x,))
 
 
+class _Batching(Enum):
+    """How per-example gradients are vectorised over the examples (tried in this order)."""
+
+    SHARED = "vmap over examples, parameters shared (the fast path)"
+    PER_EXAMPLE = "vmap over examples with a per-example (expanded) copy of the parameters"
+    LOOP = "a loop over the examples, vmap over the columns only"
+
+
 class FunctionalModel:
-    """The model as a function of a subset of its parameters (``entries``), the others fixed."""
+    """The model as a function of a subset of its parameters (``entries``), the others fixed.
+
+    Per-example gradients vmap over the examples. Some modules' backward formulas cannot run
+    under that vmap while the parameters are unbatched: the recurrent layers (nn.RNN, nn.LSTM,
+    nn.GRU) accumulate weight gradients in place into unbatched buffers, and nn.PReLU's batching
+    rule mis-broadcasts. On such an error the next strategy of :class:`_Batching` is taken and
+    kept for this instance: the recurrent layers work with per-example parameter copies
+    (expanded views, still vectorised); what still fails runs one example at a time, with a
+    warning, since that is slow. Gradients of the wrong shape count as such an error (nn.PReLU
+    with one column broadcasts them over the examples). An error that the loop raises too is the
+    model's own and propagates.
+    """
 
     def __init__(self, model: nn.Module, entries: Sequence[ParamEntry]):
         self.model = model
         self.entries = list(entries)
+        self._batching = _Batching.SHARED
 
     def params(self) -> dict[str, Tensor]:
         return {e.name: e.param.detach() for e in self.entries}
@@ -59,16 +82,67 @@ class FunctionalModel:
         xs = _slice(x, lo, hi)
         vs = v[:, lo:hi].transpose(0, 1)  # (n, K, C)
 
-        def one(x_n: Any, v_n: Tensor) -> dict[str, Tensor]:
+        def one(x_n: Any, v_n: Tensor, p_n: dict[str, Tensor]) -> dict[str, Tensor]:
+            """(K, *shape) gradients of example x_n (no example dim) at its K columns v_n."""
+
             def f(p: dict[str, Tensor]) -> Tensor:
                 x_b = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x_n)
                 return likelihood.check_output(_call(self.model, p, x_b))[0]
 
-            pullback = vjp(f, params)[1]
+            pullback = vjp(f, p_n)[1]
             return vmap(pullback)(v_n)[0]
 
-        out = vmap(one, in_dims=(0, 0), randomness="different")(xs, vs)  # name -> (n, K, *shape)
-        return {name: g.transpose(0, 1) for name, g in out.items()}
+        n = vs.shape[0]
+        while True:
+            try:
+                if self._batching is _Batching.SHARED:
+                    out = vmap(one, in_dims=(0, 0, None), randomness="different")(xs, vs, params)
+                elif self._batching is _Batching.PER_EXAMPLE:
+                    expanded = {k: t.expand(n, *t.shape) for k, t in params.items()}
+                    out = vmap(one, randomness="different")(xs, vs, expanded)
+                else:  # examples one at a time: a fallback, not a hot path
+                    rows = [one(_index(xs, i), vs[i], params) for i in range(n)]
+                    out = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+                _check_shapes(out, params, vs.shape[:2])
+                break
+            except torch.OutOfMemoryError:
+                raise  # not a batching failure: the next strategies need more memory, not less
+            except RuntimeError:
+                if self._batching is _Batching.LOOP:
+                    raise
+                self._batching = (
+                    _Batching.PER_EXAMPLE if self._batching is _Batching.SHARED else _Batching.LOOP
+                )
+                if self._batching is _Batching.LOOP:
+                    warnings.warn(
+                        "torch.func cannot vmap the per-example gradients of "
+                        f"{self._module_names()} over the examples; computing them one example "
+                        "at a time (correct, but slow for large batches)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        return {name: g.transpose(0, 1) for name, g in out.items()}  # name -> (K, n, *shape)
+
+    def _module_names(self) -> str:
+        names = sorted({e.module_name or "<root>" for e in self.entries})
+        return ", ".join(f"'{name}'" for name in names)
+
+
+def _check_shapes(out: dict[str, Tensor], params: dict[str, Tensor], lead: torch.Size) -> None:
+    """Raise RuntimeError unless every gradient has shape (n, K, *param.shape): some batching
+    rules (nn.PReLU's, with one column) return gradients broadcast over the examples instead of
+    failing."""
+    for name, p in params.items():
+        if out[name].shape != (*lead, *p.shape):
+            raise RuntimeError(
+                f"per-example gradient of '{name}' has shape {tuple(out[name].shape)}, "
+                f"expected {(*lead, *p.shape)}"
+            )
+
+
+def _index(x: Any, i: int) -> Any:
+    """Example i of a batch (the example dim removed), for every tensor in the pytree."""
+    return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, x)
 
 
 def output_fn(model: nn.Module, x: Any, likelihood: Likelihood):
