@@ -161,4 +161,11 @@ def iter_batches(
         count += 1
         yield x, y
     if count == 0:
+        if iterator is batches:  # a generator or iterator: iter() returns itself, one pass only
+            raise ValueError(
+                f"data is empty: the {type(data).__name__} yielded no batch. It is a one-shot "
+                "iterator, and this computation passes over the data more than once (ekfac, "
+                "kron_sum, per-layer mixes, fl.compare, ...) or it was consumed before: pass a "
+                "list of batches or a DataLoader, which can be iterated again"
+            )
         raise ValueError("data is empty: no (x, y) batch with at least one example was found")

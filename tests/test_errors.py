@@ -128,6 +128,21 @@ def test_empty_data() -> None:
         fl.fisher(model, [], structure="diag")
 
 
+@pytest.mark.parametrize(
+    "structure", ["ekfac", "kron_sum", {nn.Linear: "ekfac", "default": "diag"}]
+)
+def test_one_shot_iterator_with_a_structure_that_passes_twice(structure) -> None:
+    """A generator is consumed by the first pass: the second pass says so (not just "empty")."""
+    model, x, y = _setup()
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    with pytest.raises(ValueError, match="one-shot iterator.*list of batches or a DataLoader"):
+        fl.fisher(model, (b for b in batches), structure=structure, rank=1)
+    for structure_ok in ["kfac", "diag", "implicit", "lowrank"]:  # one pass, or batches kept
+        F = fl.fisher(model, iter(batches), structure=structure_ok, rank=1)
+        G = fl.fisher(model, batches, structure=structure_ok, rank=1)
+        torch.testing.assert_close(F.to_dense(), G.to_dense())
+
+
 def test_data_none() -> None:
     model, _, _ = _setup()
     with pytest.raises(ValueError, match="data is None"):
