@@ -20,6 +20,7 @@ from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
+from fim_linops.probe import probe_input
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
 
@@ -81,6 +82,8 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         )
         if shared:
             why = "a parameter shared with another module"
+        elif id(block.module) in engine.demoted:
+            why = "a parameter also used outside the module's own calls"
         name = block.module_name or "<model>"
         bad.append(f"'{name}' ({kind}: {why})")
     raise ValueError(
@@ -219,7 +222,8 @@ def _run(
         dev = work_layout.entries[0].param.device
         dt = work_layout.entries[0].param.dtype
         build = prepare(work, work_layout, dt, lik, ftype)
-        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+        x_probe, data = probe_input(data, dev, dt)  # a few examples, taken without a data pass
+        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator, probe=x_probe)
         ctx = BuildContext(
             engine,
             data,

@@ -36,6 +36,7 @@ from fim_linops.layout import ParamLayout
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.jacobian import Jacobian, Outputs
 from fim_linops.operators.ntk import NTK
+from fim_linops.probe import first_examples
 from fim_linops.state import preserved_state
 
 #: default number of examples per forward/backward pass
@@ -139,7 +140,8 @@ def jacobian(
 
 
 def _engine(j: Jacobian) -> Engine:
-    return Engine(j.model, j.layout, j.outputs, FisherType.EXACT)
+    probe = first_examples(j.batches[0]) if j.batches else None
+    return Engine(j.model, j.layout, j.outputs, FisherType.EXACT, probe=probe)
 
 
 def jacobian_matrix(
@@ -147,7 +149,8 @@ def jacobian_matrix(
 ) -> Tensor:
     """The dense Jacobian (N*C, P) through the engine (per-example gradients by layer rules)."""
     with preserved_state(model):
-        engine = Engine(model, layout, sel, FisherType.EXACT)
+        probe = first_examples(batches[0]) if batches else None
+        engine = Engine(model, layout, sel, FisherType.EXACT, probe=probe)
         parts = []
         for res in engine.run([(x, None) for x in batches]):
             g = torch.cat(res.all_block_grads(0, res.n), dim=-1)  # (C, n, P)

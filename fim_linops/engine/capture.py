@@ -27,6 +27,8 @@ class Call:
     a: Tensor
     output: Tensor
     watched: tuple[tuple[Tensor, int], ...] = ()  # (tensor, version at capture)
+    input_node: object | None = None  # grad_fn of the call's input at the call (engine/paths.py)
+    output_node: object | None = None  # grad_fn of the output at the call (before in-place ops)
 
 
 @dataclass
@@ -47,9 +49,10 @@ class Capture:
 
 @contextmanager
 def capturing(
-    modules: dict[int, tuple[nn.Module, LayerRule]], safe: bool = False
+    modules: dict[int, tuple[nn.Module, LayerRule]], safe: bool = False, features: bool = True
 ) -> Iterator[Capture]:
-    """Register forward hooks on ``modules`` (id -> (module, rule)) for the duration of the block."""
+    """Register forward hooks on ``modules`` (id -> (module, rule)) for the duration of the block.
+    ``features=False`` records the calls' graph nodes only (no prepared input features)."""
     capture = Capture()
     handles = []
 
@@ -57,16 +60,26 @@ def capturing(
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return output
+            node = inputs[0].grad_fn if isinstance(inputs[0], Tensor) else None
+            if not features:
+                capture.calls.setdefault(key, []).append(
+                    Call(output, output, input_node=node, output_node=output.grad_fn)
+                )
+                return output
             if safe:
                 inputs = tuple(i.clone() if isinstance(i, Tensor) else i for i in inputs)
                 a = rule.prepare(module, inputs, output)
-                capture.calls.setdefault(key, []).append(Call(a, output))
+                capture.calls.setdefault(key, []).append(
+                    Call(a, output, input_node=node, output_node=output.grad_fn)
+                )
                 return output.clone()
             a = rule.prepare(module, inputs, output)
             watched = [(output, output._version)]
             if isinstance(inputs[0], Tensor):
                 watched.append((inputs[0], inputs[0]._version))
-            capture.calls.setdefault(key, []).append(Call(a, output, tuple(watched)))
+            capture.calls.setdefault(key, []).append(
+                Call(a, output, tuple(watched), node, output.grad_fn)
+            )
             return output
 
         return hook

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import functional
 from fim_linops.engine.capture import Call, capturing
+from fim_linops.engine.paths import CallNodes, params_used_outside_calls
 from fim_linops.engine.rules import LayerRule, rule_for
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
@@ -147,7 +149,10 @@ class Engine:
         fisher_type: FisherType = FisherType.EXACT,
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        probe: Any = None,
     ):
+        """``probe``: an input of a few examples; when given, :meth:`exclude_raw_uses` runs on
+        it (callers that have data pass it: the layer rules are exact only when the checks pass)."""
         self.model = model
         self.layout = layout
         self.likelihood = likelihood
@@ -166,11 +171,22 @@ class Engine:
                     "statistics couple the examples, so there is no per-example Fisher; call "
                     "model.eval() first (the Fisher is then computed with the running statistics)"
                 )
-        shared = _params_used_by_several_modules(model)
+        #: modules whose parameters the output also reaches outside their own calls (id ->
+        #: name): per-example gradients through torch.func (see :meth:`exclude_raw_uses`)
+        self.demoted: dict[int, str] = {}
+        self._safe = False  # becomes True once an in-place op is seen on a kept tensor
+        self._split()
+        if probe is not None:
+            self.exclude_raw_uses(probe)
+
+    def _split(self) -> None:
+        """Blocks with a layer rule (exact type, parameters owned by this module alone, not
+        demoted) and the torch.func blocks."""
+        shared = _params_used_by_several_modules(self.model)
         self.ruled: list[RuledBlock] = []
         self.fallback: list[LayerBlock] = []
         self.block_kind: dict[int, tuple[str, int]] = {}  # block index -> ("ruled"|"func", idx)
-        for bi, block in enumerate(layout.blocks):
+        for bi, block in enumerate(self.layout.blocks):
             rule = rule_for(block.module)
             uses_shared = any(
                 id(p) in shared for p in block.module._parameters.values() if p is not None
@@ -178,6 +194,7 @@ class Engine:
             if (
                 rule is not None
                 and not uses_shared
+                and id(block.module) not in self.demoted
                 and all(n in ("weight", "bias") for n in block.local_names)
             ):
                 self.block_kind[bi] = ("ruled", len(self.ruled))
@@ -188,10 +205,52 @@ class Engine:
         # modules that use a shared parameter but own none of the selected ones must not be hooked
         self._hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
         self._index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
-        self._safe = False  # becomes True once an in-place op is seen on a kept tensor
         self._func = functional.FunctionalModel(
-            model, [e for b in self.fallback for e in b.entries]
+            self.model, [e for b in self.fallback for e in b.entries]
         )
+
+    def exclude_raw_uses(self, x: Any) -> None:
+        """Move to torch.func every ruled module whose parameters the output reaches other than
+        through the module's own calls (engine/paths.py), from one forward of the input ``x``
+        (a few examples suffice), with a warning. Call before the builders read ``ruled``."""
+        watched = {id(e.param): rb.module for rb in self.ruled for e in rb.block.entries}
+        if not watched:
+            return
+        device = self.layout.entries[0].param.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        # the random state is restored after this forward (dropout in training mode draws)
+        with (
+            torch.random.fork_rng(devices=cuda),
+            torch.enable_grad(),
+            capturing(self._hooked, features=False) as cap,
+        ):
+            f = call_model(self.model, x)
+            if not isinstance(f, Tensor) or f.grad_fn is None:
+                return
+            calls = [
+                CallNodes(self.ruled[self._index[key]].module, c.output_node, c.input_node)
+                for key, cs in cap.calls.items()
+                for c in cs
+            ]
+            found = params_used_outside_calls(f, calls, watched)
+        if not found:
+            return
+        names = []
+        for rb in self.ruled:
+            if any(id(e.param) in found for e in rb.block.entries):
+                self.demoted[id(rb.module)] = rb.block.module_name or "<model>"
+                names.append(f"'{rb.block.module_name}' ({type(rb.module).__name__})")
+        warnings.warn(
+            "the output depends on the parameters of module "
+            + ", ".join(names)
+            + " other than through the module's own calls (a direct use such as "
+            "F.linear(x, module.weight), or forward hooks that did not run, e.g. in a "
+            "torch.compile'd model: pass the uncompiled module); their per-example gradients go "
+            "through torch.func (correct, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._split()
 
     # -- columns ---------------------------------------------------------------------------------
     def columns(self, f: Tensor, y: Tensor | None, batch_index: int) -> Tensor:
@@ -258,6 +317,8 @@ class Engine:
             f = self.output(x, y, index)
             if cap.modified():
                 return None
+            if len(cap.calls) < len(self.ruled):
+                self._check_uncalled(f, cap.calls.keys(), index)
             v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
             keys = list(cap.calls)
             flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
@@ -276,6 +337,26 @@ class Engine:
                     g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
                 calls.setdefault(self._index[key], []).append((c.a, g.detach()))
         return BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
+
+    def _check_uncalled(self, f: Tensor, called: Any, index: int) -> None:
+        """Ruled modules whose hooks did not fire in this forward get zero statistics, which is
+        right only if the output does not depend on their parameters (an unused layer). Raise
+        when it does: the hooks did not run (a torch.compile'd model replaying a graph traced
+        without them) or the parameters are used directly; a probe forward could not tell
+        (:meth:`exclude_raw_uses`)."""
+        uncalled = [rb for rb in self.ruled if id(rb.module) not in called]
+        watched = {id(e.param): rb.module for rb in uncalled for e in rb.block.entries}
+        if f.grad_fn is None or not params_used_outside_calls(f, [], watched):
+            return
+        names = ", ".join(
+            f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in uncalled
+        )
+        raise ValueError(
+            f"batch {index}: the output depends on the parameters of module {names}, but the "
+            "module's forward hooks did not run; a torch.compile'd model replays a graph traced "
+            "without them: pass the uncompiled module (compiled._orig_mod), which has the same "
+            "parameters"
+        )
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
         return self._func.per_example_grads(x, v, lo, hi, self.likelihood)

@@ -43,6 +43,7 @@ from fim_linops.engine import Engine, FisherType
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.operators import KFAC
+from fim_linops.probe import first_examples
 from fim_linops.state import preserved_state
 
 try:
@@ -211,7 +212,13 @@ class FimLinopsInterface(CurvatureInterface):
         layout = ParamLayout.from_model(module, self.params if self.last_layer else None)
         parts = []
         with preserved_state(module):
-            engine = Engine(module, layout, self.fl_likelihood, FisherType.EMPIRICAL)
+            engine = Engine(
+                module,
+                layout,
+                self.fl_likelihood,
+                FisherType.EMPIRICAL,
+                probe=first_examples(inputs),
+            )
             for res in engine.run([(inputs, y)]):
                 for lo, hi in res.chunks(layout.numel):
                     parts.append(torch.cat(res.all_block_grads(lo, hi), dim=-1)[0])  # (n, P)

@@ -48,6 +48,7 @@ from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.ntk import _jacobian_op, gram_of, jacobian_matrix, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
+from fim_linops.probe import first_examples
 from fim_linops.state import preserved_state
 
 
@@ -303,7 +304,13 @@ class Laplace:
         mean = torch.cat([self._forward(xb) for xb in batches])
         parts: list = []
         with preserved_state(self.model):
-            engine = Engine(self.model, self.layout, Outputs(), FisherType.EXACT)
+            engine = Engine(
+                self.model,
+                self.layout,
+                Outputs(),
+                FisherType.EXACT,
+                probe=first_examples(batches[0]),
+            )
             for res in engine.run([(xb, None) for xb in batches]):
                 feats = structured.batch_features(res, covs)
                 parts.append((res.n, res.k, feats) if joint else structured.per_example(feats))
@@ -329,7 +336,13 @@ class Laplace:
             return mean, (ju * d) @ ju.T + theta / delta
         ju3 = ju.reshape(n, c, -1)
         with preserved_state(self.model):
-            engine = Engine(self.model, self.layout, Outputs(), FisherType.EXACT)
+            engine = Engine(
+                self.model,
+                self.layout,
+                Outputs(),
+                FisherType.EXACT,
+                probe=first_examples(batches[0]),
+            )
             blocks = []
             for res in engine.run([(xb, None) for xb in batches]):
                 blocks.append(gram_per_example(engine, side(res)))  # (n, C, C)

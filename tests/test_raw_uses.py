@@ -1,0 +1,206 @@
+"""Parameters of ruled modules that reach the output other than through the module's own calls
+(``F.linear(x, self.lin.weight)``, an embedding matrix reused as the output projection, a module
+called and its weight also used directly): the layer rule would miss those paths, so the engine
+finds them by walking the autograd graph of one probe forward and moves such modules to torch.func,
+with a warning. Against the dense float64 torch.func reference."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import block_diag_of, block_slices, exact_fisher, per_example_jacobians
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import fim_linops as fl
+
+N = 6
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class Functional(nn.Module):
+    """lin is never called: its parameters are used through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(F.linear(x, self.lin.weight, self.lin.bias)))
+
+
+class TiedOutput(nn.Module):
+    """The embedding matrix is also the output projection (used directly, not shared with a
+    second module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.mid = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(self.mid(self.emb(x).mean(1))), self.emb.weight)
+
+
+class CalledAndDirect(nn.Module):
+    """lin is called, and its weight is used once more outside the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x)) + x @ self.lin.weight.T)
+
+
+CASES = {
+    "functional": (Functional, lambda: torch.randn(N, 3), "'lin' (Linear)"),
+    "tied_output": (TiedOutput, lambda: torch.randint(0, 5, (N, 3)), "'emb' (Embedding)"),
+    "called_and_direct": (CalledAndDirect, lambda: torch.randn(N, 3), "'lin' (Linear)"),
+}
+
+
+def _case(name: str):
+    make, make_x, module = CASES[name]
+    torch.manual_seed(0)
+    return make(), make_x(), torch.randint(0, 3, (N,)), module
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("structure", ["dense", "diag", "block_diag"])
+def test_fisher_matches_reference_and_warns(name: str, structure: str) -> None:
+    model, x, y, module = _case(name)
+    ref = exact_fisher(model, x, "categorical")
+    with pytest.warns(RuntimeWarning, match=f"module {re.escape(module)} other than through"):
+        got = fl.fisher(model, (x, y), structure=structure)
+    if structure == "diag":
+        torch.testing.assert_close(got.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
+    elif structure == "block_diag":
+        want = block_diag_of(ref, block_slices(model))
+        torch.testing.assert_close(got.to_dense(), want, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(got.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kfac_names_the_reason(name: str) -> None:
+    model, x, y, module = _case(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="used outside the module's own calls"):
+            fl.fisher(model, (x, y), structure="kfac")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_jacobian_and_ntk_match_reference(name: str) -> None:
+    model, x, _, _ = _case(name)
+    jac = per_example_jacobians(model, x)  # (N, C, P)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got_j = fl.jacobian(model, x).to_dense()
+        got_k = fl.ntk(model, x).to_dense()
+    c = jac.shape[1]
+    torch.testing.assert_close(got_j, jac.reshape(N * c, -1), rtol=1e-10, atol=1e-12)
+    want_k = torch.einsum("ncp,mdp->ncmd", jac, jac).reshape(N * c, N * c)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-10, atol=1e-12)
+
+
+def test_ordinary_models_do_not_warn_and_data_is_read_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+    x, y = torch.randn(N, 3), torch.randint(0, 3, (N,))
+
+    class Counting:
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([(x[:4], y[:4]), (x[4:], y[4:])])
+
+    data = Counting()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = fl.fisher(model, data, structure="dense")
+    assert data.passes == 1  # the probe's example comes from the build's own pass
+    torch.testing.assert_close(got.to_dense(), exact_fisher(model, x, "categorical"))
+    one_shot = fl.fisher(model, iter([(x[:4], y[:4]), (x[4:], y[4:])]), structure="dense")
+    torch.testing.assert_close(one_shot.to_dense(), got.to_dense())  # the first batch given back
+
+
+def test_loaders_are_probed_without_an_extra_epoch() -> None:
+    """A shuffling DataLoader: the probe indexes its dataset, so the global random state (which
+    the sampler draws from) moves exactly as for the build's own epoch; a loader over an
+    IterableDataset gives the probe its first batch and the build continues that epoch."""
+    model, x, y, _ = _case("functional")
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    torch.manual_seed(5)
+    with pytest.warns(RuntimeWarning, match="'lin'"):
+        fl.fisher(model, loader, structure="diag")
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    list(iter(loader))  # one epoch
+    assert torch.equal(after, torch.get_rng_state())
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y, strict=True))
+
+    # an iterable-style dataset cannot be indexed: the build continues the probe's epoch
+    want = fl.fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])], structure="diag").diagonal()
+    with pytest.warns(RuntimeWarning, match="'lin'"):
+        got = fl.fisher(model, DataLoader(Stream(), batch_size=4), structure="diag")
+    torch.testing.assert_close(got.diagonal(), want)
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unsupported")
+def test_compiled_model_is_never_silently_zero() -> None:
+    """A model compiled (eager backend: no C++ compiler needed) before the Fisher's hooks were
+    registered may replay its graph without them: the build must then raise (or, where the
+    hooks did run, be right), never return the zeros of hooks that did not run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(N, 3), torch.randint(0, 3, (N,))
+    ref = exact_fisher(model, x, "categorical")
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)
+    try:
+        got = fl.fisher(compiled, (x, y), structure="diag")
+    except ValueError as e:
+        assert "hooks did not run" in str(e) and "_orig_mod" in str(e)
+    else:
+        torch.testing.assert_close(got.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
+    got = fl.fisher(compiled._orig_mod, (x, y), structure="diag")  # the advice works
+    torch.testing.assert_close(got.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+def test_unused_layer_is_zero_without_error() -> None:
+    """A ruled layer that the output does not depend on has zero Fisher blocks (no error)."""
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(3, 3)
+            self.spare = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Unused()
+    x, y = torch.randn(N, 3), torch.randint(0, 3, (N,))
+    got = fl.fisher(model, (x, y), structure="diag").diagonal()
+    assert torch.all(got[12:] == 0) and torch.all(got[:12] > 0)
