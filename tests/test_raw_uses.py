@@ -204,3 +204,22 @@ def test_unused_layer_is_zero_without_error() -> None:
     x, y = torch.randn(N, 3), torch.randint(0, 3, (N,))
     got = fl.fisher(model, (x, y), structure="diag").diagonal()
     assert torch.all(got[12:] == 0) and torch.all(got[:12] > 0)
+
+
+def test_user_hooks_that_change_inputs_and_outputs() -> None:
+    """The engine's hooks run before the user's forward hooks (they see the module's own output,
+    whose gradient the rule needs) and after the user's pre-hooks (they see the input the module
+    computed with); the user's hooks are left in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].register_forward_hook(lambda mod, i, o: o * 2 + 1)
+    model[2].register_forward_pre_hook(lambda mod, i: (i[0] * 3,))
+    x, y = torch.randn(N, 3), torch.randint(0, 3, (N,))
+    ref = exact_fisher(model, x, "categorical")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dense = fl.fisher(model, (x, y), structure="dense").to_dense()
+        diag = fl.fisher(model, (x, y), structure="diag").diagonal()
+    torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(diag, ref.diagonal(), rtol=1e-10, atol=1e-12)
+    assert len(model[0]._forward_hooks) == 1 and len(model[2]._forward_pre_hooks) == 1

@@ -86,7 +86,7 @@ def capturing(
 
     try:
         for key, (module, rule) in modules.items():
-            handles.append(module.register_forward_hook(make_hook(key, rule)))
+            handles.append(module.register_forward_hook(make_hook(key, rule), prepend=True))
         yield capture
     finally:
         for h in handles:
