@@ -197,6 +197,25 @@ def test_batchnorm_in_training_mode() -> None:
         fl.fisher(model, (x, y), structure="diag")
 
 
+def test_batchnorm_with_batch_statistics_in_eval_or_frozen() -> None:
+    """Batch statistics couple the examples whether or not the BatchNorm has trainable
+    parameters: frozen or affine-free BatchNorm in training mode, and track_running_stats=False
+    (batch statistics even in eval mode), are clear errors, not a Fisher of coupled examples."""
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    frozen = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    frozen[1].requires_grad_(False)
+    with pytest.raises(ValueError, match="training mode"):
+        fl.fisher(frozen, (x, y), structure="diag")
+    plain = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, affine=False), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="training mode"):
+        fl.fisher(plain, (x, y), structure="diag")
+    batch_stats = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Linear(5, 3)
+    ).eval()
+    with pytest.raises(ValueError, match="track_running_stats=False.*nn.LayerNorm"):
+        fl.fisher(batch_stats, (x, y), structure="diag")
+
+
 def test_half_precision_model() -> None:
     model, x, y = _setup()
     model.to(torch.bfloat16)

@@ -161,15 +161,20 @@ class Engine:
         self.generator = generator
         self._target_values = "values" in inspect.signature(likelihood.check_target).parameters
         for name, module in model.named_modules():
-            if (
-                isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and module.training
-                and any(p.requires_grad for p in module.parameters())
-            ):
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            if module.training:
                 raise ValueError(
                     f"module '{name}' ({type(module).__name__}) is in training mode: its batch "
                     "statistics couple the examples, so there is no per-example Fisher; call "
                     "model.eval() first (the Fisher is then computed with the running statistics)"
+                )
+            if not module.track_running_stats:
+                raise ValueError(
+                    f"module '{name}' ({type(module).__name__}) has track_running_stats=False, so "
+                    "it normalises with batch statistics even in eval mode: they couple the "
+                    "examples and there is no per-example Fisher; use running statistics, or a "
+                    "per-example normalisation (nn.LayerNorm, nn.GroupNorm)"
                 )
         #: modules whose parameters the output also reaches outside their own calls (id ->
         #: name): per-example gradients through torch.func (see :meth:`exclude_raw_uses`)
