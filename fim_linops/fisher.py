@@ -7,7 +7,8 @@ parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -16,11 +17,11 @@ from torch import nn
 from fim_linops.builders import BUILDERS, BuildContext
 from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
+from fim_linops.engine.engine import RawUses
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
-from fim_linops.probe import probe_input
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
 
@@ -222,19 +223,28 @@ def _run(
         dev = work_layout.entries[0].param.device
         dt = work_layout.entries[0].param.dtype
         build = prepare(work, work_layout, dt, lik, ftype)
-        x_probe, data = probe_input(data, dev, dt)  # a few examples, taken without a data pass
-        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator, probe=x_probe)
-        ctx = BuildContext(
-            engine,
-            data,
-            dev,
-            dt,
-            progress=progress,
-            rank=rank,
-            group=resolve_group(process_group),
-            options={"kfac_approx": _kfac_approx(kfac_approx)},
-        )
-        return build(ctx)
+
+        def context(engine: Engine, data: Any) -> BuildContext:
+            return BuildContext(
+                engine,
+                data,
+                dev,
+                dt,
+                progress=progress,
+                rank=rank,
+                group=resolve_group(process_group),
+                options={"kfac_approx": _kfac_approx(kfac_approx)},
+            )
+
+        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+        try:
+            return build(context(engine, data))
+        except RawUses as raw:  # found in the first forward, before any statistic
+            engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+            engine.demote(raw.module_ids)
+            if isinstance(data, Iterator):  # one-shot: the batch it already gave comes first
+                data = itertools.chain([raw.batch], data)
+            return build(context(engine, data))
 
 
 def _validated(

@@ -13,13 +13,7 @@ import fim_linops as fl
 from fim_linops import algebra
 from fim_linops.operators import Sum
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> bool:

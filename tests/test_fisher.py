@@ -14,14 +14,7 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import fim_linops as fl
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests compare against float64 references: float64 by default, restored after."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 N = 7

@@ -12,13 +12,7 @@ from torch import nn
 
 from fim_linops.gp import NTKKernel
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 def net(c: int = 1) -> nn.Module:

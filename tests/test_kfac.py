@@ -11,14 +11,7 @@ from torch import nn
 
 import fim_linops as fl
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests compare against float64 references: float64 by default, restored after."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> bool:

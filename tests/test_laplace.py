@@ -15,13 +15,7 @@ from torch import nn
 import fim_linops as fl
 from fim_linops.laplace import Laplace
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 N, C = 15, 2

@@ -19,12 +19,7 @@ from fim_linops.layout import ParamLayout
 posterior = sys.modules["fim_linops.laplace.posterior"]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 def _model(name: str):

@@ -19,12 +19,7 @@ from fim_linops.engine.rules.linear import LinearRule
 fntk = sys.modules["fim_linops.ntk"]  # the module (fl.ntk may be the function)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 class Scale(nn.Module):

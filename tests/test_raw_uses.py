@@ -21,12 +21,7 @@ import fim_linops as fl
 N = 6
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 class Functional(nn.Module):
@@ -135,35 +130,37 @@ def test_ordinary_models_do_not_warn_and_data_is_read_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         got = fl.fisher(model, data, structure="dense")
-    assert data.passes == 1  # the probe's example comes from the build's own pass
+    assert data.passes == 1  # the check walks the first batch's own graph: no extra pass
     torch.testing.assert_close(got.to_dense(), exact_fisher(model, x, "categorical"))
-    one_shot = fl.fisher(model, iter([(x[:4], y[:4]), (x[4:], y[4:])]), structure="dense")
-    torch.testing.assert_close(one_shot.to_dense(), got.to_dense())  # the first batch given back
-
-
-def test_loaders_are_probed_without_an_extra_epoch() -> None:
-    """A shuffling DataLoader: the probe indexes its dataset, so the global random state (which
-    the sampler draws from) moves exactly as for the build's own epoch; a loader over an
-    IterableDataset gives the probe its first batch and the build continues that epoch."""
-    model, x, y, _ = _case("functional")
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
     torch.manual_seed(5)
-    with pytest.warns(RuntimeWarning, match="'lin'"):
-        fl.fisher(model, loader, structure="diag")
+    fl.fisher(model, loader, structure="diag")
     after = torch.get_rng_state()
     torch.manual_seed(5)
-    list(iter(loader))  # one epoch
+    list(iter(loader))  # one epoch: the sampler's draw from the global random state
     assert torch.equal(after, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("kind", ["generator", "iterable_dataset", "counting"])
+def test_the_restart_keeps_every_batch(kind: str) -> None:
+    """A module found in the first forward restarts the build with it on torch.func: a
+    re-iterable is read again, a one-shot iterator gives back the batch it already gave."""
+    model, x, y, _ = _case("functional")
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    ref = exact_fisher(model, x, "categorical")
 
     class Stream(IterableDataset):
         def __iter__(self):
             return iter(zip(x, y, strict=True))
 
-    # an iterable-style dataset cannot be indexed: the build continues the probe's epoch
-    want = fl.fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])], structure="diag").diagonal()
+    data = {
+        "generator": lambda: (b for b in batches),
+        "iterable_dataset": lambda: DataLoader(Stream(), batch_size=4),
+        "counting": lambda: batches,
+    }[kind]()
     with pytest.warns(RuntimeWarning, match="'lin'"):
-        got = fl.fisher(model, DataLoader(Stream(), batch_size=4), structure="diag")
-    torch.testing.assert_close(got.diagonal(), want)
+        got = fl.fisher(model, data, structure="dense")
+    torch.testing.assert_close(got.to_dense(), ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unsupported")

@@ -14,13 +14,7 @@ from torch.func import functional_call, hessian, jacrev, vmap
 import fim_linops as fl
 from fim_linops.operators import EKFAC
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 
 
 N = 7

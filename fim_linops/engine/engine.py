@@ -56,6 +56,17 @@ class FisherType(ParsedEnum):
         )
 
 
+class RawUses(Exception):
+    """The first forward found ruled modules whose parameters reach the output other than
+    through their own calls (``module_ids``): the caller restarts the build with them demoted
+    (:meth:`Engine.demote`), beginning with this batch ``(x, y)``."""
+
+    def __init__(self, module_ids: list[int], x: Any, y: Tensor | None):
+        super().__init__(f"{len(module_ids)} module(s) used outside their own calls")
+        self.module_ids = module_ids
+        self.batch = (x, y)
+
+
 @dataclass
 class RuledBlock:
     block: LayerBlock
@@ -180,6 +191,7 @@ class Engine:
         #: name): per-example gradients through torch.func (see :meth:`exclude_raw_uses`)
         self.demoted: dict[int, str] = {}
         self._safe = False  # becomes True once an in-place op is seen on a kept tensor
+        self._walked = False  # whether a forward's graph was checked for raw uses (paths.py)
         self._split()
         if probe is not None:
             self.exclude_raw_uses(probe)
@@ -217,10 +229,8 @@ class Engine:
     def exclude_raw_uses(self, x: Any) -> None:
         """Move to torch.func every ruled module whose parameters the output reaches other than
         through the module's own calls (engine/paths.py), from one forward of the input ``x``
-        (a few examples suffice), with a warning. Call before the builders read ``ruled``."""
-        watched = {id(e.param): rb.module for rb in self.ruled for e in rb.block.entries}
-        if not watched:
-            return
+        (a few examples suffice), with a warning. Call before the builders read ``ruled``; the
+        forward of the first batch of :meth:`run` then skips the check."""
         device = self.layout.entries[0].param.device
         cuda = [device.index or 0] if device.type == "cuda" else []
         # the random state is restored after this forward (dropout in training mode draws)
@@ -230,30 +240,46 @@ class Engine:
             capturing(self._hooked, features=False) as cap,
         ):
             f = call_model(self.model, x)
-            if not isinstance(f, Tensor) or f.grad_fn is None:
-                return
-            calls = [
-                CallNodes(self.ruled[self._index[key]].module, c.output_node, c.input_node)
-                for key, cs in cap.calls.items()
-                for c in cs
-            ]
-            found = params_used_outside_calls(f, calls, watched)
-        if not found:
-            return
+            found = self._raw_uses(f, cap.calls) if isinstance(f, Tensor) else []
+        self._walked = True
+        if found:
+            self.demote(found)
+
+    def _raw_uses(self, f: Tensor, calls: dict[int, list[Call]]) -> list[int]:
+        """ids of the ruled modules whose parameters ``f`` reaches other than through their
+        captured ``calls`` (one walk of the graph of this forward)."""
+        watched = {id(e.param): rb.module for rb in self.ruled for e in rb.block.entries}
+        if f.grad_fn is None or not watched:
+            return []
+        nodes = [
+            CallNodes(self.ruled[self._index[key]].module, c.output_node, c.input_node)
+            for key, cs in calls.items()
+            for c in cs
+        ]
+        found = params_used_outside_calls(f, nodes, watched)
+        return [
+            id(rb.module)
+            for rb in self.ruled
+            if any(id(e.param) in found for e in rb.block.entries)
+        ]
+
+    def demote(self, module_ids: list[int]) -> None:
+        """Per-example gradients of these ruled modules through torch.func from now on, with a
+        warning that names them."""
         names = []
         for rb in self.ruled:
-            if any(id(e.param) in found for e in rb.block.entries):
+            if id(rb.module) in module_ids:
                 self.demoted[id(rb.module)] = rb.block.module_name or "<model>"
                 names.append(f"'{rb.block.module_name}' ({type(rb.module).__name__})")
         warnings.warn(
             "the output depends on the parameters of module "
             + ", ".join(names)
             + " other than through the module's own calls (a direct use such as "
-            "F.linear(x, module.weight), or forward hooks that did not run, e.g. in a "
-            "torch.compile'd model: pass the uncompiled module); their per-example gradients go "
+            "F.linear(x, module.weight), or forward hooks that did not run, as in a "
+            "torch.compile'd model: pass compiled._orig_mod); their per-example gradients go "
             "through torch.func (correct, slower)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         self._split()
 
@@ -322,7 +348,12 @@ class Engine:
             f = self.output(x, y, index)
             if cap.modified():
                 return None
-            if len(cap.calls) < len(self.ruled):
+            if not self._walked:  # the first forward: the rules must see every path
+                self._walked = True
+                found = self._raw_uses(f, cap.calls)
+                if found:
+                    raise RawUses(found, x, y)
+            elif len(cap.calls) < len(self.ruled):
                 self._check_uncalled(f, cap.calls.keys(), index)
             v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
             keys = list(cap.calls)
@@ -344,11 +375,11 @@ class Engine:
         return BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
 
     def _check_uncalled(self, f: Tensor, called: Any, index: int) -> None:
-        """Ruled modules whose hooks did not fire in this forward get zero statistics, which is
-        right only if the output does not depend on their parameters (an unused layer). Raise
-        when it does: the hooks did not run (a torch.compile'd model replaying a graph traced
-        without them) or the parameters are used directly; a probe forward could not tell
-        (:meth:`exclude_raw_uses`)."""
+        """Ruled modules whose hooks did not fire in this forward (after the first, which is
+        checked in full) get zero statistics, which is right only if the output does not depend
+        on their parameters (an unused layer). Raise when it does: the hooks stopped running (a
+        torch.compile'd model replaying a graph traced without them) or the forward changed
+        with the batch; the build cannot switch the module to torch.func in mid-pass."""
         uncalled = [rb for rb in self.ruled if id(rb.module) not in called]
         watched = {id(e.param): rb.module for rb in uncalled for e in rb.block.entries}
         if f.grad_fn is None or not params_used_outside_calls(f, [], watched):
