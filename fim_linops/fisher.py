@@ -84,7 +84,7 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         if shared:
             why = "a parameter shared with another module"
         elif id(block.module) in engine.demoted:
-            why = "a parameter also used outside the module's own calls"
+            why = engine.demoted[id(block.module)]
         name = block.module_name or "<model>"
         bad.append(f"'{name}' ({kind}: {why})")
     raise ValueError(
@@ -241,7 +241,7 @@ def _run(
             return build(context(engine, data))
         except RawUses as raw:  # found in the first forward, before any statistic
             engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
-            engine.demote(raw.module_ids)
+            engine.demote(raw.reasons)
             if isinstance(data, Iterator):  # one-shot: the batch it already gave comes first
                 data = itertools.chain([raw.batch], data)
             return build(context(engine, data))

@@ -15,15 +15,15 @@ PROBE_EXAMPLES = 1
 
 def first_examples(x: Any) -> Any:
     """The first PROBE_EXAMPLES examples of a model input, for ``Engine(..., probe=...)``."""
-    return _head(x, PROBE_EXAMPLES)
+    return head(x, PROBE_EXAMPLES)
 
 
-def _head(x: Any, n: int) -> Any:
+def head(x: Any, n: int) -> Any:
     """The first n examples of an input (tensor, tuple/list or dict of tensors)."""
     if isinstance(x, Tensor):
         return x[:n]
     if isinstance(x, Mapping):
-        return {k: _head(v, n) for k, v in x.items()}
+        return {k: head(v, n) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(_head(v, n) for v in x)
+        return type(x)(head(v, n) for v in x)
     return x

@@ -61,6 +61,81 @@ class CalledAndDirect(nn.Module):
         return self.out(torch.tanh(self.lin(x)) + x @ self.lin.weight.T)
 
 
+class TimeMajor(nn.Module):
+    """(N, T, D) in, a Linear on the time-major (T, N, D) view (batch_first=False style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x.transpose(0, 1))).mean(0))
+
+
+class Flattened(nn.Module):
+    """Examples and positions flattened into (N*T, D) rows before a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x.reshape(-1, 3))).reshape(x.shape[0], -1, 4)
+        return self.out(h.mean(1))
+
+
+class SharedInput(nn.Module):
+    """A Linear applied to a buffer: one output shared by every example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 3)
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("code", torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + self.lin(self.code)
+
+
+class KeywordCall(nn.Module):
+    """A Linear called by keyword (forward hooks see no positional input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(input=x)))
+
+
+LAYOUT_CASES = {
+    "time_major": (TimeMajor, (N, 4, 3), "the first dim"),
+    "time_major_t_equals_n": (TimeMajor, (N, N, 3), "the first dim"),
+    "flattened": (Flattened, (N, 4, 3), "the first dim"),
+    "shared_input": (SharedInput, (N, 3), "the first dim"),
+    "keyword_call": (KeywordCall, (N, 3), "a call by keyword"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+@pytest.mark.parametrize("structure", ["dense", "diag"])
+def test_calls_without_examples_along_dim_0(name: str, structure: str) -> None:
+    """The rules index examples along a call's first dim; a call that does not (or that the
+    hooks cannot see) sends its module to torch.func. (T, N, D) with T = N is told from
+    (N, T, D) by a forward of one example."""
+    make, shape, why = LAYOUT_CASES[name]
+    torch.manual_seed(0)
+    model, x, y = make(), torch.randn(*shape), torch.randint(0, 3, (N,))
+    ref = exact_fisher(model, x, "categorical")
+    with pytest.warns(RuntimeWarning, match=f"'lin' \\(Linear\\): .*{why}"):
+        got = fl.fisher(model, (x, y), structure=structure)
+    want = ref if structure == "dense" else torch.diag(ref.diagonal())
+    torch.testing.assert_close(got.to_dense(), want, rtol=1e-10, atol=1e-12)
+
+
 CASES = {
     "functional": (Functional, lambda: torch.randn(N, 3), "'lin' (Linear)"),
     "tied_output": (TiedOutput, lambda: torch.randint(0, 5, (N, 3)), "'emb' (Embedding)"),
@@ -79,7 +154,10 @@ def _case(name: str):
 def test_fisher_matches_reference_and_warns(name: str, structure: str) -> None:
     model, x, y, module = _case(name)
     ref = exact_fisher(model, x, "categorical")
-    with pytest.warns(RuntimeWarning, match=f"module {re.escape(module)} other than through"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=f"module {re.escape(module)}: its parameters reach the output other than through",
+    ):
         got = fl.fisher(model, (x, y), structure=structure)
     if structure == "diag":
         torch.testing.assert_close(got.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
@@ -95,7 +173,7 @@ def test_kfac_names_the_reason(name: str) -> None:
     model, x, y, module = _case(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(ValueError, match="used outside the module's own calls"):
+        with pytest.raises(ValueError, match="other than through its own calls"):
             fl.fisher(model, (x, y), structure="kfac")
 
 

@@ -36,9 +36,19 @@ class Capture:
     """Calls per hooked module (keyed by id of the module), filled during one forward."""
 
     calls: dict[int, list[Call]] = field(default_factory=dict)
+    active: bool = True  # False while a side forward runs (its calls are not this batch's)
 
     def clear(self) -> None:
         self.calls.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing during the block (a check's own forward of other inputs)."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def modified(self) -> bool:
         """Whether an in-place operation changed a kept tensor after its capture."""
@@ -58,7 +68,14 @@ def capturing(
 
     def make_hook(key: int, rule: LayerRule):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            if not isinstance(output, Tensor) or not output.requires_grad:
+            if (
+                not capture.active
+                or not inputs
+                or not isinstance(output, Tensor)
+                or not output.requires_grad
+            ):
+                # no positional input (called by keyword): not captured; the module then counts
+                # as used outside its calls (engine/paths.py) and goes through torch.func
                 return output
             node = inputs[0].grad_fn if isinstance(inputs[0], Tensor) else None
             if not features:

@@ -20,21 +20,23 @@ import inspect
 import math
 import warnings
 from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fim_linops.data import call_model, check_finite, iter_batches
+from fim_linops.data import batch_size, call_model, check_finite, iter_batches
 from fim_linops.engine import functional
-from fim_linops.engine.capture import Call, capturing
+from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, params_used_outside_calls
 from fim_linops.engine.rules import LayerRule, rule_for
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.probe import head
 
 
 class FisherType(ParsedEnum):
@@ -56,14 +58,26 @@ class FisherType(ParsedEnum):
         )
 
 
-class RawUses(Exception):
-    """The first forward found ruled modules whose parameters reach the output other than
-    through their own calls (``module_ids``): the caller restarts the build with them demoted
-    (:meth:`Engine.demote`), beginning with this batch ``(x, y)``."""
+#: why a ruled module goes through torch.func (:meth:`Engine.demote`)
+OUTSIDE_CALLS = (
+    "its parameters reach the output other than through its own calls (a direct use such as "
+    "F.linear(x, module.weight), a call by keyword, or forward hooks that did not run, as in a "
+    "torch.compile'd model: pass compiled._orig_mod)"
+)
+NOT_EXAMPLE_MAJOR = (
+    "its calls do not have the examples along the first dim (a time-major (T, N, D) sequence, "
+    "examples flattened into (N*T, D), or an input shared by all examples)"
+)
 
-    def __init__(self, module_ids: list[int], x: Any, y: Tensor | None):
-        super().__init__(f"{len(module_ids)} module(s) used outside their own calls")
-        self.module_ids = module_ids
+
+class RawUses(Exception):
+    """The first forward found ruled modules whose rule would be wrong (``reasons``: id ->
+    why): the caller restarts the build with them demoted (:meth:`Engine.demote`), beginning
+    with this batch ``(x, y)``."""
+
+    def __init__(self, reasons: dict[int, str], x: Any, y: Tensor | None):
+        super().__init__(f"{len(reasons)} module(s) that the layer rules would get wrong")
+        self.reasons = reasons
         self.batch = (x, y)
 
 
@@ -187,8 +201,8 @@ class Engine:
                     "examples and there is no per-example Fisher; use running statistics, or a "
                     "per-example normalisation (nn.LayerNorm, nn.GroupNorm)"
                 )
-        #: modules whose parameters the output also reaches outside their own calls (id ->
-        #: name): per-example gradients through torch.func (see :meth:`exclude_raw_uses`)
+        #: ruled modules whose rule would be wrong on this model (id -> why): per-example
+        #: gradients through torch.func (:meth:`demote`)
         self.demoted: dict[int, str] = {}
         self._safe = False  # becomes True once an in-place op is seen on a kept tensor
         self._walked = False  # whether a forward's graph was checked for raw uses (paths.py)
@@ -227,23 +241,54 @@ class Engine:
         )
 
     def exclude_raw_uses(self, x: Any) -> None:
-        """Move to torch.func every ruled module whose parameters the output reaches other than
-        through the module's own calls (engine/paths.py), from one forward of the input ``x``
-        (a few examples suffice), with a warning. Call before the builders read ``ruled``; the
-        forward of the first batch of :meth:`run` then skips the check."""
+        """Move to torch.func, with a warning, every ruled module that its rule would get wrong
+        (:meth:`_unruly`), from one forward of the input ``x`` (one example suffices). Call
+        before the builders read ``ruled``; the first batch of :meth:`run` then skips the check."""
+        with self._side_forward(x) as (f, calls):
+            found = self._unruly(f, calls, batch_size(x)) if isinstance(f, Tensor) else {}
+        self._walked = True
+        if found:
+            self.demote(found)
+
+    @contextmanager
+    def _side_forward(self, x: Any) -> Iterator[tuple[Any, dict[int, list[Call]]]]:
+        """A forward of ``x`` outside the build, for checks: the calls' graph nodes are recorded
+        (no features), the random state is restored afterwards (dropout draws)."""
         device = self.layout.entries[0].param.device
         cuda = [device.index or 0] if device.type == "cuda" else []
-        # the random state is restored after this forward (dropout in training mode draws)
         with (
             torch.random.fork_rng(devices=cuda),
             torch.enable_grad(),
             capturing(self._hooked, features=False) as cap,
         ):
-            f = call_model(self.model, x)
-            found = self._raw_uses(f, cap.calls) if isinstance(f, Tensor) else []
-        self._walked = True
-        if found:
-            self.demote(found)
+            yield call_model(self.model, x), cap.calls
+
+    def _unruly(self, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
+        """id -> reason for the ruled modules whose rule would be wrong on this forward of ``n``
+        examples: parameters reaching ``f`` other than through the captured calls
+        (:meth:`_raw_uses`), or a call whose output does not have the examples along its first
+        dim (a time-major (T, N, D) sequence, examples flattened into (N*T, D), an input shared
+        by all examples)."""
+        found = dict.fromkeys(self._raw_uses(f, calls), OUTSIDE_CALLS)
+        for key, cs in calls.items():
+            if key not in found and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
+                found[key] = NOT_EXAMPLE_MAJOR
+        return found
+
+    def _first_batch_checks(self, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
+        """:meth:`_unruly` on the first batch, and on a forward of its first example: a module
+        whose call outputs keep their first dim when the batch shrinks to one example does not
+        have the examples there (this tells a (T, N, D) layout from (N, T, D) even when T = N)."""
+        n = f.shape[0]
+        found = self._unruly(f, cap.calls, n)
+        if n > 1:
+            try:
+                with cap.paused(), self._side_forward(head(x, 1)) as (f1, calls1):
+                    if isinstance(f1, Tensor):
+                        found = self._unruly(f1, calls1, 1) | found
+            except Exception:  # a model that cannot run one example: the full batch's checks
+                pass
+        return found
 
     def _raw_uses(self, f: Tensor, calls: dict[int, list[Call]]) -> list[int]:
         """ids of the ruled modules whose parameters ``f`` reaches other than through their
@@ -263,21 +308,19 @@ class Engine:
             if any(id(e.param) in found for e in rb.block.entries)
         ]
 
-    def demote(self, module_ids: list[int]) -> None:
-        """Per-example gradients of these ruled modules through torch.func from now on, with a
-        warning that names them."""
-        names = []
+    def demote(self, reasons: dict[int, str]) -> None:
+        """Per-example gradients of these ruled modules (id -> why their rule would be wrong)
+        through torch.func from now on, with a warning that names them and says why."""
+        lines = []
         for rb in self.ruled:
-            if id(rb.module) in module_ids:
-                self.demoted[id(rb.module)] = rb.block.module_name or "<model>"
-                names.append(f"'{rb.block.module_name}' ({type(rb.module).__name__})")
+            why = reasons.get(id(rb.module))
+            if why is not None:
+                self.demoted[id(rb.module)] = why
+                lines.append(f"'{rb.block.module_name}' ({type(rb.module).__name__}): {why}")
         warnings.warn(
-            "the output depends on the parameters of module "
-            + ", ".join(names)
-            + " other than through the module's own calls (a direct use such as "
-            "F.linear(x, module.weight), or forward hooks that did not run, as in a "
-            "torch.compile'd model: pass compiled._orig_mod); their per-example gradients go "
-            "through torch.func (correct, slower)",
+            "the layer rules would be wrong for module "
+            + "; ".join(lines)
+            + ". Their per-example gradients go through torch.func (correct, slower)",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -348,9 +391,9 @@ class Engine:
             f = self.output(x, y, index)
             if cap.modified():
                 return None
-            if not self._walked:  # the first forward: the rules must see every path
+            if not self._walked:  # the first forward: the rules must be exact on this model
                 self._walked = True
-                found = self._raw_uses(f, cap.calls)
+                found = self._first_batch_checks(x, f, cap)
                 if found:
                     raise RawUses(found, x, y)
             elif len(cap.calls) < len(self.ruled):
