@@ -153,7 +153,8 @@ class Categorical(Likelihood):
 
 
 class Gaussian(Likelihood):
-    r"""Gaussian likelihood N(y; f, sigma^2 I) on outputs f (N, C), targets y (N, C).
+    r"""Gaussian likelihood N(y; f, sigma^2 I) on outputs f (N, C) (or (N,): C = 1), targets y
+    (N, C) (or (N,) when C = 1).
 
     nll = |y - f|^2 / (2 sigma^2) + C log(sigma sqrt(2 pi)); H = I / sigma^2, S = I / sigma.
     """
@@ -164,6 +165,10 @@ class Gaussian(Likelihood):
         if not isinstance(sigma, Tensor) and (not math.isfinite(sigma) or sigma <= 0):
             raise ValueError(f"Gaussian sigma must be a positive finite number, got {sigma}")
         self.sigma = sigma
+
+    def check_output(self, f: Tensor) -> Tensor:
+        """(N, C); a scalar output per example, shape (N,), is taken as (N, 1)."""
+        return super().check_output(f[:, None] if f.ndim == 1 else f)
 
     def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
         if y.shape == f.shape[:1] and f.shape[1] == 1:

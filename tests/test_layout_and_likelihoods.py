@@ -140,3 +140,16 @@ def test_progress_bar_runs(capsys) -> None:
     F = fl.fisher(model, batches, structure="diag", progress=True)
     assert F.shape == (8, 8)
     assert "fisher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "kfac", "implicit"])
+def test_gaussian_accepts_a_scalar_output_per_example(structure: str) -> None:
+    """Regression models often return (N,) (``.squeeze(-1)``): the same Fisher as (N, 1)."""
+    torch.manual_seed(0)
+    column = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    flat = nn.Sequential(column, nn.Flatten(0))
+    x, y = torch.randn(6, 3), torch.randn(6)
+    want = fl.fisher(column, (x, y[:, None]), likelihood="gaussian", structure=structure)
+    got = fl.fisher(flat, (x, y), likelihood=fl.Gaussian(), structure=structure)
+    torch.testing.assert_close(got.to_dense(), want.to_dense())
+    assert torch.linalg.matrix_norm(want.to_dense()) > 0
