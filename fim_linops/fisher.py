@@ -17,7 +17,7 @@ from torch import nn
 from fim_linops.builders import BUILDERS, BuildContext
 from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
-from fim_linops.engine.engine import RawUses
+from fim_linops.engine.checks import UnruledLayers
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
@@ -239,7 +239,7 @@ def _run(
         engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
         try:
             return build(context(engine, data))
-        except RawUses as raw:  # found in the first forward, before any statistic
+        except UnruledLayers as raw:  # found in the first forward, before any statistic
             engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
             engine.demote(raw.reasons)
             if isinstance(data, Iterator):  # one-shot: the batch it already gave comes first

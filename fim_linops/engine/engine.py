@@ -20,7 +20,6 @@ import inspect
 import math
 import warnings
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from fim_linops.data import batch_size, call_model, check_finite, iter_batches
-from fim_linops.engine import functional
-from fim_linops.engine.capture import Call, Capture, capturing
-from fim_linops.engine.paths import CallNodes, params_used_outside_calls
+from fim_linops.engine import checks, functional
+from fim_linops.engine.capture import Call, capturing
 from fim_linops.engine.rules import LayerRule, rule_for
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
-from fim_linops.probe import head
 
 
 class FisherType(ParsedEnum):
@@ -56,29 +53,6 @@ class FisherType(ParsedEnum):
             "'exact' (closed-form expectation, = GGN), 'mc' (sampled labels, mc_samples=...) or "
             "'empirical' (the data's labels)"
         )
-
-
-#: why a ruled module goes through torch.func (:meth:`Engine.demote`)
-OUTSIDE_CALLS = (
-    "its parameters reach the output other than through its own calls (a direct use such as "
-    "F.linear(x, module.weight), a call by keyword, or forward hooks that did not run, as in a "
-    "torch.compile'd model: pass compiled._orig_mod)"
-)
-NOT_EXAMPLE_MAJOR = (
-    "its calls do not have the examples along the first dim (a time-major (T, N, D) sequence, "
-    "examples flattened into (N*T, D), or an input shared by all examples)"
-)
-
-
-class RawUses(Exception):
-    """The first forward found ruled modules whose rule would be wrong (``reasons``: id ->
-    why): the caller restarts the build with them demoted (:meth:`Engine.demote`), beginning
-    with this batch ``(x, y)``."""
-
-    def __init__(self, reasons: dict[int, str], x: Any, y: Tensor | None):
-        super().__init__(f"{len(reasons)} module(s) that the layer rules would get wrong")
-        self.reasons = reasons
-        self.batch = (x, y)
 
 
 @dataclass
@@ -234,79 +208,21 @@ class Engine:
                 self.block_kind[bi] = ("func", len(self.fallback))
                 self.fallback.append(block)
         # modules that use a shared parameter but own none of the selected ones must not be hooked
-        self._hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
-        self._index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
+        self.hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
+        self.index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
         self._func = functional.FunctionalModel(
             self.model, [e for b in self.fallback for e in b.entries]
         )
 
     def exclude_raw_uses(self, x: Any) -> None:
         """Move to torch.func, with a warning, every ruled module that its rule would get wrong
-        (:meth:`_unruly`), from one forward of the input ``x`` (one example suffices). Call
+        (:func:`checks.unruly`), from one forward of the input ``x`` (one example suffices). Call
         before the builders read ``ruled``; the first batch of :meth:`run` then skips the check."""
-        with self._side_forward(x) as (f, calls):
-            found = self._unruly(f, calls, batch_size(x)) if isinstance(f, Tensor) else {}
+        with checks.side_forward(self, x) as (f, calls):
+            found = checks.unruly(self, f, calls, batch_size(x)) if isinstance(f, Tensor) else {}
         self._walked = True
         if found:
             self.demote(found)
-
-    @contextmanager
-    def _side_forward(self, x: Any) -> Iterator[tuple[Any, dict[int, list[Call]]]]:
-        """A forward of ``x`` outside the build, for checks: the calls' graph nodes are recorded
-        (no features), the random state is restored afterwards (dropout draws)."""
-        device = self.layout.entries[0].param.device
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=cuda),
-            torch.enable_grad(),
-            capturing(self._hooked, features=False) as cap,
-        ):
-            yield call_model(self.model, x), cap.calls
-
-    def _unruly(self, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
-        """id -> reason for the ruled modules whose rule would be wrong on this forward of ``n``
-        examples: parameters reaching ``f`` other than through the captured calls
-        (:meth:`_raw_uses`), or a call whose output does not have the examples along its first
-        dim (a time-major (T, N, D) sequence, examples flattened into (N*T, D), an input shared
-        by all examples)."""
-        found = dict.fromkeys(self._raw_uses(f, calls), OUTSIDE_CALLS)
-        for key, cs in calls.items():
-            if key not in found and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
-                found[key] = NOT_EXAMPLE_MAJOR
-        return found
-
-    def _first_batch_checks(self, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
-        """:meth:`_unruly` on the first batch, and on a forward of its first example: a module
-        whose call outputs keep their first dim when the batch shrinks to one example does not
-        have the examples there (this tells a (T, N, D) layout from (N, T, D) even when T = N)."""
-        n = f.shape[0]
-        found = self._unruly(f, cap.calls, n)
-        if n > 1:
-            try:
-                with cap.paused(), self._side_forward(head(x, 1)) as (f1, calls1):
-                    if isinstance(f1, Tensor):
-                        found = self._unruly(f1, calls1, 1) | found
-            except Exception:  # a model that cannot run one example: the full batch's checks
-                pass
-        return found
-
-    def _raw_uses(self, f: Tensor, calls: dict[int, list[Call]]) -> list[int]:
-        """ids of the ruled modules whose parameters ``f`` reaches other than through their
-        captured ``calls`` (one walk of the graph of this forward)."""
-        watched = {id(e.param): rb.module for rb in self.ruled for e in rb.block.entries}
-        if f.grad_fn is None or not watched:
-            return []
-        nodes = [
-            CallNodes(self.ruled[self._index[key]].module, c.output_node, c.input_node)
-            for key, cs in calls.items()
-            for c in cs
-        ]
-        found = params_used_outside_calls(f, nodes, watched)
-        return [
-            id(rb.module)
-            for rb in self.ruled
-            if any(id(e.param) in found for e in rb.block.entries)
-        ]
 
     def demote(self, reasons: dict[int, str]) -> None:
         """Per-example gradients of these ruled modules (id -> why their rule would be wrong)
@@ -387,17 +303,17 @@ class Engine:
         need_grads: bool,
         safe: bool,
     ) -> BatchResult | None:
-        with capturing(self._hooked, safe=safe) as cap:
+        with capturing(self.hooked, safe=safe) as cap:
             f = self.output(x, y, index)
             if cap.modified():
                 return None
             if not self._walked:  # the first forward: the rules must be exact on this model
                 self._walked = True
-                found = self._first_batch_checks(x, f, cap)
+                found = checks.first_batch_checks(self, x, f, cap)
                 if found:
-                    raise RawUses(found, x, y)
+                    raise checks.UnruledLayers(found, x, y)
             elif len(cap.calls) < len(self.ruled):
-                self._check_uncalled(f, cap.calls.keys(), index)
+                checks.check_uncalled(self, f, cap.calls.keys(), index)
             v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
             keys = list(cap.calls)
             flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
@@ -414,28 +330,8 @@ class Engine:
             for (key, c), g in zip(flat, grads, strict=False):
                 if g is None:
                     g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
-                calls.setdefault(self._index[key], []).append((c.a, g.detach()))
+                calls.setdefault(self.index[key], []).append((c.a, g.detach()))
         return BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
-
-    def _check_uncalled(self, f: Tensor, called: Any, index: int) -> None:
-        """Ruled modules whose hooks did not fire in this forward (after the first, which is
-        checked in full) get zero statistics, which is right only if the output does not depend
-        on their parameters (an unused layer). Raise when it does: the hooks stopped running (a
-        torch.compile'd model replaying a graph traced without them) or the forward changed
-        with the batch; the build cannot switch the module to torch.func in mid-pass."""
-        uncalled = [rb for rb in self.ruled if id(rb.module) not in called]
-        watched = {id(e.param): rb.module for rb in uncalled for e in rb.block.entries}
-        if f.grad_fn is None or not params_used_outside_calls(f, [], watched):
-            return
-        names = ", ".join(
-            f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in uncalled
-        )
-        raise ValueError(
-            f"batch {index}: the output depends on the parameters of module {names}, but the "
-            "module's forward hooks did not run; a torch.compile'd model replays a graph traced "
-            "without them: pass the uncompiled module (compiled._orig_mod), which has the same "
-            "parameters"
-        )
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
         return self._func.per_example_grads(x, v, lo, hi, self.likelihood)

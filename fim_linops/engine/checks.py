@@ -1,0 +1,133 @@
+r"""Whether the layer rules are exact on this model: the checks that send a ruled layer to
+torch.func (:meth:`Engine.demote`) or stop a build.
+
+A rule computes a layer's statistics from its calls' (input, output-gradient) pairs, with the
+examples along the first dim of each call. That is exact when
+
+* the layer's parameters reach the output only through those calls (not through
+  ``F.linear(x, layer.weight)``, a call by keyword that the hooks cannot see, or hooks that did
+  not run): :func:`raw_uses`, a walk of the autograd graph (engine/paths.py);
+* every call has the examples along its first dim (not a time-major (T, N, D) sequence, examples
+  flattened into (N*T, D) rows, or an input shared by all examples): the first dim of every call
+  output is N, and is 1 in a forward of one example, which tells (T, N, D) from (N, T, D) even
+  when T = N.
+
+Both are checked on the first batch of a build (:func:`first_batch_checks`, about 10 us for the
+walk and 0.1-0.3 ms for the forward of one example on the digits models); a build that finds a
+layer restarts with it on torch.func (:class:`UnruledLayers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from fim_linops.data import call_model
+from fim_linops.engine.capture import Call, Capture, capturing
+from fim_linops.engine.paths import CallNodes, params_used_outside_calls
+from fim_linops.probe import head
+
+if TYPE_CHECKING:
+    from fim_linops.engine.engine import Engine
+
+#: why a ruled module goes through torch.func (:meth:`Engine.demote`)
+OUTSIDE_CALLS = (
+    "its parameters reach the output other than through its own calls (a direct use such as "
+    "F.linear(x, module.weight), a call by keyword, or forward hooks that did not run, as in a "
+    "torch.compile'd model: pass compiled._orig_mod)"
+)
+NOT_EXAMPLE_MAJOR = (
+    "its calls do not have the examples along the first dim (a time-major (T, N, D) sequence, "
+    "examples flattened into (N*T, D), or an input shared by all examples)"
+)
+
+
+class UnruledLayers(Exception):
+    """The first forward found ruled modules whose rule would be wrong (``reasons``: id ->
+    why): the caller restarts the build with them demoted (:meth:`Engine.demote`), beginning
+    with this batch ``(x, y)``."""
+
+    def __init__(self, reasons: dict[int, str], x: Any, y: Tensor | None):
+        super().__init__(f"{len(reasons)} module(s) that the layer rules would get wrong")
+        self.reasons = reasons
+        self.batch = (x, y)
+
+
+@contextmanager
+def side_forward(engine: Engine, x: Any) -> Iterator[tuple[Any, dict[int, list[Call]]]]:
+    """A forward of ``x`` outside the build, for checks: the calls' graph nodes are recorded
+    (no features), the random state is restored afterwards (dropout draws)."""
+    device = engine.layout.entries[0].param.device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with (
+        torch.random.fork_rng(devices=cuda),
+        torch.enable_grad(),
+        capturing(engine.hooked, features=False) as cap,
+    ):
+        yield call_model(engine.model, x), cap.calls
+
+
+def raw_uses(engine: Engine, f: Tensor, calls: dict[int, list[Call]]) -> list[int]:
+    """ids of the ruled modules whose parameters ``f`` reaches other than through their
+    captured ``calls`` (one walk of the graph of this forward)."""
+    watched = {id(e.param): rb.module for rb in engine.ruled for e in rb.block.entries}
+    if f.grad_fn is None or not watched:
+        return []
+    nodes = [
+        CallNodes(engine.ruled[engine.index[key]].module, c.output_node, c.input_node)
+        for key, cs in calls.items()
+        for c in cs
+    ]
+    found = params_used_outside_calls(f, nodes, watched)
+    return [
+        id(rb.module) for rb in engine.ruled if any(id(e.param) in found for e in rb.block.entries)
+    ]
+
+
+def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
+    """id -> reason for the ruled modules whose rule would be wrong on this forward of ``n``
+    examples: :func:`raw_uses`, or a call output whose first dim is not ``n``."""
+    found = dict.fromkeys(raw_uses(engine, f, calls), OUTSIDE_CALLS)
+    for key, cs in calls.items():
+        if key not in found and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
+            found[key] = NOT_EXAMPLE_MAJOR
+    return found
+
+
+def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
+    """:func:`unruly` on the first batch, and on a forward of its first example (with the
+    batch's capture paused): a module whose call outputs keep their first dim when the batch
+    shrinks to one example does not have the examples there."""
+    n = f.shape[0]
+    found = unruly(engine, f, cap.calls, n)
+    if n > 1:
+        try:
+            with cap.paused(), side_forward(engine, head(x, 1)) as (f1, calls1):
+                if isinstance(f1, Tensor):
+                    found = unruly(engine, f1, calls1, 1) | found
+        except Exception:  # a model that cannot run one example: the full batch's checks
+            pass
+    return found
+
+
+def check_uncalled(engine: Engine, f: Tensor, called: Any, index: int) -> None:
+    """Ruled modules whose hooks did not fire in this forward (after the first, which is checked
+    in full) get zero statistics, which is right only if the output does not depend on their
+    parameters (an unused layer). Raise when it does: the hooks stopped running (a
+    torch.compile'd model replaying a graph traced without them) or the forward changed with the
+    batch; the build cannot switch the module to torch.func in mid-pass."""
+    uncalled = [rb for rb in engine.ruled if id(rb.module) not in called]
+    watched = {id(e.param): rb.module for rb in uncalled for e in rb.block.entries}
+    if f.grad_fn is None or not params_used_outside_calls(f, [], watched):
+        return
+    names = ", ".join(f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in uncalled)
+    raise ValueError(
+        f"batch {index}: the output depends on the parameters of module {names}, but the "
+        "module's forward hooks did not run; a torch.compile'd model replays a graph traced "
+        "without them: pass the uncompiled module (compiled._orig_mod), which has the same "
+        "parameters"
+    )
