@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fim_linops.data import call_model
 from fim_linops.engine.capture import Call, Capture, capturing
-from fim_linops.engine.paths import CallNodes, params_used_outside_calls
+from fim_linops.engine.paths import CallNodes, opaque_nodes, params_used_outside_calls
 from fim_linops.probe import head
 
 if TYPE_CHECKING:
@@ -98,10 +98,24 @@ def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> d
     return found
 
 
+def check_opaque(f: Tensor) -> None:
+    """Raise for graphs that hide parameters behind a node (engine/paths.py, OPAQUE_NODES)."""
+    if f.grad_fn is not None and opaque_nodes(f):
+        raise ValueError(
+            "the model uses torch.utils.checkpoint with use_reentrant=True: the checkpointed "
+            "block's parameters are invisible to the autograd graph (it is recomputed inside "
+            "the backward), so neither the layer rules nor torch.func can take per-example "
+            "gradients through it; pass use_reentrant=False (PyTorch's recommended mode, "
+            "supported by dense, block_diag, diag, kfac and the NTK) or switch checkpointing "
+            "off for the Fisher"
+        )
+
+
 def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
     """:func:`unruly` on the first batch, and on a forward of its first example (with the
     batch's capture paused): a module whose call outputs keep their first dim when the batch
     shrinks to one example does not have the examples there."""
+    check_opaque(f)
     n = f.shape[0]
     found = unruly(engine, f, cap.calls, n)
     if n > 1:

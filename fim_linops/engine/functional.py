@@ -10,7 +10,8 @@ as ``vmap`` over n of (``vjp`` then ``vmap`` over k).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
@@ -109,7 +110,8 @@ class FunctionalModel:
                 raise  # not a batching failure: the next strategies need more memory, not less
             except RuntimeError:
                 if self._batching is _Batching.LOOP:
-                    raise
+                    with transform_errors("per-example gradients by torch.func"):
+                        raise
                 self._batching = (
                     _Batching.PER_EXAMPLE if self._batching is _Batching.SHARED else _Batching.LOOP
                 )
@@ -145,6 +147,35 @@ def _index(x: Any, i: int) -> Any:
     return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, x)
 
 
+#: what torch says when a model cannot go through forward-mode AD or torch.func transforms
+_UNSUPPORTED = (
+    "saved tensor hooks",  # activation checkpointing, use_reentrant=False
+    "setup_context",  # an autograd.Function without functorch support (reentrant checkpoint)
+    "jvp function for custom autograd.Function",  # forward mode through such a Function
+    "torch.utils.checkpoint",  # checkpoint's own errors (CheckpointError)
+)
+
+
+@contextmanager
+def transform_errors(what: str) -> Iterator[None]:
+    """Turn torch's errors for models that forward-mode AD or torch.func cannot differentiate
+    (activation checkpointing, custom autograd.Functions) into a ValueError that says what to do;
+    other errors pass unchanged."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or not any(m in str(e) for m in _UNSUPPORTED):
+            raise
+        raise ValueError(
+            f"{what} needs forward-mode AD or torch.func through the whole model, which this "
+            "model does not support (torch: "
+            + str(e).split("\n")[0]
+            + "). Activation checkpointing (torch.utils.checkpoint) is the usual cause: switch "
+            "it off for the Fisher, or use structure='dense', 'block_diag', 'diag' or 'kfac' "
+            "with use_reentrant=False, whose layer rules do not need these transforms"
+        ) from e
+
+
 def output_fn(model: nn.Module, x: Any, likelihood: Likelihood):
     """theta (name -> tensor) -> f(theta; x) of shape (N, C)."""
 
@@ -161,13 +192,15 @@ def jvp_columns(f, params: dict[str, Tensor], tangents: dict[str, Tensor]) -> Te
     def one(t: dict[str, Tensor]) -> Tensor:
         return jvp(f, (params,), (t,))[1]
 
-    return vmap(one)(tangents)
+    with transform_errors("a Jacobian-vector product"):
+        return vmap(one)(tangents)
 
 
 def vjp_columns(f, params: dict[str, Tensor], cotangents: Tensor) -> dict[str, Tensor]:
     """J^T u for each of M cotangents (M, N, C) -> name -> (M, *shape), one forward."""
-    pullback = vjp(f, params)[1]
-    return vmap(pullback)(cotangents)[0]
+    with transform_errors("a vector-Jacobian product"):
+        pullback = vjp(f, params)[1]
+        return vmap(pullback)(cotangents)[0]
 
 
 __all__ = ["FunctionalModel", "batch_size", "jvp_columns", "output_fn", "vjp_columns"]

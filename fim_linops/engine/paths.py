@@ -65,3 +65,26 @@ def params_used_outside_calls(
         for nxt, _ in getattr(node, "next_functions", ()):
             stack.append((nxt, ctx))
     return found
+
+
+#: autograd nodes behind which parameters are used without edges in the graph: the reentrant
+#: activation checkpoint recomputes its block inside its backward (torch.utils.checkpoint with
+#: use_reentrant=True); neither the layer rules nor torch.func can see through it
+OPAQUE_NODES = ("CheckpointFunctionBackward",)
+
+
+def opaque_nodes(f: Tensor) -> set[str]:
+    """Names of the :data:`OPAQUE_NODES` types in the autograd graph of ``f`` (one walk)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [f.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = type(node).__name__
+        if name in OPAQUE_NODES:
+            found.add(name)
+        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()))
+    return found

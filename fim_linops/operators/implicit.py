@@ -20,7 +20,12 @@ from torch.func import vjp, vmap
 
 from fim_linops.data import move
 from fim_linops.distributed import all_reduce_
-from fim_linops.engine.functional import FunctionalModel, jvp_columns, output_fn
+from fim_linops.engine.functional import (
+    FunctionalModel,
+    jvp_columns,
+    output_fn,
+    transform_errors,
+)
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
@@ -127,6 +132,10 @@ class Implicit(FisherOperator):
         return out[:, None] / self.n_examples
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
+        with transform_errors("the implicit Fisher's product"):
+            return self._matmul_transforms(rhs)
+
+    def _matmul_transforms(self, rhs: Tensor) -> Tensor:
         if rhs.shape[1] == 1 and not rhs.requires_grad:
             return self._matvec_forward_ad(rhs)
         params = self._param_dict()
