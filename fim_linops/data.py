@@ -18,6 +18,11 @@ def _looks_like_one_batch(data: Any) -> bool:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     x, y = data
+    if not isinstance(y, Tensor) and isinstance(x, Tensor) and hasattr(y, "__len__"):
+        try:  # labels as a numpy array or a list, next to a tensor input
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            return False
     if not isinstance(y, Tensor) or y.ndim == 0:
         return False
     if isinstance(x, (tuple, list)) and not all(isinstance(t, Tensor) for t in x):

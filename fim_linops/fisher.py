@@ -125,7 +125,8 @@ def fisher(
             {module type | module | module name | "default": structure} (block-diagonal by group).
         fisher_type: "exact" (closed-form expectation = GGN), "mc" (``mc_samples`` sampled
             labels, drawn with ``generator``) or "empirical" (the labels in ``data``).
-        params: None (all trainable parameters) or an iterable of parameters/modules.
+        params: None (all trainable parameters) or an iterable of parameters/modules (objects
+            or their names in ``named_parameters()`` / ``named_modules()``).
         device: where to compute (the model is copied if needed).
         dtype: in which precision to compute (the model is copied if needed).
         progress: tqdm progress bar over the batches.

@@ -85,12 +85,14 @@ class ParamLayout:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         selected: set[int] | None = None
         if params is not None:
-            if isinstance(params, (nn.Parameter, nn.Module)):
+            if isinstance(params, (nn.Parameter, nn.Module, str)):
                 params = [params]
             model_ids = {id(p) for p in model.parameters()}
             model_modules = {id(m) for m in model.modules()}
             selected = set()
             for item in params:
+                if isinstance(item, str):
+                    item = _by_name(model, item)
                 if isinstance(item, nn.Module):
                     if id(item) not in model_modules:
                         raise ValueError(
@@ -112,8 +114,8 @@ class ParamLayout:
                     selected.add(id(item))
                 else:
                     raise TypeError(
-                        "params must be an iterable of model parameters or modules, got an item "
-                        f"of type {type(item).__name__}"
+                        "params must be an iterable of model parameters, modules or their names, "
+                        f"got an item of type {type(item).__name__}"
                     )
         # owner of each parameter: the first module (in named_modules order) holding it directly
         owner: dict[int, tuple[str, nn.Module, str]] = {}
@@ -198,3 +200,19 @@ class ParamLayout:
 
     def __repr__(self) -> str:
         return f"ParamLayout(numel={self.numel}, params={len(self.entries)}, blocks={len(self.blocks)})"
+
+
+def _by_name(model: nn.Module, name: str) -> nn.Parameter | nn.Module:
+    """The parameter or module of ``model`` called ``name`` (as in ``named_parameters()`` /
+    ``named_modules()``; "" is the model itself)."""
+    params = dict(model.named_parameters())
+    if name in params:
+        return params[name]
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    close = [n for n in list(params) + [m for m in modules if m] if name in n or n in name][:5]
+    raise ValueError(
+        f"params contains the name {name!r}, which is neither a parameter nor a module of the "
+        "model" + (f"; close names: {', '.join(map(repr, close))}" if close else "")
+    )

@@ -153,3 +153,26 @@ def test_gaussian_accepts_a_scalar_output_per_example(structure: str) -> None:
     got = fl.fisher(flat, (x, y), likelihood=fl.Gaussian(), structure=structure)
     torch.testing.assert_close(got.to_dense(), want.to_dense())
     assert torch.linalg.matrix_norm(want.to_dense()) > 0
+
+
+def test_params_by_name() -> None:
+    """params= accepts the names of parameters and modules, the same as the objects."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    by_object = fl.fisher(model, (x, y), params=[model[0].weight, model[2]], structure="diag")
+    by_name = fl.fisher(model, (x, y), params=["0.weight", "2"], structure="diag")
+    torch.testing.assert_close(by_name.diagonal(), by_object.diagonal())
+    assert fl.ParamLayout.from_model(model, "2").names == ["2.weight", "2.bias"]
+    with pytest.raises(ValueError, match="'0.wieght'.*close names: '0.weight'|neither a parameter"):
+        fl.fisher(model, (x, y), params=["0.wieght"], structure="diag")
+
+
+def test_labels_as_numpy_or_list_next_to_a_tensor_input() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    want = fl.fisher(model, (x, y), structure="diag", fisher_type="empirical").diagonal()
+    for labels in (y.numpy(), y.tolist()):
+        got = fl.fisher(model, (x, labels), structure="diag", fisher_type="empirical")
+        torch.testing.assert_close(got.diagonal(), want)
