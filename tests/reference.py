@@ -25,6 +25,7 @@ from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
+    "assert_matches",
     "block_diag_of",
     "block_slices",
     "diag_of",
@@ -252,6 +253,18 @@ def block_diag_of(F: Tensor, slices: list[tuple[int, int]]) -> Tensor:
     for start, stop in slices:
         out[start:stop, start:stop] = F[start:stop, start:stop]
     return out
+
+
+def assert_matches(op: Any, ref: Tensor, model: nn.Module, structure: str) -> None:
+    """A structure's operator against the dense reference F: its diagonal for "diag", F's
+    diagonal blocks for "block_diag", F itself otherwise (rtol 1e-10: float64)."""
+    if structure == "diag":
+        torch.testing.assert_close(op.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
+    elif structure == "block_diag":
+        want = block_diag_of(ref, block_slices(model))
+        torch.testing.assert_close(op.to_dense(), want, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
 
 
 def diag_of(F: Tensor) -> Tensor:

@@ -12,7 +12,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import block_diag_of, block_slices, exact_fisher, per_example_jacobians
+from reference import (
+    assert_matches,
+    exact_fisher,
+    per_example_jacobians,
+)
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
@@ -159,13 +163,7 @@ def test_fisher_matches_reference_and_warns(name: str, structure: str) -> None:
         match=f"module {re.escape(module)}: its parameters reach the output other than through",
     ):
         got = fl.fisher(model, (x, y), structure=structure)
-    if structure == "diag":
-        torch.testing.assert_close(got.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
-    elif structure == "block_diag":
-        want = block_diag_of(ref, block_slices(model))
-        torch.testing.assert_close(got.to_dense(), want, rtol=1e-10, atol=1e-12)
-    else:
-        torch.testing.assert_close(got.to_dense(), ref, rtol=1e-10, atol=1e-12)
+    assert_matches(got, ref, model, structure)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -295,6 +295,12 @@ class Laplace:
             return mean, j @ prec.solve(j.T)
         return mean, torch.cat(covs)
 
+    def _engine(self, batches: list[Any]) -> Engine:
+        """The engine for the outputs' Jacobians, checked on one example of the inputs."""
+        return Engine(
+            self.model, self.layout, Outputs(), FisherType.EXACT, probe=first_examples(batches[0])
+        )
+
     def _predictive_structured(
         self, x: Any, joint: bool, covs: list[structured.LayerCov]
     ) -> tuple[Tensor, Tensor]:
@@ -304,13 +310,7 @@ class Laplace:
         mean = torch.cat([self._forward(xb) for xb in batches])
         parts: list = []
         with preserved_state(self.model):
-            engine = Engine(
-                self.model,
-                self.layout,
-                Outputs(),
-                FisherType.EXACT,
-                probe=first_examples(batches[0]),
-            )
+            engine = self._engine(batches)
             for res in engine.run([(xb, None) for xb in batches]):
                 feats = structured.batch_features(res, covs)
                 parts.append((res.n, res.k, feats) if joint else structured.per_example(feats))
@@ -336,13 +336,7 @@ class Laplace:
             return mean, (ju * d) @ ju.T + theta / delta
         ju3 = ju.reshape(n, c, -1)
         with preserved_state(self.model):
-            engine = Engine(
-                self.model,
-                self.layout,
-                Outputs(),
-                FisherType.EXACT,
-                probe=first_examples(batches[0]),
-            )
+            engine = self._engine(batches)
             blocks = []
             for res in engine.run([(xb, None) for xb in batches]):
                 blocks.append(gram_per_example(engine, side(res)))  # (n, C, C)
