@@ -296,3 +296,28 @@ def test_user_hooks_that_change_inputs_and_outputs() -> None:
     torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(diag, ref.diagonal(), rtol=1e-10, atol=1e-12)
     assert len(model[0]._forward_hooks) == 1 and len(model[2]._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("length", [5, N])
+def test_positional_embedding_on_positions_not_examples(length: int) -> None:
+    """A GPT-style position table: Embedding(arange(T)) gives (T, D), shared by the examples.
+    With T = N its first dim looks like the examples; the forward of one example tells."""
+
+    class PositionTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(11, 4)
+            self.pos = nn.Embedding(8, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(x.shape[1])
+            return self.out(torch.tanh(self.tok(x) + self.pos(positions)).mean(1))
+
+    torch.manual_seed(0)
+    model = PositionTable()
+    x, y = torch.randint(0, 11, (N, length)), torch.randint(0, 3, (N,))
+    ref = exact_fisher(model, x, "categorical")
+    with pytest.warns(RuntimeWarning, match="'pos' \\(Embedding\\): its calls do not have"):
+        got = fl.fisher(model, (x, y), structure="dense")
+    assert_matches(got, ref, model, "dense")
