@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,12 +10,27 @@ import torch
 from torch import nn
 
 
+def _renormed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters that the model's own forward rewrites in place: the weights of Embedding and
+    EmbeddingBag with ``max_norm`` (renormalised rows on every lookup)."""
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
+
+
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags and ``.grad`` of every parameter on exit, also on exceptions.
-    (The engine never calls ``.backward()`` and removes its own hooks; this is the safety net.)"""
+    """Restore train/eval flags and ``.grad`` of every parameter on exit, also on exceptions;
+    and the values of the buffers and of the parameters that the model's forward rewrites in
+    place (``max_norm`` embeddings), where their version counter moved. (The engine never calls
+    ``.backward()`` and removes its own hooks; this is the safety net.)"""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
+    tensors = [*model.parameters(), *model.buffers()]
+    versions = [t._version for t in tensors]
+    saved = {id(t): t.detach().clone() for t in [*model.buffers(), *_renormed_weights(model)]}
     try:
         with torch.enable_grad():
             yield
@@ -23,3 +39,21 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.training = mode
         for p, g in grads:
             p.grad = g
+        changed = [t for t, v in zip(tensors, versions, strict=True) if t._version != v]
+        with torch.no_grad():
+            for t in changed:
+                if id(t) in saved:
+                    t.copy_(saved[id(t)])
+        lost = [t for t in changed if id(t) not in saved]
+        if lost:
+            names = [
+                n
+                for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if any(t is u for u in lost)
+            ]
+            warnings.warn(
+                f"the model's forward rewrote {', '.join(map(repr, names))} in place while the "
+                "Fisher was computed; fim_linops could not restore the old values",
+                RuntimeWarning,
+                stacklevel=3,
+            )

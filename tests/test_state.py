@@ -125,3 +125,46 @@ def test_dtype_argument_computes_on_a_copy() -> None:
     F = fl.fisher(model, (x, y), structure="diag", dtype=torch.float64)
     assert F.dtype == torch.float64
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_parameters_and_buffers_rewritten_by_the_forward_are_restored() -> None:
+    """An Embedding with max_norm renormalises its rows in place on every forward; a module may
+    update a buffer in its forward. fl.fisher puts both back; a parameter rewritten in place that
+    it cannot restore is named in a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(3)  # rows well above max_norm
+    weight = model[0].weight.detach().clone()
+    x, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 3, (5,))
+    for structure in ("diag", "dense", "implicit"):
+        fl.fisher(model, (x, y), structure=structure).diagonal()
+        assert torch.equal(model[0].weight, weight)
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.lin(x)
+
+    counting = Counting()
+    for structure in ("diag", "kfac"):
+        fl.fisher(counting, (torch.randn(4, 3), torch.randint(0, 3, (4,))), structure=structure)
+        assert counting.calls.item() == 0
+
+    class Decaying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.lin.weight.mul_(0.5)  # a forward that rewrites a parameter in place
+            return self.lin(x)
+
+    with pytest.warns(RuntimeWarning, match="'lin.weight' in place"):
+        fl.fisher(Decaying(), (torch.randn(4, 3), torch.randint(0, 3, (4,))), structure="diag")
