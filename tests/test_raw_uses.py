@@ -321,3 +321,34 @@ def test_positional_embedding_on_positions_not_examples(length: int) -> None:
     with pytest.warns(RuntimeWarning, match="'pos' \\(Embedding\\): its calls do not have"):
         got = fl.fisher(model, (x, y), structure="dense")
     assert_matches(got, ref, model, "dense")
+
+
+def test_the_restart_draws_the_same_mc_labels() -> None:
+    """The restart happens before any label is drawn: an MC Fisher with a seeded generator is the
+    same as for the equivalent model whose layers are called normally."""
+
+    class Called(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.lin(x)))
+
+    torch.manual_seed(0)
+    called, direct = Called(), Functional()
+    direct.load_state_dict(called.state_dict())
+    x, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    def mc(model: nn.Module) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7)
+        F = fl.fisher(
+            model, batches, structure="dense", fisher_type="mc", mc_samples=3, generator=gen
+        )
+        return F.to_dense()
+
+    with pytest.warns(RuntimeWarning, match="'lin'"):
+        got = mc(direct)
+    torch.testing.assert_close(got, mc(called), rtol=1e-10, atol=1e-12)
