@@ -87,12 +87,18 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
             why = engine.demoted[id(block.module)]
         name = block.module_name or "<model>"
         bad.append(f"'{name}' ({kind}: {why})")
+    demoted = [b.module_name for b in engine.fallback if id(b.module) in engine.demoted]
+    mix = (
+        "{" + ", ".join(f"'{n}': 'block_diag'" for n in demoted[:3]) + f", 'default': "
+        f"'{structure.value}'}}"
+        if demoted
+        else "{nn.Linear: 'kfac', 'default': 'block_diag'}"
+    )
     raise ValueError(
         f"structure='{structure.value}' has no rule for module "
         + ", ".join(bad)
-        + "; use structure='block_diag', 'diag' or 'implicit', a per-layer mix such as "
-        "{nn.Linear: 'kfac', 'default': 'block_diag'}, or restrict params= to the "
-        "Linear/Conv/Embedding layers"
+        + f"; use structure='block_diag', 'diag' or 'implicit', a per-layer mix such as {mix}, "
+        "or restrict params= to the Linear/Conv/Embedding layers"
     )
 
 

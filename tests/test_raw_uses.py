@@ -167,12 +167,17 @@ def test_fisher_matches_reference_and_warns(name: str, structure: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_kfac_names_the_reason(name: str) -> None:
+def test_kfac_names_the_reason_and_a_mix_that_works(name: str) -> None:
     model, x, y, module = _case(name)
+    layer = module.split("'")[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(ValueError, match="other than through its own calls"):
+        with pytest.raises(ValueError, match="other than through its own calls") as err:
             fl.fisher(model, (x, y), structure="kfac")
+        mix = {layer: "block_diag", "default": "kfac"}
+        assert str(mix) in str(err.value)
+        F = fl.fisher(model, (x, y), structure=mix)
+    assert F.shape == (sum(p.numel() for p in model.parameters()),) * 2
 
 
 @pytest.mark.parametrize("name", list(CASES))
