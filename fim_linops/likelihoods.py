@@ -21,6 +21,19 @@ import torch
 from torch import Tensor
 
 
+def tensor_output(f: object) -> Tensor:
+    """The model output as a tensor, or a TypeError that says how to get one."""
+    if isinstance(f, Tensor):
+        return f
+    hint = "model(x)['logits']" if isinstance(f, dict) else "model(x)[0]"
+    if not isinstance(f, (dict, tuple, list)):
+        hint = "the logits"
+    raise TypeError(
+        f"the model returned a {type(f).__name__}; the Fisher needs one output tensor of shape "
+        f"(N, C): wrap the model in a module whose forward returns {hint}"
+    )
+
+
 class Likelihood:
     """Base class. Subclasses define the distribution of y given the model output f."""
 
@@ -29,6 +42,7 @@ class Likelihood:
 
     def check_output(self, f: Tensor) -> Tensor:
         """Validate the model output and return it as (N, C)."""
+        f = tensor_output(f)
         if f.ndim != 2:
             raise ValueError(
                 f"likelihood '{self.name}' expects model outputs of shape (N, C), got "
@@ -168,6 +182,7 @@ class Gaussian(Likelihood):
 
     def check_output(self, f: Tensor) -> Tensor:
         """(N, C); a scalar output per example, shape (N,), is taken as (N, 1)."""
+        f = tensor_output(f)
         return super().check_output(f[:, None] if f.ndim == 1 else f)
 
     def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
@@ -216,6 +231,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def check_output(self, f: Tensor) -> Tensor:
+        f = tensor_output(f)
         if f.ndim == 1:
             f = f[:, None]
         if f.ndim != 2 or f.shape[1] != 1:

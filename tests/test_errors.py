@@ -267,3 +267,30 @@ def test_label_values_checked_only_where_used() -> None:
         fl.fisher(model, (x, y), OldStyle(), fisher_type="empirical", structure="diag")
     with pytest.raises(ValueError, match="out of range"):
         fl.fisher(model, (x, y), OldStyle(), fisher_type="exact", structure="diag")
+
+
+@pytest.mark.parametrize("wrap", ["dict", "tuple"])
+def test_model_output_that_is_not_a_tensor(wrap: str) -> None:
+    """HF-style outputs (a dict or a tuple) get a TypeError that says how to wrap the model, from
+    fisher, implicit products and the NTK (was an AttributeError on .ndim)."""
+    model, x, y = _setup()
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor):
+            f = self.net(x)
+            return {"logits": f} if wrap == "dict" else (f, f.sum())
+
+    hint = "\\['logits'\\]" if wrap == "dict" else "\\[0\\]"
+    wrapped = Wrapped()
+    with pytest.raises(TypeError, match=f"returned a {wrap}.*model\\(x\\){hint}"):
+        fl.fisher(wrapped, (x, y), structure="diag")
+    with pytest.raises(TypeError, match=f"returned a {wrap}"):
+        fl.fisher(wrapped, (x, y), structure="implicit") @ torch.randn(
+            sum(p.numel() for p in model.parameters())
+        )
+    with pytest.raises(TypeError, match=f"returned a {wrap}"):
+        fl.ntk(wrapped, x).to_dense()

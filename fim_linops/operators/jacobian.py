@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fim_linops.data import batch_size
 from fim_linops.engine.functional import jvp_columns, output_fn, vjp_columns
 from fim_linops.layout import ParamLayout
-from fim_linops.likelihoods import Likelihood
+from fim_linops.likelihoods import Likelihood, tensor_output
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import as_columns, from_columns
 
@@ -36,6 +36,7 @@ class Outputs(Likelihood):
         self.index = index
 
     def check_output(self, f: Tensor) -> Tensor:
+        f = tensor_output(f)
         if f.ndim == 0:
             raise ValueError("the model output is a scalar; it needs a leading batch dimension")
         f = f.reshape(f.shape[0], -1)
