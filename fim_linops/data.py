@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from fim_linops.tensor_batches import fast_batches
 
@@ -46,6 +47,17 @@ def move(x: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(move(v, device, dtype) for v in x)
     return x
+
+
+def slice_examples(x: Any, lo: int, hi: int) -> Any:
+    """Examples lo:hi of a model input (every tensor of a tensor / tuple / dict input)."""
+    return tree_map(lambda t: t[lo:hi] if isinstance(t, Tensor) else t, x)
+
+
+def first_examples(x: Any) -> Any:
+    """The first example of a model input, for the structural checks of
+    ``Engine(..., probe=...)`` (engine/checks.py) where the caller holds the inputs."""
+    return slice_examples(x, 0, 1)
 
 
 def batch_size(x: Any) -> int:

@@ -182,8 +182,9 @@ class Gaussian(Likelihood):
 
     def check_output(self, f: Tensor) -> Tensor:
         """(N, C); a scalar output per example, shape (N,), is taken as (N, 1)."""
-        f = tensor_output(f)
-        return super().check_output(f[:, None] if f.ndim == 1 else f)
+        if isinstance(f, Tensor) and f.ndim == 1:
+            f = f[:, None]
+        return super().check_output(f)
 
     def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
         if y.shape == f.shape[:1] and f.shape[1] == 1:

@@ -28,7 +28,7 @@ from linear_operator.operators import (
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from fim_linops.data import batch_size, call_model
+from fim_linops.data import batch_size, call_model, first_examples
 from fim_linops.engine import Engine, FisherType
 from fim_linops.engine.gram import gram_diagonal, gram_matrix
 from fim_linops.enums import ParsedEnum
@@ -36,7 +36,6 @@ from fim_linops.layout import ParamLayout
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.jacobian import Jacobian, Outputs
 from fim_linops.operators.ntk import NTK
-from fim_linops.probe import first_examples
 from fim_linops.state import preserved_state
 
 #: default number of examples per forward/backward pass

@@ -44,13 +44,10 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             for t in changed:
                 if id(t) in saved:
                     t.copy_(saved[id(t)])
-        lost = [t for t in changed if id(t) not in saved]
+        lost = {id(t) for t in changed if id(t) not in saved}
         if lost:
-            names = [
-                n
-                for n, t in [*model.named_parameters(), *model.named_buffers()]
-                if any(t is u for u in lost)
-            ]
+            named = [*model.named_parameters(), *model.named_buffers()]
+            names = [n for n, t in named if id(t) in lost]
             warnings.warn(
                 f"the model's forward rewrote {', '.join(map(repr, names))} in place while the "
                 "Fisher was computed; fim_linops could not restore the old values",

@@ -6,7 +6,8 @@ examples along the first dim of each call. That is exact when
 
 * the layer's parameters reach the output only through those calls (not through
   ``F.linear(x, layer.weight)``, a call by keyword that the hooks cannot see, or hooks that did
-  not run): :func:`raw_uses`, a walk of the autograd graph (engine/paths.py);
+  not run): a walk of the autograd graph (engine/paths.py), which also finds reentrant
+  activation checkpoints (an error: they hide parameters from the graph);
 * every call has the examples along its first dim (not a time-major (T, N, D) sequence, examples
   flattened into (N*T, D) rows, or an input shared by all examples): the first dim of every call
   output is N, and is 1 in a forward of one example, which tells (T, N, D) from (N, T, D) even
@@ -26,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from fim_linops.data import call_model
+from fim_linops.data import call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
-from fim_linops.engine.paths import CallNodes, opaque_nodes, params_used_outside_calls
-from fim_linops.probe import head
+from fim_linops.engine.paths import CallNodes, scan_graph
 
 if TYPE_CHECKING:
     from fim_linops.engine.engine import Engine
@@ -71,36 +71,21 @@ def side_forward(engine: Engine, x: Any) -> Iterator[tuple[Any, dict[int, list[C
         yield call_model(engine.model, x), cap.calls
 
 
-def raw_uses(engine: Engine, f: Tensor, calls: dict[int, list[Call]]) -> list[int]:
-    """ids of the ruled modules whose parameters ``f`` reaches other than through their
-    captured ``calls`` (one walk of the graph of this forward)."""
+def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
+    """id -> reason for the ruled modules whose rule would be wrong on this forward of ``n``
+    examples: parameters that ``f`` reaches other than through their captured ``calls``, or a
+    call output whose first dim is not ``n``. One walk of the graph (engine/paths.py), which
+    also raises for a reentrant activation checkpoint."""
+    if f.grad_fn is None:
+        return {}
     watched = {id(e.param): rb.module for rb in engine.ruled for e in rb.block.entries}
-    if f.grad_fn is None or not watched:
-        return []
     nodes = [
         CallNodes(engine.ruled[engine.index[key]].module, c.output_node, c.input_node)
         for key, cs in calls.items()
         for c in cs
     ]
-    found = params_used_outside_calls(f, nodes, watched)
-    return [
-        id(rb.module) for rb in engine.ruled if any(id(e.param) in found for e in rb.block.entries)
-    ]
-
-
-def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
-    """id -> reason for the ruled modules whose rule would be wrong on this forward of ``n``
-    examples: :func:`raw_uses`, or a call output whose first dim is not ``n``."""
-    found = dict.fromkeys(raw_uses(engine, f, calls), OUTSIDE_CALLS)
-    for key, cs in calls.items():
-        if key not in found and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
-            found[key] = NOT_EXAMPLE_MAJOR
-    return found
-
-
-def check_opaque(f: Tensor) -> None:
-    """Raise for graphs that hide parameters behind a node (engine/paths.py, OPAQUE_NODES)."""
-    if f.grad_fn is not None and opaque_nodes(f):
+    scan = scan_graph(f, nodes, watched)
+    if scan.opaque:
         raise ValueError(
             "the model uses torch.utils.checkpoint with use_reentrant=True: the checkpointed "
             "block's parameters are invisible to the autograd graph (it is recomputed inside "
@@ -109,18 +94,26 @@ def check_opaque(f: Tensor) -> None:
             "supported by dense, block_diag, diag, kfac and the NTK) or switch checkpointing "
             "off for the Fisher"
         )
+    found = {
+        id(rb.module): OUTSIDE_CALLS
+        for rb in engine.ruled
+        if any(id(e.param) in scan.outside for e in rb.block.entries)
+    }
+    for key, cs in calls.items():
+        if key not in found and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
+            found[key] = NOT_EXAMPLE_MAJOR
+    return found
 
 
 def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
     """:func:`unruly` on the first batch, and on a forward of its first example (with the
     batch's capture paused): a module whose call outputs keep their first dim when the batch
     shrinks to one example does not have the examples there."""
-    check_opaque(f)
     n = f.shape[0]
     found = unruly(engine, f, cap.calls, n)
     if n > 1:
         try:
-            with cap.paused(), side_forward(engine, head(x, 1)) as (f1, calls1):
+            with cap.paused(), side_forward(engine, slice_examples(x, 0, 1)) as (f1, calls1):
                 if isinstance(f1, Tensor):
                     found = unruly(engine, f1, calls1, 1) | found
         except Exception:  # a model that cannot run one example: the full batch's checks
@@ -136,7 +129,7 @@ def check_uncalled(engine: Engine, f: Tensor, called: Any, index: int) -> None:
     batch; the build cannot switch the module to torch.func in mid-pass."""
     uncalled = [rb for rb in engine.ruled if id(rb.module) not in called]
     watched = {id(e.param): rb.module for rb in uncalled for e in rb.block.entries}
-    if f.grad_fn is None or not params_used_outside_calls(f, [], watched):
+    if f.grad_fn is None or not scan_graph(f, [], watched).outside:
         return
     names = ", ".join(f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in uncalled)
     raise ValueError(

@@ -219,8 +219,6 @@ class Engine:
         (:func:`checks.unruly`), from one forward of the input ``x`` (one example suffices). Call
         before the builders read ``ruled``; the first batch of :meth:`run` then skips the check."""
         with checks.side_forward(self, x) as (f, calls):
-            if isinstance(f, Tensor):
-                checks.check_opaque(f)
             found = checks.unruly(self, f, calls, batch_size(x)) if isinstance(f, Tensor) else {}
         self._walked = True
         if found:

@@ -20,13 +20,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from fim_linops.data import batch_size
+from fim_linops.data import batch_size, slice_examples
 from fim_linops.layout import ParamEntry
 from fim_linops.likelihoods import Likelihood
-
-
-def _slice(x: Any, lo: int, hi: int) -> Any:
-    return tree_map(lambda t: t[lo:hi] if isinstance(t, Tensor) else t, x)
 
 
 def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
@@ -80,7 +76,7 @@ class FunctionalModel:
         if not self.entries:
             return {}
         params = self.params() if params is None else params
-        xs = _slice(x, lo, hi)
+        xs = slice_examples(x, lo, hi)
         vs = v[:, lo:hi].transpose(0, 1)  # (n, K, C)
 
         def one(x_n: Any, v_n: Tensor, p_n: dict[str, Tensor]) -> dict[str, Tensor]:

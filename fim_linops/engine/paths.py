@@ -32,17 +32,32 @@ class CallNodes:
     inp: object | None
 
 
-def params_used_outside_calls(
-    f: Tensor, calls: Iterable[CallNodes], watched: dict[int, nn.Module]
-) -> set[int]:
-    """ids of the parameters in ``watched`` (id of parameter -> its module) that the output ``f``
-    reaches other than through a call of their own module. O(nodes x nesting) Python work: one
-    walk of the graph of one forward."""
+#: autograd nodes behind which parameters are used without edges in the graph: the reentrant
+#: activation checkpoint recomputes its block inside its backward (torch.utils.checkpoint with
+#: use_reentrant=True); neither the layer rules nor torch.func can see through it
+OPAQUE_NODES = ("CheckpointFunctionBackward",)
+
+
+@dataclass(frozen=True)
+class GraphScan:
+    """What one walk of a forward's graph found: ``outside``, the ids of watched parameters
+    reached other than through a call of their own module; ``opaque``, the names of the
+    :data:`OPAQUE_NODES` types in the graph."""
+
+    outside: frozenset[int]
+    opaque: frozenset[str]
+
+
+def scan_graph(f: Tensor, calls: Iterable[CallNodes], watched: dict[int, nn.Module]) -> GraphScan:
+    """One walk of the autograd graph of ``f``: the parameters in ``watched`` (id of parameter ->
+    its module) that it reaches other than through a call of their own module, and the opaque
+    nodes. O(nodes x nesting) Python work."""
     by_out: dict[int, CallNodes] = {}
     for c in calls:
         if c.out is not None:
             by_out[id(c.out)] = c
-    found: set[int] = set()
+    outside: set[int] = set()
+    opaque: set[str] = set()
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[object, CallNodes | None]] = [(f.grad_fn, None)]
     while stack:
@@ -58,33 +73,12 @@ def params_used_outside_calls(
         if key in seen:
             continue
         seen.add(key)
+        if type(node).__name__ in OPAQUE_NODES:
+            opaque.add(type(node).__name__)
         variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
         if variable is not None and id(variable) in watched:
             if ctx is None or ctx.module is not watched[id(variable)]:
-                found.add(id(variable))
+                outside.add(id(variable))
         for nxt, _ in getattr(node, "next_functions", ()):
             stack.append((nxt, ctx))
-    return found
-
-
-#: autograd nodes behind which parameters are used without edges in the graph: the reentrant
-#: activation checkpoint recomputes its block inside its backward (torch.utils.checkpoint with
-#: use_reentrant=True); neither the layer rules nor torch.func can see through it
-OPAQUE_NODES = ("CheckpointFunctionBackward",)
-
-
-def opaque_nodes(f: Tensor) -> set[str]:
-    """Names of the :data:`OPAQUE_NODES` types in the autograd graph of ``f`` (one walk)."""
-    found: set[str] = set()
-    seen: set[int] = set()
-    stack = [f.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        name = type(node).__name__
-        if name in OPAQUE_NODES:
-            found.add(name)
-        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()))
-    return found
+    return GraphScan(frozenset(outside), frozenset(opaque))

@@ -39,11 +39,11 @@ import torch
 from torch import Tensor, nn
 
 import fim_linops as fl
+from fim_linops.data import first_examples
 from fim_linops.engine import Engine, FisherType
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.operators import KFAC
-from fim_linops.probe import first_examples
 from fim_linops.state import preserved_state
 
 try:

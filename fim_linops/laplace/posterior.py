@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import batch_size as n_examples
-from fim_linops.data import call_model, iter_batches
+from fim_linops.data import call_model, first_examples, iter_batches
 from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine, FisherType
 from fim_linops.engine.gram import gram_per_example, side
@@ -48,7 +48,6 @@ from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.ntk import _jacobian_op, gram_of, jacobian_matrix, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
-from fim_linops.probe import first_examples
 from fim_linops.state import preserved_state
 
 
