@@ -54,10 +54,16 @@ def slice_examples(x: Any, lo: int, hi: int) -> Any:
     return tree_map(lambda t: t[lo:hi] if isinstance(t, Tensor) else t, x)
 
 
+#: examples of the probe of ``Engine(..., probe=...)`` (engine/checks.py): a call shared by all
+#: examples has first dim 1 for any N, which only a forward of two or more examples can show
+PROBE_EXAMPLES = 2
+
+
 def first_examples(x: Any) -> Any:
-    """The first example of a model input, for the structural checks of
-    ``Engine(..., probe=...)`` (engine/checks.py) where the caller holds the inputs."""
-    return slice_examples(x, 0, 1)
+    """The first :data:`PROBE_EXAMPLES` examples of a model input (fewer if it has fewer), for
+    the structural checks of ``Engine(..., probe=...)`` (engine/checks.py) where the caller holds
+    the inputs."""
+    return slice_examples(x, 0, PROBE_EXAMPLES)
 
 
 def batch_size(x: Any) -> int:

@@ -16,6 +16,7 @@ parameters in the public vector order. Rows are example-major: index n*C + c.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -138,9 +139,38 @@ def jacobian(
     return _jacobian_op(model, layout, x, sel, batch_size, max_bytes)
 
 
-def _engine(j: Jacobian) -> Engine:
-    probe = first_examples(j.batches[0]) if j.batches else None
-    return Engine(j.model, j.layout, j.outputs, FisherType.EXACT, probe=probe)
+def outputs_engine(
+    model: nn.Module, layout: ParamLayout, sel: Outputs, *inputs: list[Any]
+) -> Engine:
+    r"""The engine of the outputs' Jacobians (identity columns) for every batch of ``inputs``
+    (lists of batches), with the checks of the Fisher path's first batch run before any batch
+    (:func:`fim_linops.engine.checks.probe_checks`) on the largest first batch: a layer whose
+    rule would be wrong on these inputs (a call shared by all examples, a time-major sequence, a
+    direct use of its weight, ...) goes through torch.func, as in ``fl.fisher``. Every batch an
+    engine runs must be among ``inputs``: the checks are not repeated per batch."""
+    firsts = [b[0] for b in inputs if b]
+    probe = max(firsts, key=batch_size) if firsts else None
+    return Engine(
+        model,
+        layout,
+        sel,
+        FisherType.EXACT,
+        probe=None if probe is None else first_examples(probe),
+    )
+
+
+def _engine(j1: Jacobian, j2: Jacobian | None = None) -> Engine:
+    """:func:`outputs_engine` for the batches of one or two Jacobians."""
+    batches = [j1.batches] if j2 is None else [j1.batches, j2.batches]
+    return outputs_engine(j1.model, j1.layout, j1.outputs, *batches)
+
+
+def jacobian_rows(engine: Engine, batches: list[Any]) -> Iterator[Tensor]:
+    """Per batch (n examples) its dense Jacobian (n*C, P), row n*C + c, through the engine's
+    per-example gradients (layer rules, torch.func for the rest)."""
+    for res in engine.run([(x, None) for x in batches]):
+        g = torch.cat(res.all_block_grads(0, res.n), dim=-1)  # (C, n, P)
+        yield g.transpose(0, 1).reshape(-1, engine.layout.numel)
 
 
 def jacobian_matrix(
@@ -148,13 +178,8 @@ def jacobian_matrix(
 ) -> Tensor:
     """The dense Jacobian (N*C, P) through the engine (per-example gradients by layer rules)."""
     with preserved_state(model):
-        probe = first_examples(batches[0]) if batches else None
-        engine = Engine(model, layout, sel, FisherType.EXACT, probe=probe)
-        parts = []
-        for res in engine.run([(x, None) for x in batches]):
-            g = torch.cat(res.all_block_grads(0, res.n), dim=-1)  # (C, n, P)
-            parts.append(g.transpose(0, 1).reshape(-1, layout.numel))
-        return torch.cat(parts)
+        engine = outputs_engine(model, layout, sel, batches)
+        return torch.cat(list(jacobian_rows(engine, batches)))
 
 
 def gram_of(j1: Jacobian, j2: Jacobian | None, trace: bool) -> Tensor:
@@ -170,7 +195,7 @@ def gram_of(j1: Jacobian, j2: Jacobian | None, trace: bool) -> Tensor:
         "fewer inputs",
     )
     with preserved_state(j1.model):
-        engine = _engine(j1)
+        engine = _engine(j1, j2)
         b1 = [(x, None) for x in j1.batches]
         b2 = None if j2 is None else [(x, None) for x in j2.batches]
         return gram_matrix(engine, b1, b2, trace=trace)

@@ -61,7 +61,7 @@ def test_structured_predictive_equals_dense_j_sigma_jt(name, structure, prior, m
     def no_jacobian(*args, **kwargs):
         raise AssertionError("the structured predictive formed a Jacobian")
 
-    monkeypatch.setattr(posterior, "jacobian_matrix", no_jacobian)
+    monkeypatch.setattr(posterior, "jacobian_rows", no_jacobian)
     mean, cov = la.predictive(x)
     per_example = torch.stack([ref[i * c : (i + 1) * c, i * c : (i + 1) * c] for i in range(n)])
     torch.testing.assert_close(cov, per_example, rtol=1e-9, atol=1e-11)
@@ -74,9 +74,9 @@ def test_structured_predictive_equals_dense_j_sigma_jt(name, structure, prior, m
 def test_structured_predictive_takes_the_structured_route_and_dense_does_not(monkeypatch):
     model, x, y = _model("mlp")
     calls = []
-    real = posterior.jacobian_matrix
+    real = posterior.jacobian_rows
     monkeypatch.setattr(
-        posterior, "jacobian_matrix", lambda *a, **k: calls.append(1) or real(*a, **k)
+        posterior, "jacobian_rows", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     Laplace(model, (x, y), structure="kfac").predictive(x)
     assert calls == []

@@ -15,7 +15,11 @@ examples along the first dim of each call. That is exact when
 
 Both are checked on the first batch of a build (:func:`first_batch_checks`, about 10 us for the
 walk and 0.1-0.3 ms for the forward of one example on the digits models); a build that finds a
-layer restarts with it on torch.func (:class:`UnruledLayers`).
+layer restarts with it on torch.func (:class:`UnruledLayers`). Callers that hold the inputs
+(the function-space paths) run the same checks before any batch, on a probe of two examples
+(:func:`probe_checks`): a call shared by all examples keeps first dim 1 for any N, so one example
+alone cannot show it. A later batch whose calls do not have its examples along dim 0 (possible
+only when the checked first batch had one example) raises (:func:`check_example_major`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from fim_linops.data import call_model, slice_examples
+from fim_linops.data import PROBE_EXAMPLES, call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
 
@@ -111,14 +115,57 @@ def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[
     shrinks to one example does not have the examples there."""
     n = f.shape[0]
     found = unruly(engine, f, cap.calls, n)
-    if n > 1:
-        try:
-            with cap.paused(), side_forward(engine, slice_examples(x, 0, 1)) as (f1, calls1):
-                if isinstance(f1, Tensor):
-                    found = unruly(engine, f1, calls1, 1) | found
-        except Exception:  # a model that cannot run one example: the full batch's checks
-            pass
-    return found
+    with cap.paused():
+        return _one_example(engine, x, n) | found
+
+
+def probe_checks(engine: Engine, x: Any) -> dict[int, str]:
+    """The checks of :func:`first_batch_checks` on an input the caller holds, before any batch
+    runs (the function-space paths: Jacobian, NTK, GP kernel, Laplace predictives): side
+    forwards of its first :data:`PROBE_EXAMPLES` examples and of its first one. A probe of one
+    example (an input of one) cannot show a call shared by all examples; the rules are then
+    exact on every batch of that input (each has one example)."""
+    x = slice_examples(x, 0, PROBE_EXAMPLES)
+    with side_forward(engine, x) as (f, calls):
+        if not isinstance(f, Tensor) or f.ndim == 0:
+            return {}
+        n = f.shape[0]
+        found = unruly(engine, f, calls, n)
+    return _one_example(engine, x, n) | found
+
+
+def _one_example(engine: Engine, x: Any, n: int) -> dict[int, str]:
+    """:func:`unruly` on a side forward of the first example of ``x`` (n examples), {} when
+    n = 1 or the model cannot run one example (the n-example checks then stand alone)."""
+    if n < 2:
+        return {}
+    try:
+        with side_forward(engine, slice_examples(x, 0, 1)) as (f1, calls1):
+            return unruly(engine, f1, calls1, 1) if isinstance(f1, Tensor) else {}
+    except Exception:  # a model that cannot run one example: the full batch's checks
+        return {}
+
+
+def check_example_major(engine: Engine, n: int, calls: dict[int, list[Call]], index: int) -> None:
+    """Raise when a call of a ruled module in batch ``index`` (n examples, after the checked
+    first one) does not have the n examples along its first dim. The first batch's checks cannot
+    see a call shared by all examples when that batch has one example; a later, larger batch
+    would then get a wrong (or mis-shaped) statistic from the rule. O(calls), no forward."""
+    bad = [
+        engine.ruled[engine.index[key]]
+        for key, cs in calls.items()
+        if any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs)
+    ]
+    if not bad:
+        return
+    names = ", ".join(f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in bad)
+    raise ValueError(
+        f"batch {index} ({n} examples): the calls of module {names} do not have the examples "
+        "along their first dim (a time-major (T, N, D) sequence, examples flattened into "
+        "(N*T, D), or an input shared by all examples), which the checks of the first batch, "
+        "of one example, cannot show; put a batch of two or more examples first (the module "
+        "then goes through torch.func)"
+    )
 
 
 def check_uncalled(engine: Engine, f: Tensor, called: Any, index: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fim_linops.data import batch_size, call_model, check_finite, iter_batches
+from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
 from fim_linops.engine.capture import Call, capturing
 from fim_linops.engine.rules import LayerRule, rule_for
@@ -150,8 +150,9 @@ class Engine:
         generator: torch.Generator | None = None,
         probe: Any = None,
     ):
-        """``probe``: an input of a few examples; when given, :meth:`exclude_raw_uses` runs on
-        it (callers that have data pass it: the layer rules are exact only when the checks pass)."""
+        """``probe``: an input (its first two examples are used); when given,
+        :meth:`exclude_raw_uses` runs on it (callers that hold their inputs pass the input with
+        the most examples: the layer rules are exact only when the checks pass)."""
         self.model = model
         self.layout = layout
         self.likelihood = likelihood
@@ -215,11 +216,11 @@ class Engine:
         )
 
     def exclude_raw_uses(self, x: Any) -> None:
-        """Move to torch.func, with a warning, every ruled module that its rule would get wrong
-        (:func:`checks.unruly`), from one forward of the input ``x`` (one example suffices). Call
-        before the builders read ``ruled``; the first batch of :meth:`run` then skips the check."""
-        with checks.side_forward(self, x) as (f, calls):
-            found = checks.unruly(self, f, calls, batch_size(x)) if isinstance(f, Tensor) else {}
+        """Move to torch.func, with a warning, every ruled module that its rule would get wrong,
+        by the first batch's checks run on forwards of the input ``x`` (its first two examples,
+        and its first one: :func:`checks.probe_checks`). Call before the builders read
+        ``ruled``; the first batch of :meth:`run` then skips the check."""
+        found = checks.probe_checks(self, x)
         self._walked = True
         if found:
             self.demote(found)
@@ -312,8 +313,10 @@ class Engine:
                 found = checks.first_batch_checks(self, x, f, cap)
                 if found:
                     raise checks.UnruledLayers(found, x, y)
-            elif len(cap.calls) < len(self.ruled):
-                checks.check_uncalled(self, f, cap.calls.keys(), index)
+            else:
+                checks.check_example_major(self, f.shape[0], cap.calls, index)
+                if len(cap.calls) < len(self.ruled):
+                    checks.check_uncalled(self, f, cap.calls.keys(), index)
             v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
             keys = list(cap.calls)
             flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]

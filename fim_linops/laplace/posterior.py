@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import batch_size as n_examples
-from fim_linops.data import call_model, first_examples, iter_batches
+from fim_linops.data import call_model, iter_batches
 from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
-from fim_linops.engine import Engine, FisherType
+from fim_linops.engine import Engine
 from fim_linops.engine.gram import gram_per_example, side
 from fim_linops.fisher import fisher
 from fim_linops.laplace import prior as priors
@@ -45,7 +45,7 @@ from fim_linops.laplace import structured
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
-from fim_linops.ntk import _jacobian_op, gram_of, jacobian_matrix, split_inputs
+from fim_linops.ntk import _jacobian_op, gram_of, jacobian_rows, outputs_engine, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
 from fim_linops.state import preserved_state
@@ -268,7 +268,6 @@ class Laplace:
         covs_l = structured.layer_covariances(prec, self.layout)
         if covs_l is not None:
             return self._predictive_structured(x, joint, covs_l)
-        sel = Outputs()
         batches = split_inputs(x, self.batch_size)
         check_bytes(
             "the Jacobian of one batch",
@@ -277,28 +276,31 @@ class Laplace:
             self.max_bytes,
             "use a smaller batch_size, or structure='kfac', 'diag' or 'lowrank'",
         )
-        means, covs, jacs = [], [], []
-        for xb in batches:
-            f = self._forward(xb)
-            means.append(f)
-            j = jacobian_matrix(self.model, self.layout, [xb], sel)  # (n*C, P)
-            n, c = f.shape
-            if joint:
-                jacs.append(j)
-                continue
-            s = prec.solve(j.T)  # (P, n*C)
-            covs.append(torch.einsum("ncp,ndp->ncd", j.reshape(n, c, -1), s.T.reshape(n, c, -1)))
-        mean = torch.cat(means)
+        mean = torch.cat([self._forward(xb) for xb in batches])
+        covs, jacs = [], []
+        with preserved_state(self.model):
+            engine = self._engine(batches)
+            for j in jacobian_rows(engine, batches):  # (n*C, P) per batch
+                c = mean.shape[1]
+                n = j.shape[0] // c
+                if joint:
+                    jacs.append(j)
+                    continue
+                s = prec.solve(j.T)  # (P, n*C)
+                # n: example, c/d: outputs, p: parameter
+                covs.append(
+                    torch.einsum("ncp,ndp->ncd", j.reshape(n, c, -1), s.T.reshape(n, c, -1))
+                )
         if joint:
             j = torch.cat(jacs)
             return mean, j @ prec.solve(j.T)
         return mean, torch.cat(covs)
 
     def _engine(self, batches: list[Any]) -> Engine:
-        """The engine for the outputs' Jacobians, checked on one example of the inputs."""
-        return Engine(
-            self.model, self.layout, Outputs(), FisherType.EXACT, probe=first_examples(batches[0])
-        )
+        """The engine of the outputs' Jacobians for these batches, with the first-batch checks
+        of ``fl.fisher`` run on them first (:func:`fim_linops.ntk.outputs_engine`): a layer that
+        the GGN took through torch.func goes there for the predictive too."""
+        return outputs_engine(self.model, self.layout, Outputs(), batches)
 
     def _predictive_structured(
         self, x: Any, joint: bool, covs: list[structured.LayerCov]
