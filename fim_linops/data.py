@@ -55,9 +55,11 @@ def slice_examples(x: Any, lo: int, hi: int) -> Any:
 
 
 def first_examples(x: Any) -> Any:
-    """The first example of a model input, for the structural checks of
-    ``Engine(..., probe=...)`` (engine/checks.py) where the caller holds the inputs."""
-    return slice_examples(x, 0, 1)
+    """The first two examples (one if there is one) of a model input, for the structural checks
+    of ``Engine(..., probe=...)`` (engine/checks.py) where the caller holds the inputs: an input
+    shared by all examples with a first dim of 1 (position ids (1, T)) shows only beside a forward
+    of several examples."""
+    return slice_examples(x, 0, 2)
 
 
 def batch_size(x: Any) -> int:

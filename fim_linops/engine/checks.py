@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from fim_linops.data import call_model, slice_examples
+from fim_linops.data import batch_size, call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
 
@@ -117,6 +117,24 @@ def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[
                 if isinstance(f1, Tensor):
                     found = unruly(engine, f1, calls1, 1) | found
         except Exception:  # a model that cannot run one example: the full batch's checks
+            pass
+    return found
+
+
+def probe_checks(engine: Engine, x: Any) -> dict[int, str]:
+    """:func:`unruly` on forwards of the probe input ``x`` (outside any build) and, when it holds
+    several examples, of its first example: an input shared by all examples with a first dim of
+    1 (position ids (1, T)) shows only beside a forward of several examples, a time-major
+    (T, N, D) call with T equal to the probe's size only beside a forward of one."""
+    n = batch_size(x)
+    with side_forward(engine, x) as (f, calls):
+        found = unruly(engine, f, calls, n) if isinstance(f, Tensor) else {}
+    if n > 1:
+        try:
+            with side_forward(engine, slice_examples(x, 0, 1)) as (f1, calls1):
+                if isinstance(f1, Tensor):
+                    found = unruly(engine, f1, calls1, 1) | found
+        except Exception:  # a model that cannot run one example: the probe's checks
             pass
     return found
 

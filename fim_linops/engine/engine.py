@@ -216,10 +216,9 @@ class Engine:
 
     def exclude_raw_uses(self, x: Any) -> None:
         """Move to torch.func, with a warning, every ruled module that its rule would get wrong
-        (:func:`checks.unruly`), from one forward of the input ``x`` (one example suffices). Call
+        (:func:`checks.probe_checks`), from forwards of the input ``x`` (two examples suffice). Call
         before the builders read ``ruled``; the first batch of :meth:`run` then skips the check."""
-        with checks.side_forward(self, x) as (f, calls):
-            found = checks.unruly(self, f, calls, batch_size(x)) if isinstance(f, Tensor) else {}
+        found = checks.probe_checks(self, x)
         self._walked = True
         if found:
             self.demote(found)
