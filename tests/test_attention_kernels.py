@@ -182,6 +182,7 @@ def close(a: Tensor, b: Tensor) -> None:
     """Equal to 1e-10 relative to the reference's norm (entries that cancel to near zero carry
     the rounding of their larger terms)."""
     assert a.shape == b.shape
+    a, b = a.detach(), b.detach()
     assert float((a - b).norm()) <= 1e-10 * float(b.norm()), float((a - b).norm() / b.norm())
 
 

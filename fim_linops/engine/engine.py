@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fim_linops.data import batch_size, call_model, check_finite, iter_batches
+from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
 from fim_linops.engine.capture import Call, capturing
 from fim_linops.engine.rules import LayerRule, rule_for
