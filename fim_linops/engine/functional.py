@@ -21,16 +21,20 @@ from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from fim_linops.data import batch_size, slice_examples
+from fim_linops.engine.attention import math_attention
 from fim_linops.layout import ParamEntry
 from fim_linops.likelihoods import Likelihood
 
 
 def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
-    if isinstance(x, dict):
-        return functional_call(model, params, (), x)
-    if isinstance(x, (tuple, list)):
-        return functional_call(model, params, tuple(x))
-    return functional_call(model, params, (x,))
+    """model(x) at ``params``; attention by its math kernel (:mod:`.attention`), since every
+    caller differentiates this forward by forward mode or under vmap."""
+    with math_attention():
+        if isinstance(x, dict):
+            return functional_call(model, params, (), x)
+        if isinstance(x, (tuple, list)):
+            return functional_call(model, params, tuple(x))
+        return functional_call(model, params, (x,))
 
 
 class _Batching(Enum):

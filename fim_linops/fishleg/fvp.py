@@ -25,17 +25,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from fim_linops.engine.attention import math_attention
 from fim_linops.likelihoods import Likelihood
 
 
 def call_model(model: nn.Module, params: Mapping[str, Tensor], x: Any) -> Tensor:
     """model(x) with the tensors in ``params`` standing in for the parameters of those names;
-    ``x`` is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
-    if isinstance(x, dict):
-        return functional_call(model, dict(params), (), x)
-    if isinstance(x, (tuple, list)):
-        return functional_call(model, dict(params), tuple(x))
-    return functional_call(model, dict(params), (x,))
+    ``x`` is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs. Attention
+    runs its math kernel (:mod:`fim_linops.engine.attention`): this forward is differentiated in
+    forward mode."""
+    with math_attention():
+        if isinstance(x, dict):
+            return functional_call(model, dict(params), (), x)
+        if isinstance(x, (tuple, list)):
+            return functional_call(model, dict(params), tuple(x))
+        return functional_call(model, dict(params), (x,))
 
 
 def run_model(model: nn.Module, x: Any) -> Tensor:
