@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from fim_linops.layout import LayerBlock, ParamLayout
+from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
 from fim_linops.operators.mixed import Mixed, Spans
 from fim_linops.structures import Structure
@@ -82,7 +83,7 @@ def fisher_mixed(
     for block in layout.blocks:
         s = _resolve(block, mapping)
         if s is None:
-            missing.append(f"'{block.module_name or '<model>'}' ({type(block.module).__name__})")
+            missing.append(f"'{block.module_name or '<model>'}' ({class_name(block.module)})")
             continue
         groups.setdefault(s, []).append(block)
     if missing:
