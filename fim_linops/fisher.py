@@ -40,6 +40,8 @@ def _check_memory(
     if max_bytes is None or structure not in (Structure.DENSE, Structure.BLOCK_DIAG):
         return
     S = Structure
+    shape: tuple[int, ...]
+    others: tuple[Structure, ...]
     if structure is S.DENSE:
         what, shape = f"structure='dense' for P={layout.numel:,} parameters", (layout.numel,) * 2
         others = (S.BLOCK_DIAG, S.KFAC, S.EKFAC, S.DIAG, S.IMPLICIT)
