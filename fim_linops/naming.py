@@ -14,6 +14,11 @@ import sys
 from torch import nn
 
 
+def _qualname(cls: type) -> str:
+    """The class's qualified name, less the ``<locals>`` of a class defined in a function."""
+    return cls.__name__ if "<locals>" in cls.__qualname__ else cls.__qualname__
+
+
 def _shortest_path(cls: type) -> str:
     """``package.Name`` for the shortest importable parent package that exposes ``cls`` under its
     name, else ``cls.__module__.__qualname__``."""
@@ -22,10 +27,10 @@ def _shortest_path(cls: type) -> str:
     for i in range(len(parts) - 1, 0, -1):  # timm.layers.linear -> timm.layers -> timm
         parent = ".".join(parts[:i])
         mod = sys.modules.get(parent)
-        if mod is None or getattr(mod, cls.__qualname__, None) is not cls:
+        if mod is None or getattr(mod, _qualname(cls), None) is not cls:
             break
         best = parent
-    return f"{best}.{cls.__qualname__}"
+    return f"{best}.{_qualname(cls)}"
 
 
 def class_name(obj: object) -> str:
@@ -36,6 +41,6 @@ def class_name(obj: object) -> str:
         path = _shortest_path(cls)
         return "nn." + path.removeprefix("torch.nn.")
     if module == "__main__":
-        torch_twin = getattr(nn, cls.__qualname__, None)
-        return f"__main__.{cls.__qualname__}" if isinstance(torch_twin, type) else cls.__qualname__
+        name = _qualname(cls)
+        return f"__main__.{name}" if isinstance(getattr(nn, name, None), type) else name
     return _shortest_path(cls)

@@ -28,6 +28,15 @@ Conventions of laplace-torch, for a batch of M examples out of N (``lossfunc`` i
 * ``eig_lowrank(loader)``: eigenvectors (P, k), eigenvalues (k,) of N scale F over the loader and
   the loss, keeping only the eigenvalues above ``1000 eps lambda_max`` (LowRankLaplace takes their
   logarithm and their inverse).
+* inputs: a mapping ``x`` (a Hugging Face batch) is passed whole, ``model(x)``, and a mapping
+  batch's labels are ``batch[dict_key_y]`` (fim_linops' own API calls ``model(**x)``: the
+  backends wrap the model, :class:`~fim_linops.integrations._laplace_parts.WholeMapping`);
+* ``subnetwork_indices`` (SubnetLaplace sets them on the backend after construction): ``full``,
+  ``diag``, ``jacobians`` and ``gradients`` keep those flat entries (in the order given); ``full``
+  sums the outer products of the engine's back-propagated columns restricted to them (S x S,
+  never the P x P curvature);
+* targets: class indices (M,) or probabilities (M, C) for classification (the GGN does not depend
+  on them; the EF uses the soft cross-entropy's gradient softmax(f) - q).
 """
 
 from __future__ import annotations
