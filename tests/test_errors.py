@@ -451,3 +451,17 @@ def test_no_dropout_warning_in_eval_mode_or_with_p_zero() -> None:
             warnings.filterwarnings("error", message=".*dropout active")
             fl.fisher(model, (x, y), structure="diag")
             fl.ntk(model, x).to_dense()
+
+
+def test_a_nested_structure_mix_says_what_a_mix_looks_like() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="cannot be nested: use one flat dict.*'default'"):
+        fl.fisher(model, (x, y), structure={"0": {"weight": "diag"}, "default": "kfac"})
+
+
+def test_the_one_example_at_a_time_warning_names_the_module_classes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match="'1' \\(nn.PReLU\\) over the examples"):
+        fl.fisher(model, (x, y), fisher_type="empirical", structure="diag")

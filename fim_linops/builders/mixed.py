@@ -43,7 +43,11 @@ def _resolve(block: LayerBlock, mapping: Mapping[Any, Any]) -> Structure | None:
 def _check_keys(mapping: Mapping[Any, Any]) -> None:
     for key, value in mapping.items():
         if isinstance(value, Mapping):
-            raise TypeError("a per-layer structure mix cannot be nested")
+            raise TypeError(
+                "a per-layer structure mix cannot be nested: use one flat dict "
+                "{module type | module | module name | 'default': structure name}, e.g. "
+                "{nn.Linear: 'kfac', 'encoder.layer.0': 'block_diag', 'default': 'diag'}"
+            )
         Structure.parse(value)  # a clear error for unknown names
         if not (
             isinstance(key, (nn.Module, str))
