@@ -86,7 +86,9 @@ def batch_size(x: Any) -> int:
 
 
 def call_model(model: torch.nn.Module, x: Any) -> Tensor:
-    """model(x) for a tensor or dict input, model(*x) for a tuple/list input."""
+    """model(x) for a tensor input, model(**x) for a dict input (its keys are the forward's
+    keyword arguments, as a Hugging Face model takes ``input_ids``, ``attention_mask``), and
+    model(*x) for a tuple/list input (positional arguments)."""
     if isinstance(x, Mapping):
         return model(**x)
     if isinstance(x, (tuple, list)):
@@ -119,6 +121,35 @@ def _check_finite_any(x: Any, what: str, index: int) -> None:
             _check_finite_any(v, what, index)
 
 
+def _check_pair_sizes(data: Any) -> None:
+    """Raise for what is meant as one (x, y) batch but whose x and y disagree on the number of
+    examples (else it would be taken for a list of two batches, and the error would be about
+    its first element)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return
+    x, y = data
+    if not isinstance(x, (Tensor, Mapping)) or not isinstance(y, Tensor):
+        return
+    try:
+        n = batch_size(x)
+    except (TypeError, ValueError):
+        return
+    if y.ndim == 0:
+        raise ValueError(
+            f"data is an (x, y) pair whose y is a 0-d tensor; y needs one label per example: a "
+            f"leading dim of x's size {n}"
+        )
+    if n == y.shape[0]:
+        return
+    first = x if isinstance(x, Tensor) else next(v for v in x.values() if isinstance(v, Tensor))
+    where = "x" if isinstance(x, Tensor) else f"x[{next(k for k in x if x[k] is first)!r}]"
+    raise ValueError(
+        f"data is an (x, y) pair whose x has {n} examples ({where} of shape "
+        f"{tuple(first.shape)}) but y has {y.shape[0]} (shape {tuple(y.shape)}); x and y need "
+        "the same leading size (one label per example)"
+    )
+
+
 def iter_batches(
     data: Any,
     device: torch.device | None,
@@ -140,6 +171,9 @@ def iter_batches(
         batches: Iterable = [(data, None)]
     elif _looks_like_one_batch(data):
         batches = [data]
+    elif need_targets:
+        _check_pair_sizes(data)
+        batches = fast_batches(data)
     else:
         batches = fast_batches(data)  # a DataLoader over a TensorDataset: no per-example collation
     try:

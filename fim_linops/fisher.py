@@ -18,9 +18,10 @@ from fim_linops.builders import BUILDERS, BuildContext
 from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.engine.checks import UnruledLayers
+from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
-from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
 from fim_linops.operators.base import FisherOperator
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
@@ -34,24 +35,26 @@ R = TypeVar("R")
 def _check_memory(
     structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int | None
 ) -> None:
-    """Dense storage is P x P, block-diagonal storage sum_b p_b x p_b: checked before the build."""
-    if structure is Structure.DENSE:
-        check_bytes(
-            f"structure='dense' for P={layout.numel} parameters",
-            (layout.numel, layout.numel),
-            dtype,
-            max_bytes,
-            "use structure='kfac', 'block_diag', 'diag' or 'implicit'",
+    """Dense storage is P x P, block-diagonal storage sum_b p_b x p_b: checked before the build.
+    The error names only the structures whose storage fits the same ``max_bytes``."""
+    if max_bytes is None or structure not in (Structure.DENSE, Structure.BLOCK_DIAG):
+        return
+    S = Structure
+    shape: tuple[int, ...]
+    others: tuple[Structure, ...]
+    if structure is S.DENSE:
+        what, shape = f"structure='dense' for P={layout.numel:,} parameters", (layout.numel,) * 2
+        others = (S.BLOCK_DIAG, S.KFAC, S.EKFAC, S.DIAG, S.IMPLICIT)
+    else:
+        largest = max(layout.blocks, key=lambda b: b.numel)
+        what = (
+            f"structure='block_diag' for P={layout.numel:,} parameters (largest block "
+            f"'{largest.module_name or '<model>'}', {largest.numel:,} parameters)"
         )
-    elif structure is Structure.BLOCK_DIAG:
-        check_bytes(
-            f"structure='block_diag' for P={layout.numel} parameters (largest block "
-            f"{max(b.numel for b in layout.blocks)})",
-            (sum(b.numel**2 for b in layout.blocks),),
-            dtype,
-            max_bytes,
-            "use structure='kfac', 'diag' or 'implicit'",
-        )
+        shape = (sum(b.numel**2 for b in layout.blocks),)
+        others = (S.KFAC, S.EKFAC, S.DIAG, S.IMPLICIT)
+    fix = fitting_structures(layout, dtype, max_bytes, others, lowrank=True)
+    check_bytes(what, shape, dtype, max_bytes, fix)
 
 
 def _kfac_approx(value: str) -> str:
@@ -123,7 +126,9 @@ def fisher(
 
     Args:
         model: any ``nn.Module``; left exactly as found (parameters, ``.grad``, mode, hooks).
-        data: a DataLoader, an iterable of (x, y) batches, or one (x, y) batch.
+        data: a DataLoader, an iterable of (x, y) batches, or one (x, y) batch; x a tensor
+            (``model(x)``), a tuple of tensors (``model(*x)``) or a dict of tensors
+            (``model(**x)``, keyword arguments), examples first.
         likelihood: "categorical" (logits), "gaussian" (unit variance unless fl.Gaussian(sigma)),
             "bernoulli" (one logit), or an ``fl.Likelihood``.
         structure: "dense", "block_diag", "diag", "kfac", "ekfac", "quasi_diag", "lowrank"
@@ -223,7 +228,10 @@ def _run(
     """The shared frame of a build: checked arguments, the model left as found, the working copy
     (device/dtype), then ``prepare(work, layout, dtype, likelihood, fisher_type)`` (its checks;
     it returns the builder), one engine over ``params`` and the builder run on its context."""
-    lik, ftype, layout = _validated(model, params, likelihood, fisher_type, mc_samples, dtype)
+    lik, ftype, layout = _validated(
+        model, params, likelihood, fisher_type, mc_samples, dtype, device, generator
+    )
+    warn_active_dropout(model, "the Fisher", stacklevel=4)  # user -> fisher -> _run -> here
     with preserved_state(model):
         dev_arg = torch.device(device) if device is not None else None
         work, work_layout = prepare_model(model, layout, dev_arg, dtype)
@@ -261,6 +269,8 @@ def _validated(
     fisher_type: str | FisherType,
     mc_samples: int,
     dtype: torch.dtype | None,
+    device: torch.device | str | None = None,
+    generator: Any = None,
 ) -> tuple[Likelihood, FisherType, ParamLayout]:
     """The parsed likelihood and Fisher type and the layout, after the checks of the arguments."""
     lik = get_likelihood(likelihood)
@@ -272,11 +282,31 @@ def _validated(
     layout = ParamLayout.from_model(model, params)
     for e in layout.entries:
         if e.param.dtype in (torch.float16, torch.bfloat16) and dtype is None:
-            raise TypeError(
+            raise ValueError(
                 f"parameter '{e.name}' is {e.param.dtype}; Fisher statistics in half precision are "
                 "not accurate: pass dtype=torch.float32 (the model is copied and upcast)"
             )
+    _check_generator(generator, device, layout)
     return lik, ftype, layout
+
+
+def _check_generator(
+    generator: Any, device: torch.device | str | None, layout: ParamLayout
+) -> None:
+    """``generator``: None or a ``torch.Generator`` on the device type of the computation."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator (or None), got {type(generator).__name__} "
+            f"{generator!r}; for a seed pass torch.Generator().manual_seed(seed)"
+        )
+    dev = torch.device(device) if device is not None else layout.entries[0].param.device
+    if generator.device.type != dev.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the Fisher is computed on {dev}; pass "
+            f"torch.Generator(device='{dev}').manual_seed(seed)"
+        )
 
 
 def fisher_one_pass(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fim_linops.naming import class_name
+
 
 @dataclass(frozen=True)
 class ParamEntry:
@@ -96,7 +98,7 @@ class ParamLayout:
                 if isinstance(item, nn.Module):
                     if id(item) not in model_modules:
                         raise ValueError(
-                            f"params contains a module ({type(item).__name__}) that is not part of "
+                            f"params contains a module ({class_name(item)}) that is not part of "
                             "the model; pass modules or parameters of the model itself"
                         )
                     selected.update(id(p) for p in item.parameters() if p.requires_grad)

@@ -84,24 +84,25 @@ class Likelihood:
 
 
 class Categorical(Likelihood):
-    r"""Categorical likelihood on logits f (N, C): p = softmax(f), labels are class indices (N,).
+    r"""Categorical likelihood on logits f (N, C): p = softmax(f); labels are class indices (N,)
+    or soft (probability) targets (N, C), floating, each row a distribution over the classes.
 
     H = diag(p) - p p^T; its square root S = diag(sqrt p) - p sqrt(p)^T, i.e. column k of S is
-    sqrt(p_k) (e_k - p), so that S S^T = diag(p) - p p^T (using sum p = 1).
+    sqrt(p_k) (e_k - p), so that S S^T = diag(p) - p p^T (using sum p = 1). H, so the exact and
+    MC Fishers, does not depend on the labels. Soft targets q: nll = -sum_c q_c log p_c (the soft
+    cross-entropy) and d nll / d f = p - q (sum_c q_c = 1), which the empirical Fisher uses.
     """
 
     name = "categorical"
 
     def check_target(self, f: Tensor, y: Tensor, values: bool = True) -> Tensor:
         if y.ndim == 2 and y.shape == f.shape and y.is_floating_point():
-            raise ValueError(
-                "categorical likelihood expects class indices of shape (N,), got one-hot or "
-                f"probability targets of shape {tuple(y.shape)}; pass y.argmax(-1)"
-            )
+            return self._check_soft(y.to(f.dtype), values)
         if y.shape != f.shape[:1] or y.is_floating_point() or y.is_complex():
             raise ValueError(
-                f"categorical likelihood expects integer class indices of shape ({f.shape[0]},), "
-                f"got {tuple(y.shape)} of dtype {y.dtype}"
+                f"categorical likelihood expects integer class indices of shape ({f.shape[0]},) "
+                f"or floating probabilities of shape {tuple(f.shape)}, got {tuple(y.shape)} of "
+                f"dtype {y.dtype}"
             )
         if values and y.numel() and bool((y.min() < 0) | (y.max() >= f.shape[-1])):
             raise ValueError(
@@ -110,7 +111,24 @@ class Categorical(Likelihood):
             )
         return y.long()  # any integer dtype in, int64 indices out (a no-op for int64)
 
+    @staticmethod
+    def _check_soft(q: Tensor, values: bool) -> Tensor:
+        """Soft targets (N, C): each row non-negative and summing to 1 (checked with ``values``)."""
+        if values and q.numel():
+            sums = q.sum(-1)
+            tol = 1e-3 if q.dtype in (torch.float16, torch.bfloat16) else 1e-5
+            if bool((q < 0).any()) or not bool(((sums - 1).abs() <= tol).all()):
+                raise ValueError(
+                    "categorical soft targets of shape (N, C) must be probabilities: non-negative, "
+                    f"each row summing to 1 (got min {float(q.min()):.3g}, row sums in "
+                    f"[{float(sums.min()):.6g}, {float(sums.max()):.6g}]); normalise them "
+                    "(e.g. y / y.sum(-1, keepdim=True)), or pass class indices of shape (N,)"
+                )
+        return q
+
     def nll(self, f: Tensor, y: Tensor) -> Tensor:
+        if y.is_floating_point():  # soft targets (N, C): -sum_c q_c log softmax(f)_c
+            return -(y * torch.log_softmax(f, dim=-1)).sum(-1)
         return torch.nn.functional.cross_entropy(f, y.long(), reduction="none")
 
     def sample(self, f: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
@@ -133,7 +151,10 @@ class Categorical(Likelihood):
         return p.expand(*y.shape, -1).scatter_add(-1, y.unsqueeze(-1), minus_one)
 
     def grad_output(self, f: Tensor, y: Tensor) -> Tensor:
-        return self._grad(torch.softmax(f.detach(), dim=-1), y)
+        p = torch.softmax(f.detach(), dim=-1)
+        if y.is_floating_point():  # soft targets q (N, C): p - q
+            return p - y.to(p.dtype)
+        return self._grad(p, y)
 
     def sampled_grad_output(
         self, f: Tensor, n_samples: int, generator: torch.Generator | None = None

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 
 from fim_linops.data import batch_size, call_model, first_examples
 from fim_linops.engine import Engine, FisherType
+from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.engine.gram import gram_diagonal, gram_matrix
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import ParamLayout
@@ -136,6 +137,7 @@ def jacobian(
     """
     sel, _ = _outputs(outputs)
     layout = ParamLayout.from_model(model, params)
+    warn_active_dropout(model, "the Jacobian")
     return _jacobian_op(model, layout, x, sel, batch_size, max_bytes)
 
 
@@ -237,6 +239,7 @@ def ntk(
     struct = NTKStructure.parse(structure)
     sel, trace = _outputs(outputs)
     layout = ParamLayout.from_model(model, params)
+    warn_active_dropout(model, "the NTK")
     j1 = _jacobian_op(model, layout, x1, sel, batch_size, max_bytes)
     j2 = None if x2 is None else _jacobian_op(model, layout, x2, sel, batch_size, max_bytes)
     if struct is NTKStructure.IMPLICIT:

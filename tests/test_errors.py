@@ -217,9 +217,10 @@ def test_batchnorm_with_batch_statistics_in_eval_or_frozen() -> None:
 
 
 def test_half_precision_model() -> None:
+    """A ValueError (laplace-torch's tests tolerate ValueError/RuntimeError there)."""
     model, x, y = _setup()
     model.to(torch.bfloat16)
-    with pytest.raises(TypeError, match="dtype=torch.float32"):
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
         fl.fisher(model, (x.bfloat16(), y), structure="diag")
 
 
@@ -294,3 +295,173 @@ def test_model_output_that_is_not_a_tensor(wrap: str) -> None:
         )
     with pytest.raises(TypeError, match=f"returned a {wrap}"):
         fl.ntk(wrapped, x).to_dense()
+
+
+# -- errors that point the right way (issue 16, item 5) --------------------------------------------
+def _wide_convs(n_layers: int, channels: int) -> nn.Module:
+    return nn.Sequential(
+        *[nn.Conv2d(channels, channels, 3, padding=1) for _ in range(n_layers)],
+        nn.Flatten(),
+    )
+
+
+def test_dense_memory_error_on_an_11m_parameter_model_names_only_structures_that_fit() -> None:
+    """P = 11.8M (five 512-channel 3x3 convolutions, ResNet-sized): dense needs 500 TiB and
+    block_diag 100 TiB, so the error must not suggest block_diag; kfac, diag, implicit fit."""
+    model = _wide_convs(5, 512)
+    p = sum(q.numel() for q in model.parameters())
+    assert p > 11_000_000
+    x, y = torch.randn(1, 512, 2, 2), torch.zeros(1, 512 * 4)
+    with pytest.raises(fl.MemoryLimitError) as info:
+        fl.fisher(model, (x, y), likelihood="gaussian", structure="dense")
+    msg = str(info.value)
+    fix = msg.split("; ", 1)[1]
+    assert "block_diag" not in fix
+    for name in ("'kfac' (stores", "'diag' (stores", "'implicit'", "'lowrank' with rank <="):
+        assert name in fix, msg
+    with pytest.raises(fl.MemoryLimitError) as info:
+        fl.fisher(model, (x, y), likelihood="gaussian", structure="block_diag")
+    assert "'kfac' (stores" in str(info.value) and "'0', 2,359,808 parameters" in str(info.value)
+
+
+def test_memory_error_names_nothing_that_would_fail_the_same_limit() -> None:
+    model, x, y = _setup()  # P = 43: dense 7.2 KiB, block_diag 3.7 KiB, kfac 380 B, diag 172 B
+    with pytest.raises(fl.MemoryLimitError) as info:
+        fl.fisher(model, (x, y), structure="dense", max_bytes=300)
+    fix = str(info.value).split("; ", 1)[1]
+    assert "'diag' (stores 172 bytes)" in fix and "'implicit'" in fix
+    assert "'kfac'" not in fix and "block_diag" not in fix and "'ekfac'" not in fix
+    with pytest.raises(fl.MemoryLimitError, match="'block_diag' \\(stores 3.7 KiB\\), 'kfac'"):
+        fl.fisher(model, (x, y), structure="dense", max_bytes=5000)
+
+
+def test_modules_are_named_by_their_qualified_class(monkeypatch) -> None:
+    """A subclass never reads as the torch class it derives from."""
+    import sys
+    import types
+
+    from fim_linops.naming import class_name
+
+    pkg, sub = types.ModuleType("mypkg.layers"), types.ModuleType("mypkg.layers.linear")
+
+    class Linear(nn.Linear):
+        pass
+
+    Linear.__module__ = "mypkg.layers.linear"
+    Linear.__qualname__ = "Linear"
+    sub.Linear = Linear  # type: ignore[attr-defined]
+    pkg.Linear = Linear  # type: ignore[attr-defined]  (re-exported, as timm.layers does)
+    monkeypatch.setitem(sys.modules, "mypkg", types.ModuleType("mypkg"))
+    monkeypatch.setitem(sys.modules, "mypkg.layers", pkg)
+    monkeypatch.setitem(sys.modules, "mypkg.layers.linear", sub)
+    assert class_name(Linear(2, 2)) == "mypkg.layers.Linear"
+    assert class_name(nn.Linear(2, 2)) == "nn.Linear"
+    assert class_name(nn.modules.batchnorm.BatchNorm1d) == "nn.BatchNorm1d"
+
+    class BatchNorm1d(nn.BatchNorm1d):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 5), BatchNorm1d(5), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="module '1' \\([\\w.]*test_errors.BatchNorm1d\\)"):
+        fl.fisher(model, (x, y), structure="diag")
+    plain = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="module '1' \\(nn.BatchNorm1d\\)"):
+        fl.fisher(plain, (x, y), structure="diag")
+    with pytest.raises(ValueError, match="does not cover modules '1' \\(nn.Tanh|'0' \\(nn.Linear"):
+        fl.fisher(
+            nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+            (x, y),
+            structure={"2": "diag"},
+        )
+
+
+def test_an_x_y_batch_of_different_sizes_names_both() -> None:
+    model, _, _ = _setup()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match="x has 16 examples .*y has 10"):
+        fl.fisher(model, (x, y), structure="diag")
+    with pytest.raises(ValueError, match="x\\['input'\\] of shape \\(16, 4\\).*y has 10"):
+        fl.fisher(_Kw(model), ({"input": x}, y), structure="diag")
+    with pytest.raises(ValueError, match="y is a 0-d tensor"):
+        fl.fisher(model, (x, torch.tensor(1)), structure="diag")
+
+
+class _Kw(nn.Module):
+    """A model called with keyword arguments: model(**{"input": x})."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.net(input)
+
+
+def test_a_dict_input_is_passed_as_keyword_arguments() -> None:
+    model, x, y = _setup()
+    got = fl.fisher(_Kw(model), ({"input": x}, y), structure="diag").diagonal()
+    torch.testing.assert_close(got, fl.fisher(model, (x, y), structure="diag").diagonal())
+
+
+@pytest.mark.parametrize("generator", [3, "0", torch.manual_seed])
+def test_generator_that_is_not_a_torch_generator(generator) -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator.*manual_seed"):
+        fl.fisher(model, (x, y), fisher_type="mc", structure="diag", generator=generator)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_generator_on_another_device_type() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="generator is on cuda.*cpu"):
+        fl.fisher(
+            model, (x, y), fisher_type="mc", structure="diag", generator=torch.Generator("cuda")
+        )
+
+
+def _dropout_model(p: float = 0.1) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Dropout(p), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_active_dropout_warns_in_every_entry_point_and_names_the_modules() -> None:
+    model = _dropout_model()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    expected = "module '1' \\(nn.Dropout, p=0.1\\) is in training mode.*model.eval\\(\\)"
+    with pytest.warns(UserWarning, match="the Fisher is computed with dropout active: " + expected):
+        fl.fisher(model, (x, y), structure="diag")
+    with pytest.warns(UserWarning, match="the NTK .*" + expected):
+        fl.ntk(model, x)
+    with pytest.warns(UserWarning, match="the Jacobian .*" + expected):
+        fl.jacobian(model, x)
+    with pytest.warns(UserWarning, match="the Fisher .*" + expected):
+        post = fl.laplace.Laplace(model, (x, y), structure="diag")
+    with pytest.warns(UserWarning, match="the predictive .*" + expected):
+        post.predictive(x[:2])
+    assert model.training  # left as found
+
+
+def test_no_dropout_warning_in_eval_mode_or_with_p_zero() -> None:
+    import warnings
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for model in (_dropout_model().eval(), _dropout_model(p=0.0)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*dropout active")
+            fl.fisher(model, (x, y), structure="diag")
+            fl.ntk(model, x).to_dense()
+
+
+def test_a_nested_structure_mix_says_what_a_mix_looks_like() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="cannot be nested: use one flat dict.*'default'"):
+        fl.fisher(model, (x, y), structure={"0": {"weight": "diag"}, "default": "kfac"})
+
+
+def test_the_one_example_at_a_time_warning_names_the_module_classes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match="'1' \\(nn.PReLU\\) over the examples"):
+        fl.fisher(model, (x, y), fisher_type="empirical", structure="diag")

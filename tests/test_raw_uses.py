@@ -134,16 +134,16 @@ def test_calls_without_examples_along_dim_0(name: str, structure: str) -> None:
     torch.manual_seed(0)
     model, x, y = make(), torch.randn(*shape), torch.randint(0, 3, (N,))
     ref = exact_fisher(model, x, "categorical")
-    with pytest.warns(RuntimeWarning, match=f"'lin' \\(Linear\\): .*{why}"):
+    with pytest.warns(RuntimeWarning, match=f"'lin' \\(nn.Linear\\): .*{why}"):
         got = fl.fisher(model, (x, y), structure=structure)
     want = ref if structure == "dense" else torch.diag(ref.diagonal())
     torch.testing.assert_close(got.to_dense(), want, rtol=1e-10, atol=1e-12)
 
 
 CASES = {
-    "functional": (Functional, lambda: torch.randn(N, 3), "'lin' (Linear)"),
-    "tied_output": (TiedOutput, lambda: torch.randint(0, 5, (N, 3)), "'emb' (Embedding)"),
-    "called_and_direct": (CalledAndDirect, lambda: torch.randn(N, 3), "'lin' (Linear)"),
+    "functional": (Functional, lambda: torch.randn(N, 3), "'lin' (nn.Linear)"),
+    "tied_output": (TiedOutput, lambda: torch.randint(0, 5, (N, 3)), "'emb' (nn.Embedding)"),
+    "called_and_direct": (CalledAndDirect, lambda: torch.randn(N, 3), "'lin' (nn.Linear)"),
 }
 
 
@@ -323,7 +323,7 @@ def test_positional_embedding_on_positions_not_examples(length: int) -> None:
     model = PositionTable()
     x, y = torch.randint(0, 11, (N, length)), torch.randint(0, 3, (N,))
     ref = exact_fisher(model, x, "categorical")
-    with pytest.warns(RuntimeWarning, match="'pos' \\(Embedding\\): its calls do not have"):
+    with pytest.warns(RuntimeWarning, match="'pos' \\(nn.Embedding\\): its calls do not have"):
         got = fl.fisher(model, (x, y), structure="dense")
     assert_matches(got, ref, model, "dense")
 

@@ -491,7 +491,7 @@ def test_a_mix_by_module_name_and_non_contiguous_groups() -> None:
 
 def test_a_mix_that_misses_a_layer_names_it() -> None:
     model, data = make("normed")
-    with pytest.raises(ValueError, match="'1' \\(LayerNorm\\)"):
+    with pytest.raises(ValueError, match="'1' \\(nn.LayerNorm\\)"):
         fl.fisher(model, data, structure={nn.Linear: "kfac"})
 
 

@@ -150,7 +150,8 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
     else:
         warnings.warn(
             f"kron_sum: the subspace iteration did not reach tol={tol} in {MAX_ITER} iterations; "
-            "the Kronecker terms are approximate",
+            "the Kronecker terms are approximate (close singular values at the cut: another "
+            "rank=, or dtype=torch.float64, converges)",
             stacklevel=2,
         )
     factors: list[Tensor] = []

@@ -140,7 +140,8 @@ def top_eigenpairs(
             d = _orthonormal_block(d, basis)
     warnings.warn(
         f"lowrank: Lanczos did not reach tol={tol} in {max_iter} product columns "
-        "(close eigenvalues near rank k); the eigenpairs are approximate",
+        "(close eigenvalues near rank k); the eigenpairs are approximate. A rank= that does not "
+        "cut through a cluster of close eigenvalues, or dtype=torch.float64, converges",
         stacklevel=2,
     )
     return ritz, lam.clamp_min(0)

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from fim_linops.layout import LayerBlock, ParamLayout
+from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
 from fim_linops.operators.mixed import Mixed, Spans
 from fim_linops.structures import Structure
@@ -42,7 +43,11 @@ def _resolve(block: LayerBlock, mapping: Mapping[Any, Any]) -> Structure | None:
 def _check_keys(mapping: Mapping[Any, Any]) -> None:
     for key, value in mapping.items():
         if isinstance(value, Mapping):
-            raise TypeError("a per-layer structure mix cannot be nested")
+            raise TypeError(
+                "a per-layer structure mix cannot be nested: use one flat dict "
+                "{module type | module | module name | 'default': structure name}, e.g. "
+                "{nn.Linear: 'kfac', 'encoder.layer.0': 'block_diag', 'default': 'diag'}"
+            )
         Structure.parse(value)  # a clear error for unknown names
         if not (
             isinstance(key, (nn.Module, str))
@@ -82,7 +87,7 @@ def fisher_mixed(
     for block in layout.blocks:
         s = _resolve(block, mapping)
         if s is None:
-            missing.append(f"'{block.module_name or '<model>'}' ({type(block.module).__name__})")
+            missing.append(f"'{block.module_name or '<model>'}' ({class_name(block.module)})")
             continue
         groups.setdefault(s, []).append(block)
     if missing:

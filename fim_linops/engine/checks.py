@@ -34,6 +34,7 @@ from torch import Tensor
 from fim_linops.data import PROBE_EXAMPLES, call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
+from fim_linops.naming import class_name
 
 if TYPE_CHECKING:
     from fim_linops.engine.engine import Engine
@@ -178,7 +179,7 @@ def check_uncalled(engine: Engine, f: Tensor, called: Any, index: int) -> None:
     watched = {id(e.param): rb.module for rb in uncalled for e in rb.block.entries}
     if f.grad_fn is None or not scan_graph(f, [], watched).outside:
         return
-    names = ", ".join(f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in uncalled)
+    names = ", ".join(f"'{rb.block.module_name}' ({class_name(rb.module)})" for rb in uncalled)
     raise ValueError(
         f"batch {index}: the output depends on the parameters of module {names}, but the "
         "module's forward hooks did not run; a torch.compile'd model replays a graph traced "

@@ -34,6 +34,7 @@ from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.naming import class_name
 
 
 class FisherType(ParsedEnum):
@@ -165,13 +166,13 @@ class Engine:
                 continue
             if module.training:
                 raise ValueError(
-                    f"module '{name}' ({type(module).__name__}) is in training mode: its batch "
+                    f"module '{name}' ({class_name(module)}) is in training mode: its batch "
                     "statistics couple the examples, so there is no per-example Fisher; call "
                     "model.eval() first (the Fisher is then computed with the running statistics)"
                 )
             if not module.track_running_stats:
                 raise ValueError(
-                    f"module '{name}' ({type(module).__name__}) has track_running_stats=False, so "
+                    f"module '{name}' ({class_name(module)}) has track_running_stats=False, so "
                     "it normalises with batch statistics even in eval mode: they couple the "
                     "examples and there is no per-example Fisher; use running statistics, or a "
                     "per-example normalisation (nn.LayerNorm, nn.GroupNorm)"
@@ -233,7 +234,7 @@ class Engine:
             why = reasons.get(id(rb.module))
             if why is not None:
                 self.demoted[id(rb.module)] = why
-                lines.append(f"'{rb.block.module_name}' ({type(rb.module).__name__}): {why}")
+                lines.append(f"'{rb.block.module_name}' ({class_name(rb.module)}): {why}")
         warnings.warn(
             "the layer rules would be wrong for module "
             + "; ".join(lines)

@@ -24,6 +24,7 @@ from fim_linops.data import batch_size, slice_examples
 from fim_linops.engine.attention import math_attention
 from fim_linops.layout import ParamEntry
 from fim_linops.likelihoods import Likelihood
+from fim_linops.naming import class_name
 
 
 def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
@@ -126,8 +127,10 @@ class FunctionalModel:
         return {name: g.transpose(0, 1) for name, g in out.items()}  # name -> (K, n, *shape)
 
     def _module_names(self) -> str:
-        names = sorted({e.module_name or "<root>" for e in self.entries})
-        return ", ".join(f"'{name}'" for name in names)
+        """'name' (qualified class) of each module that owns one of the parameters."""
+        modules = dict(self.model.named_modules())
+        names = sorted({e.module_name for e in self.entries})
+        return ", ".join(f"'{n or '<root>'}' ({class_name(modules[n])})" for n in names)
 
 
 def _check_shapes(out: dict[str, Tensor], params: dict[str, Tensor], lead: torch.Size) -> None:

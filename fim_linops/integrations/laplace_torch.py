@@ -28,11 +28,20 @@ Conventions of laplace-torch, for a batch of M examples out of N (``lossfunc`` i
 * ``eig_lowrank(loader)``: eigenvectors (P, k), eigenvalues (k,) of N scale F over the loader and
   the loss, keeping only the eigenvalues above ``1000 eps lambda_max`` (LowRankLaplace takes their
   logarithm and their inverse).
+* inputs: a mapping ``x`` (a Hugging Face batch) is passed whole, ``model(x)``, and a mapping
+  batch's labels are ``batch[dict_key_y]`` (fim_linops' own API calls ``model(**x)``: the
+  backends wrap the model, :class:`~fim_linops.integrations._laplace_parts.WholeMapping`);
+* ``subnetwork_indices`` (SubnetLaplace sets them on the backend after construction): ``full``,
+  ``diag``, ``jacobians`` and ``gradients`` keep those flat entries (in the order given); ``full``
+  sums the outer products of the engine's back-propagated columns restricted to them (S x S,
+  never the P x P curvature);
+* targets: class indices (M,) or probabilities (M, C) for classification (the GGN does not depend
+  on them; the EF uses the soft cross-entropy's gradient softmax(f) - q).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -43,7 +52,7 @@ from fim_linops.data import first_examples
 from fim_linops.engine import Engine, FisherType
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
-from fim_linops.operators import KFAC
+from fim_linops.operators.base import FisherOperator
 from fim_linops.state import preserved_state
 
 try:
@@ -57,7 +66,21 @@ except ImportError as err:  # pragma: no cover - exercised only without laplace-
         "pip install 'fim_linops[laplace]' or pip install laplace-torch"
     ) from err
 
-__all__ = ["FimLinopsEF", "FimLinopsGGN", "FimLinopsInterface", "LowRankLaplace"]
+from fim_linops.integrations._laplace_parts import (
+    CallOptions,
+    LaplaceBatches,
+    Subnet,
+    as_called,
+    kfac_to_kron,
+)
+
+__all__ = [
+    "FimLinopsEF",
+    "FimLinopsGGN",
+    "FimLinopsInterface",
+    "LowRankLaplace",
+    "kfac_to_kron",
+]
 
 #: eigenvalues at or below this multiple of eps * lambda_max are dropped by ``eig_lowrank``
 LOWRANK_CUTOFF = 1000.0
@@ -69,11 +92,21 @@ class FimLinopsInterface(CurvatureInterface):
     Args:
         model, likelihood, last_layer, dict_key_x, dict_key_y: as every laplace-torch backend;
             with ``last_layer=True`` (``model`` a laplace ``FeatureExtractor``) the curvature is
-            that of ``model.last_layer`` on the extracted features.
-        subnetwork_indices: not supported (SubnetLaplace): must be None.
+            that of ``model.last_layer`` on the extracted features. A mapping input ``x`` is
+            passed whole, ``model(x)`` (laplace-torch's convention), and the labels of a mapping
+            batch are ``batch[dict_key_y]``.
+        subnetwork_indices: None, or flat indices into ``parameters_to_vector`` of the trainable
+            parameters (SubnetLaplace sets the attribute after construction): ``full``, ``diag``,
+            ``jacobians`` and ``gradients`` are then restricted to those entries.
         low_rank: k, the number of eigenpairs ``eig_lowrank`` keeps (LowRankLaplace; pass it as
             ``backend_kwargs={"low_rank": k}``).
-        kfac_approx: "expand" or "reduce", for layers applied at several positions.
+        kfac_approx: "expand" or "reduce", for layers applied at several positions (a call's
+            ``kfac_approx=`` overrides it).
+
+    ``full``, ``kron`` and ``diag`` take laplace-torch's per-call options (also through
+    ``Laplace(..., asdl_fisher_kwargs={...})``): ``mc_samples`` (or ASDL's ``n_mc_samples``: the
+    labels sampled per example with ``stochastic=True``), ``kfac_approx``, ``seed`` (draws of
+    this call) and ``N``.
     """
 
     _fisher_type: FisherType = FisherType.EXACT
@@ -89,11 +122,6 @@ class FimLinopsInterface(CurvatureInterface):
         low_rank: int = 10,
         kfac_approx: str = "expand",
     ) -> None:
-        if subnetwork_indices is not None:
-            raise ValueError(
-                "the fim_linops backends do not support subnetwork_indices (SubnetLaplace); use "
-                "subset_of_weights='all' or 'last_layer', or laplace's CurvlinopsGGN for subnetworks"
-            )
         if isinstance(low_rank, bool) or not isinstance(low_rank, int) or low_rank < 1:
             raise ValueError(f"low_rank must be a positive integer, got {low_rank!r}")
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
@@ -113,58 +141,103 @@ class FimLinopsInterface(CurvatureInterface):
         return 1.0 / self.factor if self._fisher_type is FisherType.EMPIRICAL else 1.0
 
     def _inputs(self, x: Any) -> tuple[nn.Module, Any, Tensor]:
-        """(module, its inputs, model output f (M, C)): the whole model on x, or with
-        ``last_layer`` the last layer on the extracted features."""
+        """(module, its inputs, model output f (M, C)): the whole model on x (called as
+        ``model(x)``, a mapping too), or with ``last_layer`` the last layer on the features."""
         with torch.no_grad():
             if self.last_layer:  # model is a laplace FeatureExtractor
                 f, phi = self.model.forward_with_features(x)  # type: ignore[operator]
                 last: nn.Module = self.model.last_layer  # type: ignore[assignment]
                 return last, phi.detach(), f.detach()
-            return self.model, x, self.model(x).detach()
+            return as_called(self.model, x), x, self.model(x).detach()
 
-    def _fisher(self, module: nn.Module, data: Any, structure: str, **kwargs: Any):
+    def _subnet(self) -> Subnet | None:
+        """The subnetwork that ``subnetwork_indices`` (set by SubnetLaplace) selects, if any."""
+        if self.subnetwork_indices is None:
+            return None
+        if self.last_layer:
+            raise ValueError("subnetwork_indices and last_layer=True do not go together")
+        return Subnet.of(self.params, self.subnetwork_indices)
+
+    def _options(self, kwargs: dict[str, Any]) -> CallOptions:
+        return CallOptions.parse(kwargs, self.mc_samples, self.kfac_approx, self.params[0].device)
+
+    def _fisher(
+        self, module: nn.Module, data: Any, structure: str, opts: CallOptions, **kwargs: Any
+    ) -> FisherOperator:
         return fl.fisher(
             module,
             data,
             likelihood=self.fl_likelihood,
             structure=structure,
             fisher_type=self._fisher_type,
-            mc_samples=self.mc_samples,
-            kfac_approx=self.kfac_approx,
+            mc_samples=opts.mc_samples,
+            kfac_approx=opts.kfac_approx,
+            generator=opts.generator,
             **kwargs,
         )
 
-    @staticmethod
-    def _check_kwargs(kwargs: dict[str, Any]) -> None:
-        unknown = sorted(set(kwargs) - {"N"})
-        if unknown:
-            raise TypeError(
-                f"unexpected keyword arguments {unknown} for a fim_linops backend; pass backend "
-                "options as Laplace(..., backend_kwargs={...}) (low_rank, kfac_approx)"
-            )
-
     # -- curvature --------------------------------------------------------------------------------
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """(loss, diagonal (P,)) of the batch's curvature, M scale diag(F_batch)."""
-        self._check_kwargs(kwargs)
+        """(loss, diagonal (P,)) of the batch's curvature, M scale diag(F_batch) (restricted to
+        the subnetwork, if any)."""
+        opts = self._options(kwargs)
         module, inputs, f = self._inputs(x)
-        op = self._fisher(module, (inputs, y), "diag")
-        return self.factor * self.lossfunc(f, y), op.diagonal() * (len(y) * self.scale)
+        sub = self._subnet()
+        params = None if sub is None else sub.params
+        op = self._fisher(module, (inputs, y), "diag", opts, params=params)
+        d = op.diagonal() if sub is None else op.diagonal()[sub.local]
+        return self.factor * self.lossfunc(f, y), d * (len(y) * self.scale)
 
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """(loss, dense curvature (P, P)) of the batch, M scale F_batch."""
-        self._check_kwargs(kwargs)
+        """(loss, dense curvature (P, P)) of the batch, M scale F_batch; with a subnetwork
+        (S, S), from the per-example back-propagated gradients of its entries alone."""
+        opts = self._options(kwargs)
         module, inputs, f = self._inputs(x)
-        op = self._fisher(module, (inputs, y), "dense")
-        return self.factor * self.lossfunc(f, y), op.to_dense() * (len(y) * self.scale)
+        loss = self.factor * self.lossfunc(f, y)
+        sub = self._subnet()
+        if sub is not None:
+            return loss, self._subnet_full(module, inputs, y, sub, opts) * self.scale
+        op = self._fisher(module, (inputs, y), "dense", opts)
+        return loss, op.to_dense() * (len(y) * self.scale)
+
+    def _subnet_full(
+        self, module: nn.Module, inputs: Any, y: Tensor, sub: Subnet, opts: CallOptions
+    ) -> Tensor:
+        r"""sum_{k, n} g_kn g_kn^T over the subnetwork's S entries, g_kn the engine's
+        back-propagated columns (K per example: Hessian-root columns, sampled or empirical
+        gradients) through the parameters that hold the entries: (S, S), chunked over examples."""
+        layout = ParamLayout.from_model(module, sub.params)
+        s = sub.local.numel()
+        out = torch.zeros(s, s, dtype=self.params[0].dtype, device=self.params[0].device)
+        with preserved_state(module):
+            engine = Engine(
+                module,
+                layout,
+                self.fl_likelihood,
+                self._fisher_type,
+                opts.mc_samples,
+                opts.generator,
+                probe=first_examples(inputs),
+            )
+            for res in engine.run([(inputs, y)]):
+                for lo, hi in res.chunks(layout.numel):
+                    g = torch.cat(res.all_block_grads(lo, hi), dim=-1)[..., sub.local]
+                    # k: column, n: example, s/t: subnetwork entry
+                    out += torch.einsum("kns,knt->st", g, g)
+        return out
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """(loss, ``Kron``) of the batch in laplace-torch's layout and N scaling (module
         docstring); the factors are fim_linops' KFAC factors of the batch."""
-        self._check_kwargs(kwargs)
+        opts = self._options(kwargs)
+        if self.subnetwork_indices is not None:
+            raise ValueError(
+                "a subnetwork (subnetwork_indices) has no Kronecker structure; SubnetLaplace "
+                "takes hessian_structure='full' or 'diag'"
+            )
         module, inputs, f = self._inputs(x)
-        op = self._fisher(module, (inputs, y), "kfac")
-        kron = kfac_to_kron(op, sum_scale=len(y) * self.scale, mean_scale=len(y) / N)
+        op = self._fisher(module, (inputs, y), "kfac", opts)
+        kron = kfac_to_kron(op, sum_scale=len(y) * self.scale, mean_scale=len(y) / N)  # type: ignore[arg-type]
         return self.factor * self.lossfunc(f, y), kron
 
     def eig_lowrank(self, data_loader: Iterable) -> tuple[Tensor, Tensor, Tensor]:
@@ -172,44 +245,54 @@ class FimLinopsInterface(CurvatureInterface):
         loader: the top k = ``low_rank`` eigenpairs of fim_linops' ``structure="lowrank"`` (exact
         SVD of the stacked per-example gradients when they fit, Lanczos on exact products
         otherwise), less those numerically zero (k' <= k)."""
+        if self.subnetwork_indices is not None:
+            raise ValueError("eig_lowrank (LowRankLaplace) does not take subnetwork_indices")
         device, dtype = self.params[0].device, self.params[0].dtype
+        batches = LaplaceBatches(data_loader, self.dict_key_y, device)
         loss = torch.zeros((), device=device, dtype=dtype)
         n = 0
-        batches = []
-        for x, y in data_loader:
-            x, y = _move(x, device), y.to(device)
+        features = []
+        module: nn.Module = self.model
+        for x, y in batches:
             module, inputs, f = self._inputs(x)
             loss = loss + self.lossfunc(f, y)
             n += len(y)
             if self.last_layer:
-                batches.append((inputs, y))
+                features.append((inputs, y))
         p = sum(q.numel() for q in self.params)
-        data = batches if self.last_layer else data_loader
-        op = self._fisher(module, data, "lowrank", rank=min(self.low_rank, p))
-        evals = op.evals * (n * self.scale)
+        data: Any = features if self.last_layer else batches
+        opts = self._options({})
+        op = self._fisher(module, data, "lowrank", opts, rank=min(self.low_rank, p))
+        evals = op.evals * (n * self.scale)  # type: ignore[attr-defined]
         keep = evals > evals.max() * LOWRANK_CUTOFF * torch.finfo(evals.dtype).eps
-        return op.u[:, keep], evals[keep], self.factor * loss
+        return op.u[:, keep], evals[keep], self.factor * loss  # type: ignore[attr-defined]
 
     # -- first order ------------------------------------------------------------------------------
     def jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
-        """(Js (M, C, P), f (M, C)): the Jacobian by the engine's layer rules (fl.jacobian).
-        ``enable_backprop=True`` (gradients w.r.t. x through the predictive) falls back to
-        laplace-torch's torch.func Jacobian, since the engine's are detached."""
+        """(Js (M, C, P), f (M, C)): the Jacobian by the engine's layer rules (fl.jacobian),
+        restricted to the subnetwork's entries, if any (M, C, S). ``enable_backprop=True``
+        (gradients w.r.t. x through the predictive) falls back to laplace-torch's torch.func
+        Jacobian, since the engine's are detached."""
         if enable_backprop:
             return super().jacobians(x, enable_backprop=True)
+        sub = self._subnet()
         with torch.enable_grad():
-            jac = fl.jacobian(self.model, x, params=self.params)
+            params = self.params if sub is None else sub.params
+            jac = fl.jacobian(as_called(self.model, x), x, params=params)
             js = jac.to_dense().reshape(jac.n_examples, jac.n_outputs, -1)
         with torch.no_grad():
             f = self.model(x)
-        return js, f.detach()
+        return (js if sub is None else js[..., sub.local]), f.detach()
 
     def gradients(self, x: Any, y: Tensor) -> tuple[Tensor, Tensor]:
         """(Gs (M, P), loss): per-example gradients of laplace-torch's ``lossfunc``, i.e. the
-        engine's empirical columns d(-log p)/df back-propagated by the layer rules, over factor;
-        loss = lossfunc(f, y) summed (without factor, as laplace-torch's own)."""
+        engine's empirical columns d(-log p)/df back-propagated by the layer rules, over factor
+        (restricted to the subnetwork's entries, if any); loss = lossfunc(f, y) summed (without
+        factor, as laplace-torch's own)."""
         module, inputs, f = self._inputs(x)
-        layout = ParamLayout.from_model(module, self.params if self.last_layer else None)
+        sub = self._subnet()
+        params = self.params if self.last_layer else None if sub is None else sub.params
+        layout = ParamLayout.from_model(module, params)
         parts = []
         with preserved_state(module):
             engine = Engine(
@@ -222,41 +305,8 @@ class FimLinopsInterface(CurvatureInterface):
             for res in engine.run([(inputs, y)]):
                 for lo, hi in res.chunks(layout.numel):
                     parts.append(torch.cat(res.all_block_grads(lo, hi), dim=-1)[0])  # (n, P)
-        return torch.cat(parts) / self.factor, self.lossfunc(f, y).detach()
-
-
-def kfac_to_kron(op: KFAC, sum_scale: float, mean_scale: float) -> Kron:
-    r"""fim_linops ``KFAC`` (blocks L kron R over [W | b]) -> laplace-torch ``Kron``.
-
-    Per block, the weight gets [sum_scale L, mean_scale R_w] (R_w: R without the bias row and
-    column) and the bias [sum_scale R_bb L] (R_bb: the bias-bias entry of R, 1 for Linear): the
-    bias block is a plain sum over the examples, which laplace-torch never rescales.
-    Grouped convolutions (one factor pair per group) have no ``Kron`` form.
-    """
-    kfacs: list[list[Tensor]] = []
-    for spec, left, right in op.pairs():
-        if spec.groups != 1:
-            raise ValueError(
-                f"layer '{spec.name}' is a grouped convolution (groups={spec.groups}): "
-                "laplace-torch's Kron has one factor pair per parameter; use "
-                "hessian_structure='diag' or 'full'"
-            )
-        left0, right0 = left[0], right[0]  # (rows, rows), (cols, cols)
-        if spec.has_weight:
-            w = spec.w_cols
-            kfacs.append([left0 * sum_scale, right0[:w, :w] * mean_scale])
-        if spec.has_bias:
-            kfacs.append([left0 * (sum_scale * right0[-1, -1])])
-    # lists, not tuples: KronLaplace rescales the factors in place (its annotation says tuples)
-    return Kron(kfacs)  # type: ignore[arg-type]
-
-
-def _move(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, MutableMapping):
-        return {k: _move(v, device) for k, v in x.items()}
-    return x
+        gs = torch.cat(parts) if sub is None else torch.cat(parts)[:, sub.local]
+        return gs / self.factor, self.lossfunc(f, y).detach()
 
 
 class FimLinopsGGN(FimLinopsInterface, GGNInterface):

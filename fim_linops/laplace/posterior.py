@@ -38,6 +38,7 @@ from fim_linops.data import batch_size as n_examples
 from fim_linops.data import call_model, iter_batches
 from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine
+from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.engine.gram import gram_per_example, side
 from fim_linops.fisher import fisher
 from fim_linops.laplace import prior as priors
@@ -253,6 +254,7 @@ class Laplace:
     def predictive(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
         r"""GLM predictive: mean f(x; theta*) (N, C) and covariance J Sigma J^T, per example
         (N, C, C) or, with ``joint``, (N*C, N*C) (row n*C + c)."""
+        warn_active_dropout(self.model, "the predictive")
         if joint:
             nc = n_examples(x) * self._n_outputs
             check_bytes(

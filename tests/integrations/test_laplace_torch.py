@@ -265,8 +265,10 @@ def test_stochastic_ggn_is_a_monte_carlo_estimate_of_the_exact_one():
 
 def test_bad_options_raise_errors_that_say_what_to_do():
     model, x, y, _ = _problem("classification", "mlp")
-    with pytest.raises(ValueError, match="subnetwork"):
-        FimLinopsGGN(model, "classification", subnetwork_indices=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="subnetwork_indices must be non-empty indices"):
+        FimLinopsGGN(model, "classification", subnetwork_indices=torch.tensor([0, 10**6])).full(
+            x, y
+        )
     with pytest.raises(ValueError, match="low_rank"):
         FimLinopsGGN(model, "classification", low_rank=0)
     with pytest.raises(TypeError, match="backend_kwargs"):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fim_linops.naming import class_name
+
 
 @dataclass
 class KronStats:
@@ -87,7 +89,7 @@ class LayerRule:
     ) -> KronStats:
         """Kronecker factor sums; ``reduce``: KFAC-reduce over positions (Eschenhagen et al.
         2023) instead of expand, for rules that have positions."""
-        raise NotImplementedError(f"no KFAC rule for {type(module).__name__}")
+        raise NotImplementedError(f"no KFAC rule for {class_name(module)}")
 
     def add_kfac(
         self,
@@ -130,7 +132,7 @@ class LayerRule:
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         """(groups, rows, cols) of the block's matrix view for Kronecker structures."""
-        raise NotImplementedError(f"no Kronecker view for {type(module).__name__}")
+        raise NotImplementedError(f"no Kronecker view for {class_name(module)}")
 
     # -- NTK (Gram) blocks: q, k back-propagated columns of each side, n, m examples ------------
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
