@@ -1,14 +1,15 @@
-"""Two processes (gloo, localhost), each with half of the data, give the single-process Fisher on
-all of it."""
+"""Two processes (gloo), each with half of the data, give the single-process Fisher on all of it;
+and the multi-process harness (tests/multiproc.py) reports worker failures and survives the
+teardown abort of torch's gloo process group."""
 
 from __future__ import annotations
 
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiproc import WorkerError, run_in_processes
 from torch import nn
 
 import fim_linops as fl
@@ -36,36 +37,54 @@ def _results(model, batches, v):
     return out
 
 
-def _worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, x, y = _setup()
-        # uneven shards: rank 0 reads 5 examples in 2 batches, rank 1 reads 7 in one
-        shard = [(x[:3], y[:3]), (x[3:5], y[3:5])] if rank == 0 else [(x[5:], y[5:])]
-        v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-        res = _results(model, shard, v)
-        if rank == 0:
-            torch.save(res, path)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    model, x, y = _setup()
+    # uneven shards: rank 0 reads 5 examples in 2 batches, rank 1 reads 7 in one
+    shard = [(x[:3], y[:3]), (x[3:5], y[3:5])] if rank == 0 else [(x[5:], y[5:])]
+    v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    return _results(model, shard, v)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_with_half_the_data_each_equal_one_process_on_all(tmp_path) -> None:
-    path = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
-    got = torch.load(path, weights_only=False)
+def test_two_processes_with_half_the_data_each_equal_one_process_on_all() -> None:
+    got = run_in_processes(_worker, world_size=2)
     model, x, y = _setup()
     v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     want = _results(model, [(x, y)], v)
-    for s in [*STRUCTURES, "laplace"]:
-        for a, b in zip(got[s], want[s], strict=True):
-            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), s
+    for rank in range(2):  # every rank holds the reduced operator
+        for s in [*STRUCTURES, "laplace"]:
+            for a, b in zip(got[rank][s], want[s], strict=True):
+                assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), (rank, s)
+
+
+# -- the harness itself ------------------------------------------------------------------------------
+def _rank_sum(rank: int, world: int, mode: str) -> torch.Tensor:
+    t = torch.full((2,), float(rank + 1))
+    dist.all_reduce(t)
+    if mode == "raise" and rank == 1:
+        raise ArithmeticError("rank 1 found a wrong number")
+    if mode == "die" and rank == 1:
+        os.abort()  # dies before it reports: a real failure
+    return t
+
+
+def test_harness_returns_every_ranks_result_in_rank_order() -> None:
+    # torch's own teardown runs after the report: it may abort, which must not matter
+    got = run_in_processes(
+        _rank_sum, args=("ok",), world_size=2, after_report=dist.destroy_process_group
+    )
+    assert len(got) == 2 and all(torch.equal(t, torch.full((2,), 3.0)) for t in got)
+
+
+def test_a_worker_exception_fails_the_run_with_its_traceback() -> None:
+    with pytest.raises(WorkerError, match="(?s)rank 1 raised.*ArithmeticError: rank 1 found"):
+        run_in_processes(_rank_sum, args=("raise",), world_size=2, timeout=120)
+
+
+def test_a_worker_that_dies_before_reporting_fails_the_run() -> None:
+    with pytest.raises(WorkerError, match="rank 1 did not report \\(killed by signal SIGABRT\\)"):
+        run_in_processes(_rank_sum, args=("die",), world_size=2, timeout=120)
+
+
+def test_an_abort_after_the_report_does_not_fail_the_run() -> None:
+    """What torch 2.13's gloo teardown does now and then: SIGABRT once the work is done."""
+    assert run_in_processes(_rank_sum, args=("ok",), after_report=os.abort)[1].sum() == 6.0
