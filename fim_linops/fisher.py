@@ -63,7 +63,7 @@ def _kfac_approx(value: str) -> str:
 def _check_kronecker(engine: Engine, structure: Structure) -> None:
     """``strict=True``: raise when a layer has no Kronecker factors, naming each such layer and
     why, with a per-layer mix that moves exactly those layers to an exact structure."""
-    from fim_linops.builders.everywhere import non_kronecker
+    from fim_linops.builders.everywhere import NO_FACTORS, NO_RULE, non_kronecker
 
     bad = non_kronecker(engine)
     if not bad:
@@ -72,15 +72,17 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         f"'{b.module_name or '<model>'}' ({type(b.module).__name__}: {why})" for b, why in bad
     )
     keys: list[str] = []
-    for b, _ in bad:  # a type for layers of a type that never has a rule, else the layer's name
+    bad_names = {b.module_name for b, _ in bad}
+    for b, why in bad:  # a type that has no Kronecker rule anywhere in the model, else the name
         t = type(b.module)
-        own_type = all(
-            x.module_name in {c.module_name for c, _ in bad}
-            for x in engine.layout.blocks
-            if type(x.module) is t
+        by_type = (
+            why in (NO_FACTORS, NO_RULE)
+            and t.__module__.startswith("torch.nn")
+            and all(x.module_name in bad_names for x in engine.layout.blocks if type(x.module) is t)
         )
-        key = f"nn.{t.__name__}" if own_type and t.__module__.startswith("torch.nn") else None
-        if key is None:  # the root module's own parameters: its class names it
+        if by_type:
+            key = f"nn.{t.__name__}"
+        else:  # the root module's own parameters: its class names it
             key = f"'{b.module_name}'" if b.module_name else t.__name__
         if key not in keys:
             keys.append(key)

@@ -37,6 +37,9 @@ from fim_linops.operators.base import FisherOperator
 from fim_linops.operators.mixed import LayerInfo, Mixed, Spans
 from fim_linops.structures import Structure
 
+NO_FACTORS = "no Kronecker factorisation"
+NO_RULE = "no Kronecker rule"
+
 #: the largest layer (parameters) that gets its dense exact block; larger ones get their diagonal
 EXACT_DENSE_MAX = 4096
 
@@ -58,7 +61,7 @@ def non_kronecker(engine: Engine) -> list[tuple[LayerBlock, str]]:
     why: dict[int, str] = {}
     for rb in engine.ruled:
         if not rb.rule.has_kfac:
-            why[id(rb.block)] = "no Kronecker factorisation"
+            why[id(rb.block)] = NO_FACTORS
     for block in engine.fallback:
         if id(block.module) in engine.demoted:
             why[id(block)] = engine.demoted[id(block.module)]
@@ -67,7 +70,7 @@ def non_kronecker(engine: Engine) -> list[tuple[LayerBlock, str]]:
         elif rule_names_other(block):
             why[id(block)] = "parameters other than weight and bias (no Kronecker rule)"
         else:
-            why[id(block)] = "no Kronecker rule"
+            why[id(block)] = NO_RULE
     return [(b, why[id(b)]) for b in engine.layout.blocks if id(b) in why]
 
 
