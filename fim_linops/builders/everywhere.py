@@ -162,7 +162,7 @@ def build_everywhere(ctx: BuildContext, structure: Structure) -> FisherOperator:
 
             one_pass.insert(0, Group(Structure.KFAC, kron_layout))
             kfac, *rest = build_one_pass(first, one_pass)
-            ops = [ekfac_from_kfac(ctx, view, kfac, later()), *rest]  # type: ignore[arg-type]
+            ops = [ekfac_from_kfac(ctx, view, kfac, later()), *rest]
         else:
             from fim_linops.builders.kron_sum import kron_sum_over
 

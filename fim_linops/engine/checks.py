@@ -141,7 +141,7 @@ def forward_mismatch(engine: Engine, x: Any) -> dict[int, str]:
         return {}
     found: dict[int, str] = {}
 
-    def make_hook(key: int, cls: type):
+    def make_hook(key: int, cls: type[nn.Module]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             ref = cls.forward(module, *args, **kwargs)
             ok = isinstance(output, Tensor) and isinstance(ref, Tensor)
