@@ -60,7 +60,7 @@ def _kfac_approx(value: str) -> str:
     return value
 
 
-def _check_kronecker(engine: Engine, structure: Structure) -> None:
+def _check_kronecker(engine: Engine, structure: Structure, in_mix: bool = False) -> None:
     """``strict=True``: raise when a layer has no Kronecker factors, naming each such layer and
     why, with a per-layer mix that moves exactly those layers to an exact structure."""
     from fim_linops.builders.everywhere import NO_FACTORS, NO_RULE, non_kronecker
@@ -91,11 +91,17 @@ def _check_kronecker(engine: Engine, structure: Structure) -> None:
         + "".join(f"{k}: 'block_diag', " for k in keys[:4])
         + f"'default': '{structure.value}'}}"
     )
+    lead = (
+        f"the per-layer mix's '{structure.value}' group"
+        if in_mix
+        else f"structure='{structure.value}' with strict=True"
+    )
+    drop = "" if in_mix else "drop strict=True (those layers then get exact blocks), "
     raise ValueError(
-        f"structure='{structure.value}' with strict=True has no Kronecker factors for module "
+        f"{lead} has no Kronecker factors for module "
         + listed
-        + f"; drop strict=True (those layers then get exact blocks: F.describe() lists them), "
-        f"use a per-layer mix such as {mix}, or structure='block_diag', 'diag' or 'implicit'"
+        + f"; {drop}use a per-layer mix such as {mix}, or structure='block_diag', 'diag' or "
+        "'implicit'"
     )
 
 
@@ -332,7 +338,9 @@ def fisher_one_pass(
             )
             _check_memory(struct, group_layout, dt, max_bytes)
             if struct.kronecker:  # a check of the group's layers alone (construction only)
-                _check_kronecker(Engine(work, group_layout, lik, ftype, mc_samples), struct)
+                _check_kronecker(
+                    Engine(work, group_layout, lik, ftype, mc_samples), struct, in_mix=True
+                )
             plan.append(Group(struct, group_layout))
 
         def build(ctx: BuildContext) -> list[FisherOperator]:
