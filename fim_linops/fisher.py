@@ -22,6 +22,7 @@ from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
+from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
@@ -63,45 +64,48 @@ def _kfac_approx(value: str) -> str:
     return value
 
 
-def _check_kronecker(engine: Engine, structure: Structure) -> None:
-    bad = [
-        f"'{rb.block.module_name}' ({type(rb.module).__name__}: no Kronecker factorisation)"
-        for rb in engine.ruled
-        if not rb.rule.has_kfac
-    ]
-    if not engine.fallback and not bad:
+def _check_kronecker(engine: Engine, structure: Structure, in_mix: bool = False) -> None:
+    """``strict=True``: raise when a layer has no Kronecker factors, naming each such layer and
+    why, with a per-layer mix that moves exactly those layers to an exact structure."""
+    from fim_linops.builders.everywhere import NO_FACTORS, NO_RULE, non_kronecker
+
+    bad = non_kronecker(engine)
+    if not bad:
         return
-    for block in engine.fallback:
-        kind = type(block.module).__name__
-        why = "no Kronecker rule"
-        shared = any(
-            p is not None
-            and any(
-                p is q
-                for m in engine.model.modules()
-                if m is not block.module
-                for q in m._parameters.values()
-            )
-            for p in block.module._parameters.values()
-        )
-        if shared:
-            why = "a parameter shared with another module"
-        elif id(block.module) in engine.demoted:
-            why = engine.demoted[id(block.module)]
-        name = block.module_name or "<model>"
-        bad.append(f"'{name}' ({kind}: {why})")
-    demoted = [b.module_name for b in engine.fallback if id(b.module) in engine.demoted]
-    mix = (
-        "{" + ", ".join(f"'{n}': 'block_diag'" for n in demoted[:3]) + f", 'default': "
-        f"'{structure.value}'}}"
-        if demoted
-        else "{nn.Linear: 'kfac', 'default': 'block_diag'}"
+    listed = ", ".join(
+        f"'{b.module_name or '<model>'}' ({class_name(b.module)}: {why})" for b, why in bad
     )
+    keys: list[str] = []
+    bad_names = {b.module_name for b, _ in bad}
+    for b, why in bad:  # a type that has no Kronecker rule anywhere in the model, else the name
+        t = type(b.module)
+        by_type = (
+            why in (NO_FACTORS, NO_RULE)
+            and t.__module__.startswith("torch.nn")
+            and all(x.module_name in bad_names for x in engine.layout.blocks if type(x.module) is t)
+        )
+        if by_type:
+            key = class_name(t)
+        else:  # the root module's own parameters: its class names it
+            key = f"'{b.module_name}'" if b.module_name else class_name(t)
+        if key not in keys:
+            keys.append(key)
+    mix = (
+        "{"
+        + "".join(f"{k}: 'block_diag', " for k in keys[:4])
+        + f"'default': '{structure.value}'}}"
+    )
+    lead = (
+        f"the per-layer mix's '{structure.value}' group"
+        if in_mix
+        else f"structure='{structure.value}' with strict=True"
+    )
+    drop = "" if in_mix else "drop strict=True (those layers then get exact blocks), "
     raise ValueError(
-        f"structure='{structure.value}' has no rule for module "
-        + ", ".join(bad)
-        + f"; use structure='block_diag', 'diag' or 'implicit', a per-layer mix such as {mix}, "
-        "or restrict params= to the Linear/Conv/Embedding layers"
+        f"{lead} has no Kronecker factors for module "
+        + listed
+        + f"; {drop}use a per-layer mix such as {mix}, or structure='block_diag', 'diag' or "
+        "'implicit'"
     )
 
 
@@ -121,6 +125,7 @@ def fisher(
     max_bytes: int | None = MAX_DENSE_BYTES,
     process_group: Any = None,
     kfac_approx: str = "expand",
+    strict: bool = False,
 ) -> FisherOperator:
     r"""The Fisher information matrix of ``model`` on ``data`` as a LinearOperator (P, P).
 
@@ -145,7 +150,14 @@ def fisher(
             over it, :class:`fim_linops.MemoryLimitError` names a structure that fits.
         kfac_approx: for layers applied at several positions (sequences, convolutions),
             "expand" (positions as extra examples) or "reduce" (inputs averaged and output
-            gradients summed over positions per example), Eschenhagen et al. 2023.
+            gradients summed over positions per example), Eschenhagen et al. 2023. "expand"
+            takes each Linear call's rows as they come (e.g. (B, 2, D) inputs reshaped to
+            (2B, D)); every other statistic needs the examples on the first dim of each call.
+        strict: for "kfac", "ekfac" and "kron_sum": raise when a layer has no Kronecker
+            factors. By default such layers (norms' affine parameters, raw parameters, modules
+            without a rule or sent to torch.func) get exact blocks: their dense block up to
+            ``builders.everywhere.EXACT_DENSE_MAX`` parameters, else their exact diagonal;
+            ``F.describe()`` lists each layer's structure and why (docs/structures.md).
         process_group: a torch.distributed group; by default the world group when
             torch.distributed is initialised. Each rank passes its own shard of the data; the
             statistics are all-reduced once (implicit products once per product).
@@ -173,6 +185,7 @@ def fisher(
             max_bytes=max_bytes,
             process_group=process_group,
             kfac_approx=kfac_approx,
+            strict=strict,
         )
     struct = Structure.parse(structure)
 
@@ -182,8 +195,17 @@ def fisher(
         _check_memory(struct, layout, dt, max_bytes)
 
         def build(ctx: BuildContext) -> FisherOperator:
-            if struct.kronecker:
-                _check_kronecker(ctx.engine, struct)
+            engine = ctx.engine
+            if struct.kronecker and strict:
+                _check_kronecker(engine, struct)
+            elif struct.kronecker and (
+                engine.fallback or not all(r.rule.has_kfac for r in engine.ruled)
+            ):
+                from fim_linops.builders.everywhere import build_everywhere
+
+                return build_everywhere(ctx, struct)  # exact blocks where no factors exist
+            if struct is Structure.KFAC and kfac_approx == "expand":  # rows as they come
+                engine.rows_free.update(id(rb.module) for rb in engine.ruled)
             return BUILDERS[struct](ctx)  # every Structure registers a builder
 
         return build
@@ -324,10 +346,13 @@ def fisher_one_pass(
     process_group: Any = None,
     kfac_approx: str = "expand",
     rank: int | None = None,
+    strict: bool = True,
 ) -> list[FisherOperator]:
     """One operator per (structure, parameters) group, every structure a one-pass one
     (``builders.one_pass.ONE_PASS``), all from one engine pass over the union of the groups (the
-    same checks and state guarantees as :func:`fisher`)."""
+    same checks and state guarantees as :func:`fisher`). A "kfac" group of a per-layer mix is
+    always strict (its layers were chosen for it): a layer in it without Kronecker factors is an
+    error that names it (``strict`` is accepted for the signature of :func:`fisher`)."""
     from fim_linops.builders.one_pass import Group, build_one_pass
 
     union = [p for _, ps in groups for p in ps]
@@ -344,9 +369,25 @@ def fisher_one_pass(
             )
             _check_memory(struct, group_layout, dt, max_bytes)
             if struct.kronecker:  # a check of the group's layers alone (construction only)
-                _check_kronecker(Engine(work, group_layout, lik, ftype, mc_samples), struct)
+                _check_kronecker(
+                    Engine(work, group_layout, lik, ftype, mc_samples), struct, in_mix=True
+                )
             plan.append(Group(struct, group_layout))
-        return lambda ctx: build_one_pass(ctx, plan)
+
+        def build(ctx: BuildContext) -> list[FisherOperator]:
+            if kfac_approx == "expand":  # the kfac groups' factors take the rows as they come
+                kron = {
+                    b.module_name
+                    for g in plan
+                    if g.structure is Structure.KFAC
+                    for b in g.layout.blocks
+                }
+                ctx.engine.rows_free.update(
+                    id(rb.module) for rb in ctx.engine.ruled if rb.block.module_name in kron
+                )
+            return build_one_pass(ctx, plan)
+
+        return build
 
     return _run(
         model,

@@ -173,7 +173,7 @@ def test_kfac_names_the_reason_and_a_mix_that_works(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(ValueError, match="other than through its own calls") as err:
-            fl.fisher(model, (x, y), structure="kfac")
+            fl.fisher(model, (x, y), structure="kfac", strict=True)
         mix = {layer: "block_diag", "default": "kfac"}
         assert str(mix) in str(err.value)
         F = fl.fisher(model, (x, y), structure=mix)

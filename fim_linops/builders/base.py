@@ -48,7 +48,7 @@ class BuildContext:
 def kron_spec(rb: RuledBlock, left_is_a: bool = False) -> KronSpec:
     """The Kronecker view (groups, rows, cols; weight/bias columns) of one ruled block."""
     groups, rows, cols = rb.rule.kron_shape(rb.module, rb.block.local_names)
-    names = rb.block.local_names
+    flags = rb.rule.kron_flags(rb.block.local_names)
     return KronSpec(
         rb.block.module_name,
         rb.block.start,
@@ -56,8 +56,8 @@ def kron_spec(rb: RuledBlock, left_is_a: bool = False) -> KronSpec:
         groups,
         rows,
         cols,
-        has_weight="weight" in names,
-        has_bias="bias" in names,
+        has_weight=flags[0],
+        has_bias=flags[1],
         left_is_a=left_is_a,
     )
 

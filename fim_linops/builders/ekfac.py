@@ -122,8 +122,16 @@ def build_ekfac(ctx: BuildContext) -> EKFAC:
     columns: list[Tensor] | None = [] if engine.fisher_type is FisherType.MC else None
     recording = RecordingContext.of(ctx, columns)
     kfac: KFAC = BUILDERS[Structure.KFAC](recording)
+    return ekfac_from_kfac(ctx, engine, kfac, ctx.results(columns=columns))
+
+
+def ekfac_from_kfac(
+    ctx: BuildContext, engine: Engine, kfac: KFAC, results: Iterable[BatchResult]
+) -> EKFAC:
+    """EKFAC's second pass: the eigenbases of ``kfac``'s factors and the eigenvalues refitted on
+    ``results`` (the batches of ``engine``'s layers, with the columns of the first pass)."""
     bases = [(sym_eigh(left)[1], sym_eigh(right)[1]) for _, left, right in kfac.pairs()]
-    sums, n = eigen_sums(engine, ctx.results(columns=columns), kfac.specs, bases)
+    sums, n = eigen_sums(engine, results, kfac.specs, bases)
     filled = [
         ql.new_zeros(spec.groups, spec.rows, spec.cols) if s is None else s
         for spec, (ql, _), s in zip(kfac.specs, bases, sums, strict=True)

@@ -22,6 +22,7 @@ exact.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -83,10 +84,22 @@ def _orth(x: Tensor) -> Tensor:
 @register(Structure.KRON_SUM)
 def build_kron_sum(ctx: BuildContext) -> KronSum:
     engine = ctx.engine
-    specs = kron_specs(engine)
-    r = check_rank(ctx.rank, engine.layout.numel, "structure='kron_sum'")
     columns: list[Tensor] | None = [] if engine.fisher_type is FisherType.MC else None
     recording = RecordingContext.of(ctx, columns)
+
+    def passes(first: bool) -> Iterable[BatchResult]:
+        return recording.results() if first else ctx.results(columns=columns)
+
+    return kron_sum_over(ctx, engine, passes)
+
+
+def kron_sum_over(
+    ctx: BuildContext, engine: Engine, passes: Callable[[bool], Iterable[BatchResult]]
+) -> KronSum:
+    """The Kronecker sums of ``engine``'s ruled layers; ``passes(first)`` runs one data pass (the
+    first one draws the MC columns, the later ones reuse them)."""
+    specs = kron_specs(engine)
+    r = check_rank(ctx.rank, engine.layout.numel, "structure='kron_sum'")
     dt, dev = ctx.dtype, ctx.device
     gen = torch.Generator(device=dev).manual_seed(0)
     width = [min(r + OVERSAMPLE, s.rows**2, s.cols**2) for s in specs]
@@ -97,7 +110,7 @@ def build_kron_sum(ctx: BuildContext) -> KronSum:
         """One data pass: R(F) (or R(F)^T) on every block's iterates."""
         out: list[Tensor | None] = [None] * len(specs)
         n = 0
-        src = recording.results() if first[0] else ctx.results(columns=columns)
+        src = passes(first[0])
         first[0] = False
         for res in src:
             for i, spec in enumerate(specs):

@@ -25,6 +25,8 @@ def quasi_specs(engine: Engine) -> list[tuple[int, QuasiSpec]]:
     out = []
     for i, rb in enumerate(engine.ruled):
         w, b = rb.block.entry("weight"), rb.block.entry("bias")
+        if rb.rule.kron_left_is_a:  # W's first dim is not the output (HF Conv1D: (in, out))
+            continue
         if w is None or b is None or b.param.ndim != 1 or w.param.ndim == 0:
             continue
         if w.param.shape[0] != b.numel or w.numel % b.numel:

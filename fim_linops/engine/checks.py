@@ -29,11 +29,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fim_linops.data import PROBE_EXAMPLES, call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
+from fim_linops.engine.rules.base import ruled_type
 from fim_linops.naming import class_name
 
 if TYPE_CHECKING:
@@ -104,8 +105,11 @@ def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> d
         for rb in engine.ruled
         if any(id(e.param) in scan.outside for e in rb.block.entries)
     }
+    rows_free = engine.rows_free
     for key, cs in calls.items():
-        if key not in found and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
+        if key in found or key in rows_free:
+            continue
+        if any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
             found[key] = NOT_EXAMPLE_MAJOR
     return found
 
@@ -117,7 +121,7 @@ def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[
     n = f.shape[0]
     found = unruly(engine, f, cap.calls, n)
     with cap.paused():
-        return _one_example(engine, x, n) | found
+        return _one_example(engine, x, n) | forward_mismatch(engine, x) | found
 
 
 def probe_checks(engine: Engine, x: Any) -> dict[int, str]:
@@ -132,7 +136,7 @@ def probe_checks(engine: Engine, x: Any) -> dict[int, str]:
             return {}
         n = f.shape[0]
         found = unruly(engine, f, calls, n)
-    return _one_example(engine, x, n) | found
+    return _one_example(engine, x, n) | forward_mismatch(engine, x) | found
 
 
 def _one_example(engine: Engine, x: Any, n: int) -> dict[int, str]:
@@ -159,7 +163,7 @@ def check_example_major(engine: Engine, n: int, calls: dict[int, list[Call]], in
     ]
     if not bad:
         return
-    names = ", ".join(f"'{rb.block.module_name}' ({type(rb.module).__name__})" for rb in bad)
+    names = ", ".join(f"'{rb.block.module_name}' ({class_name(rb.module)})" for rb in bad)
     raise ValueError(
         f"batch {index} ({n} examples): the calls of module {names} do not have the examples "
         "along their first dim (a time-major (T, N, D) sequence, examples flattened into "
@@ -167,6 +171,54 @@ def check_example_major(engine: Engine, n: int, calls: dict[int, list[Call]], in
         "of one example, cannot show; put a batch of two or more examples first (the module "
         "then goes through torch.func)"
     )
+
+
+def forward_mismatch(engine: Engine, x: Any) -> dict[int, str]:
+    """id -> reason for the ruled modules of a subclass that overrides ``forward`` (the rule
+    serves the nearest ruled class in the hierarchy, rules/base.py) whose forward does not compute
+    the ruled class's function: one forward without gradients of the first example, where a hook
+    on each such module compares its output with the ruled class's ``forward`` on the same
+    inputs. Nothing runs when no ruled module overrides ``forward``."""
+    suspects = {}
+    for rb in engine.ruled:
+        cls = ruled_type(rb.module)
+        if cls is not None and type(rb.module).forward is not cls.forward:
+            suspects[id(rb.module)] = (rb.module, cls)
+    if not suspects:
+        return {}
+    found: dict[int, str] = {}
+
+    def make_hook(key: int, cls: type[nn.Module]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            ref = cls.forward(module, *args, **kwargs)
+            ok = isinstance(output, Tensor) and isinstance(ref, Tensor)
+            if ok and output.shape == ref.shape:
+                tol = 1e-9 if output.dtype == torch.float64 else 1e-4
+                scale = float(ref.abs().max()) if ref.numel() else 0.0
+                ok = bool(torch.allclose(output, ref, rtol=tol, atol=tol * max(scale, 1e-30)))
+            else:
+                ok = False
+            if not ok:
+                found[key] = (
+                    f"its forward ({class_name(module)}, a subclass of {class_name(cls)}) does not "
+                    f"compute {class_name(cls)}'s function, so its rule does not apply"
+                )
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(make_hook(key, cls), with_kwargs=True)
+        for key, (m, cls) in suspects.items()
+    ]
+    device = engine.layout.entries[0].param.device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            call_model(engine.model, slice_examples(x, 0, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def check_uncalled(engine: Engine, f: Tensor, called: Any, index: int) -> None:

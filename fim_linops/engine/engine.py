@@ -180,6 +180,9 @@ class Engine:
         #: ruled modules whose rule would be wrong on this model (id -> why): per-example
         #: gradients through torch.func (:meth:`demote`)
         self.demoted: dict[int, str] = {}
+        #: ruled modules (ids) whose statistics only need the rows of their calls as they come
+        #: (KFAC "expand" factors): the first-batch check of example-major calls skips them
+        self.rows_free: set[int] = set()
         self._safe = False  # becomes True once an in-place op is seen on a kept tensor
         self._walked = False  # whether a forward's graph was checked for raw uses (paths.py)
         self._split()

@@ -29,6 +29,7 @@ class EngineView(Engine):
         self.fisher_type = engine.fisher_type
         self.mc_samples = engine.mc_samples
         self.generator = engine.generator
+        self.rows_free = engine.rows_free
         by_name = {b.module_name: bi for bi, b in enumerate(engine.layout.blocks)}
         self.ruled: list[RuledBlock] = []
         self.fallback: list[LayerBlock] = []

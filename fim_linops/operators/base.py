@@ -156,6 +156,22 @@ class FisherOperator(LinearOperator):
         d = self.damping
         return self._frobenius_sq_undamped() + 2 * d * self._trace_undamped() + d**2 * self._numel()
 
+    def describe(self) -> str:
+        """Each layer (for operators that store per-layer blocks: name and parameter count) and
+        the structure; :class:`~fim_linops.operators.mixed.Mixed` adds each layer's type and why
+        a layer is not Kronecker-factored."""
+        specs = getattr(self, "specs", ())
+        head = f"{type(self).__name__}(P={self._numel()})"
+        if not specs or not all(hasattr(s, "start") for s in specs):
+            return head
+        structure = getattr(self, "structure", "")
+        rows = [(s.name or "<model>", str(s.stop - s.start)) for s in specs]
+        w0 = max(len("layer"), *(len(r[0]) for r in rows))
+        w1 = max(len("params"), *(len(r[1]) for r in rows))
+        lines = [f"  {'layer'.ljust(w0)}  {'params'.rjust(w1)}  structure"]
+        lines += [f"  {n.ljust(w0)}  {p.rjust(w1)}  {structure}" for n, p in rows]
+        return "\n".join([head, *lines])
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(P={self._numel()})"
 

@@ -10,6 +10,8 @@ group structures allow. Roots are block-diagonal with the columns ordered by gro
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from linear_operator.operators import LinearOperator, RootLinearOperator
 from torch import Tensor
@@ -17,6 +19,18 @@ from torch import Tensor
 from fim_linops.operators.base import ExactSolveMixin, FisherOperator, as_columns, from_columns
 
 Spans = tuple[tuple[int, int], ...]
+
+
+class LayerInfo(NamedTuple):
+    """One layer of a mixed operator, for :meth:`Mixed.describe`: the module's name and type, its
+    parameter count, its structure and why it is not Kronecker-factored ("" when it is, or when
+    the user chose its structure)."""
+
+    name: str
+    kind: str
+    numel: int
+    structure: str
+    reason: str = ""
 
 
 def gather(x: Tensor, spans: Spans) -> Tensor:
@@ -39,6 +53,7 @@ class Mixed(ExactSolveMixin, FisherOperator):
         ops: one Fisher operator per group (undamped).
         spans: per group, the (start, stop) slices of the public vector it covers.
         structures: the groups' structure names (for display).
+        layers: per layer, a :class:`LayerInfo` (for :meth:`describe`); empty when unknown.
         damping: scalar delta, shared by all groups.
     """
 
@@ -49,16 +64,25 @@ class Mixed(ExactSolveMixin, FisherOperator):
         *ops: FisherOperator,
         spans: tuple[Spans, ...],
         structures: tuple[str, ...] = (),
+        layers: tuple[LayerInfo, ...] = (),
         damping: Tensor | None = None,
     ):
         if len(ops) != len(spans):
             raise ValueError("Mixed needs one tuple of spans per group operator")
         if damping is None:
             damping = torch.zeros((), dtype=ops[0].dtype, device=ops[0].device)
-        super().__init__(*ops, spans=tuple(spans), structures=tuple(structures), damping=damping)
+        layers = tuple(LayerInfo(*info) for info in layers)
+        super().__init__(
+            *ops,
+            spans=tuple(spans),
+            structures=tuple(structures),
+            layers=layers,
+            damping=damping,
+        )
         self.ops = ops
         self.spans = tuple(spans)
         self.structures = tuple(structures)
+        self.layers = layers
 
     def _numel(self) -> int:
         return sum(hi - lo for sp in self.spans for lo, hi in sp)
@@ -71,6 +95,7 @@ class Mixed(ExactSolveMixin, FisherOperator):
             *[op * c for op in self.ops],
             spans=self.spans,
             structures=self.structures,
+            layers=self.layers,
             damping=self.damping * c,
         )
 
@@ -130,7 +155,31 @@ class Mixed(ExactSolveMixin, FisherOperator):
         """Eigenvalues (P,) ordered by group and eigenvectors (P, P) block-diagonal by group."""
         return self._symeig(eigenvectors=True)
 
+    def _eigenvalues(self) -> Tensor:
+        """The undamped eigenvalues (P,), ordered by group (as :meth:`eigh`)."""
+        return torch.cat(
+            [op._eigenvalues() if hasattr(op, "_eigenvalues") else op.eigh()[0] for op in self.ops]
+        )
+
+    def describe(self) -> str:
+        """One line per layer: name, type, parameter count, structure and, for a layer that is
+        not Kronecker-factored in a kfac/ekfac/kron_sum build, why."""
+        if not self.layers:
+            return repr(self)
+        rows = [("layer", "type", "params", "structure", "why not Kronecker")]
+        rows += [(i.name, i.kind, str(i.numel), i.structure, i.reason) for i in self.layers]
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = [
+            "  ".join(r[c].rjust(widths[c]) if c == 2 else r[c].ljust(widths[c]) for c in range(4))
+            + ("  " + r[4] if r[4] else "")
+            for r in rows
+        ]
+        head = f"{type(self).__name__}(P={self._numel()}, groups: {', '.join(self.structures)})"
+        return "\n".join([head, *("  " + line.rstrip() for line in lines)])
+
     def __repr__(self) -> str:
+        if self.layers:
+            return self.describe()
         inner = ", ".join(f"{s}: {op!r}" for s, op in zip(self.structures, self.ops, strict=False))
         return f"Mixed(P={self._numel()}, {inner})"
 

@@ -11,6 +11,7 @@ in the module's named_parameters order, the public order).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,12 @@ class LayerRule:
         """(groups, rows, cols) of the block's matrix view for Kronecker structures."""
         raise NotImplementedError(f"no Kronecker view for {class_name(module)}")
 
+    def kron_flags(self, names: tuple[str, ...]) -> tuple[bool, bool]:
+        """(has_weight, has_bias) of the block's :class:`KronSpec`: by default the bias is an
+        extra column of the matrix view M = [W | b]; a rule whose M holds the parameters
+        row-major in the public order as they are (HF Conv1D: M = [W; b^T]) says (True, False)."""
+        return "weight" in names, "bias" in names
+
     # -- NTK (Gram) blocks: q, k back-propagated columns of each side, n, m examples ------------
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
         """Whether :meth:`gram` from (a, g) is cheaper than a product of per-example gradients
@@ -166,6 +173,10 @@ def _add_stats(acc: KronStats, s: KronStats) -> None:
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}
+#: rules for classes of optional packages, by (module path, class name): resolved into RULES the
+#: first time a lookup finds that package already imported (``sys.modules``), so registering
+#: them never imports the package (a model holding such a layer has imported it)
+LAZY: dict[tuple[str, str], LayerRule] = {}
 
 
 def register(rule: LayerRule) -> LayerRule:
@@ -175,13 +186,39 @@ def register(rule: LayerRule) -> LayerRule:
     return rule
 
 
+def register_lazy(module_path: str, class_name: str, rule: LayerRule) -> None:
+    """Register ``rule`` for the class ``module_path.class_name`` once that module is imported."""
+    LAZY[(module_path, class_name)] = rule
+
+
+def _resolve_lazy() -> None:
+    for key in [k for k in LAZY if k[0] in sys.modules]:
+        cls = getattr(sys.modules[key[0]], key[1], None)
+        rule = LAZY.pop(key)
+        if isinstance(cls, type):
+            RULES[cls] = rule
+
+
+def ruled_type(module: nn.Module) -> type[nn.Module] | None:
+    """The nearest class in the module's class hierarchy (MRO) that has a rule: its own type, or
+    a base class for a subclass (``NonDynamicallyQuantizableLinear``, timm's ``Linear``)."""
+    if LAZY:
+        _resolve_lazy()
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return cls
+    return None
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule for this module's exact type (subclasses of nn.Linear etc. with a custom forward
-    go through torch.func instead: a subclass may compute anything)."""
-    rule = RULES.get(type(module))
-    if rule is None or not rule.supports(module):
+    """The rule of the nearest ruled class in the module's hierarchy. A subclass that overrides
+    ``forward`` is checked on the first batch (engine/checks.py, :func:`forward_mismatch`): if
+    its forward does not compute the ruled class's function it goes through torch.func."""
+    cls = ruled_type(module)
+    if cls is None:
         return None
-    return rule
+    rule = RULES[cls]
+    return rule if rule.supports(module) else None
 
 
 #: bytes of per-example workspace for diagonal statistics: small enough to stay in cache
