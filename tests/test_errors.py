@@ -187,7 +187,7 @@ def test_kfac_on_unsupported_layer_names_it_and_suggests() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with pytest.raises(
-        ValueError, match="factors for module '1' \\(PReLU.*\\{nn.PReLU: 'block_diag', 'default'"
+        ValueError, match="factors for module '1' \\(nn.PReLU.*\\{nn.PReLU: 'block_diag', 'default'"
     ):
         fl.fisher(model, (x, y), structure="kfac", strict=True)
 

@@ -155,7 +155,7 @@ def test_kfac_expand_on_a_sequence_model_with_an_embedding() -> None:
 def test_kfac_refuses_layers_it_cannot_factorise_and_names_them() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
     x = torch.randn(5, 4)
-    with pytest.raises(ValueError, match="'1' \\(LayerNorm.*per-layer mix"):
+    with pytest.raises(ValueError, match="'1' \\(nn.LayerNorm.*per-layer mix"):
         fl.fisher(model, (x, torch.zeros(5, dtype=torch.long)), structure="kfac", strict=True)
     F = fl.fisher(
         model, (x, torch.zeros(5, dtype=torch.long)), structure="kfac", params=[model[0], model[2]]

@@ -273,14 +273,18 @@ def test_ekfac_takes_two_passes_and_kfac_one() -> None:
 
 def test_strict_restores_the_error_and_names_the_layers() -> None:
     model, x, y = groupnorm_cnn()
-    with pytest.raises(ValueError, match="'1' \\(GroupNorm: no Kronecker factorisation\\)") as err:
+    with pytest.raises(
+        ValueError, match="'1' \\(nn.GroupNorm: no Kronecker factorisation\\)"
+    ) as err:
         fl.fisher(model, (x, y), structure="kfac", strict=True)
     assert "{nn.GroupNorm: 'block_diag', 'default': 'kfac'}" in str(err.value)
     assert "restrict params" not in str(err.value)
     F = fl.fisher(model, (x, y), structure={nn.GroupNorm: "block_diag", "default": "kfac"})
     torch.testing.assert_close(F.to_dense(), _build(model, x, y, "kfac").to_dense())
     model, x, y = models.raw_param_model()
-    with pytest.raises(ValueError, match="ekfac.*'<model>' \\(RawParamModel.*'affine' \\(Affine"):
+    with pytest.raises(
+        ValueError, match="ekfac.*'<model>' \\(models.RawParamModel.*'affine' \\(models.Affine"
+    ):
         fl.fisher(model, (x, y), structure="ekfac", strict=True)
 
 
@@ -300,7 +304,7 @@ def test_strict_error_on_a_demoted_embedding_names_it() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(ValueError, match="'wpe' \\(Embedding: its parameters") as err:
+        with pytest.raises(ValueError, match="'wpe' \\(nn.Embedding: its parameters") as err:
             fl.fisher(model, (x, y), structure="kfac", params=[model.wpe], strict=True)
         F = fl.fisher(model, (x, y), structure="kfac", params=[model.wpe])
     msg = str(err.value)

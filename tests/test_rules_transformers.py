@@ -159,11 +159,14 @@ def test_multihead_attention_out_proj_gets_the_linear_rule() -> None:
 def test_a_subclass_that_changes_forward_is_sent_to_torch_func() -> None:
     model = _mlp(Doubled)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    with pytest.warns(RuntimeWarning, match="'2' \\(Doubled\\): its forward .* not compute Linear"):
+    with pytest.warns(
+        RuntimeWarning,
+        match="'2' \\(test_rules_transformers.Doubled\\): its forward .* not compute nn.Linear",
+    ):
         F = fl.fisher(model, (x, y), structure="kfac")
     assert isinstance(F, Mixed)
     info = {i.name: i for i in F.layers}
-    assert info["2"].structure == "block_diag" and "not compute Linear" in info["2"].reason
+    assert info["2"].structure == "block_diag" and "not compute nn.Linear" in info["2"].reason
     ref = exact_fisher(model, x, "categorical")
     torch.testing.assert_close(F.to_dense()[-18:, -18:], ref[-18:, -18:])
     with pytest.warns(RuntimeWarning):
