@@ -17,8 +17,8 @@ from torch import nn
 from fim_linops.builders import BUILDERS, BuildContext
 from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
-from fim_linops.engine.engine import HALF
 from fim_linops.engine.checks import UnruledLayers
+from fim_linops.engine.engine import HALF
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes

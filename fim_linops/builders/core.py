@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fim_linops import statistics
+from fim_linops import positions, statistics
 from fim_linops.builders.base import BuildContext, kron_spec, register
-from fim_linops import positions
 from fim_linops.data import iter_batches
 from fim_linops.distributed import all_reduce_count
 from fim_linops.engine import Engine, FisherType

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fim_linops.data import batch_size, call_model, check_finite, iter_batches
 from fim_linops import positions
+from fim_linops.data import batch_size, call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
 from fim_linops.engine.capture import Call, capturing
 from fim_linops.engine.rules import LayerRule, rule_for
@@ -36,7 +36,6 @@ from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES
-
 
 #: half-precision dtypes: the model runs in them, the statistics accumulate in float32
 HALF = (torch.float16, torch.bfloat16)
