@@ -36,6 +36,20 @@ def _looks_like_one_batch(data: Any) -> bool:
         return False
 
 
+def _is_mapping_batch(data: Any) -> bool:
+    """One mapping batch ({"input_ids": ..., "attention_mask": ..., "labels": ...})."""
+    return isinstance(data, Mapping) and any(isinstance(v, Tensor) for v in data.values())
+
+
+def split_mapping(batch: Mapping) -> tuple[dict, Any]:
+    """A mapping batch -> (the model's keyword inputs: every key but "labels", the labels or
+    None). Without labels, the engine keeps the positions where ``attention_mask`` is non-zero."""
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    if not x:
+        raise ValueError("a mapping batch needs model inputs besides 'labels'")
+    return x, batch.get("labels")
+
+
 def move(x: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
     """Move tensors (recursively in tuples/lists/dicts) to the device; cast floating ones to dtype."""
     if isinstance(x, Tensor):
@@ -169,7 +183,7 @@ def iter_batches(
                 "TensorDataset(x, y)) or one (x, y) tuple"
             )
         batches: Iterable = [(data, None)]
-    elif _looks_like_one_batch(data):
+    elif _looks_like_one_batch(data) or _is_mapping_batch(data):
         batches = [data]
     elif need_targets:
         _check_pair_sizes(data)
@@ -187,8 +201,8 @@ def iter_batches(
     x: Any
     y: Any
     for index, batch in enumerate(iterator):
-        if isinstance(batch, Mapping) and not need_targets:
-            x, y = batch, None
+        if isinstance(batch, Mapping):  # Hugging Face: the model takes every key but the labels
+            x, y = split_mapping(batch)
         elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             x, y = batch
         elif isinstance(batch, (tuple, list)) and len(batch) == 1 and not need_targets:

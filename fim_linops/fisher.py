@@ -19,6 +19,7 @@ from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.engine.checks import UnruledLayers
 from fim_linops.engine.dropout import warn_active_dropout
+from fim_linops.engine.engine import HALF
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
@@ -225,6 +226,7 @@ def fisher(
         kfac_approx,
         rank,
         prepare,
+        max_bytes,
     )
 
 
@@ -246,6 +248,7 @@ def _run(
         [nn.Module, ParamLayout, torch.dtype, Likelihood, FisherType],
         Callable[[BuildContext], R],
     ],
+    max_bytes: int | None = MAX_DENSE_BYTES,
 ) -> R:
     """The shared frame of a build: checked arguments, the model left as found, the working copy
     (device/dtype), then ``prepare(work, layout, dtype, likelihood, fisher_type)`` (its checks;
@@ -259,6 +262,8 @@ def _run(
         work, work_layout = prepare_model(model, layout, dev_arg, dtype)
         dev = work_layout.entries[0].param.device
         dt = work_layout.entries[0].param.dtype
+        if dt in HALF:  # the half model runs as it is; statistics and operator in float32
+            dt = torch.float32
         build = prepare(work, work_layout, dt, lik, ftype)
 
         def context(engine: Engine, data: Any) -> BuildContext:
@@ -274,10 +279,12 @@ def _run(
             )
 
         engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+        engine.max_bytes = max_bytes
         try:
             return build(context(engine, data))
         except UnruledLayers as raw:  # found in the first forward, before any statistic
             engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
+            engine.max_bytes = max_bytes
             engine.demote(raw.reasons)
             if isinstance(data, Iterator):  # one-shot: the batch it already gave comes first
                 data = itertools.chain([raw.batch], data)
@@ -302,12 +309,13 @@ def _validated(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     layout = ParamLayout.from_model(model, params)
-    for e in layout.entries:
-        if e.param.dtype in (torch.float16, torch.bfloat16) and dtype is None:
-            raise ValueError(
-                f"parameter '{e.name}' is {e.param.dtype}; Fisher statistics in half precision are "
-                "not accurate: pass dtype=torch.float32 (the model is copied and upcast)"
-            )
+    dtypes = {e.param.dtype for e in layout.entries}
+    if len(dtypes) > 1:
+        raise ValueError(
+            "the selected parameters mix dtypes ("
+            + ", ".join(sorted(str(d) for d in dtypes))
+            + "); cast the model to one dtype, or pass dtype= (the model is then copied)"
+        )
     _check_generator(generator, device, layout)
     return lik, ftype, layout
 
@@ -404,4 +412,5 @@ def fisher_one_pass(
         kfac_approx,
         rank,
         prepare,
+        max_bytes,
     )

@@ -65,7 +65,7 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None 
                 for block in engine.fallback:
                     for e in block.entries:
                         total[e.start : e.stop] += (grads[e.name] ** 2).sum((0, 1)).reshape(-1)
-        out.n += res.n
+        out.n += res.count
         del res  # release this batch before the engine makes the next
     assert total is not None, "fisher() rejects empty data before building"
     out.tensors = [total]
@@ -85,7 +85,7 @@ def block_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None
             for bi, g in enumerate(res.all_block_grads(lo, hi)):
                 gf = g.reshape(-1, g.shape[-1])
                 blocks[bi] += gf.T @ gf
-        out.n += res.n
+        out.n += res.count
         del res  # release this batch before the engine makes the next
     assert blocks is not None, "fisher() rejects empty data before building"
     out.tensors = blocks
@@ -103,7 +103,7 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None
         for lo, hi in res.chunks(engine.layout.numel):
             g = torch.cat(res.all_block_grads(lo, hi), dim=-1).reshape(-1, engine.layout.numel)
             total += g.T @ g
-        out.n += res.n
+        out.n += res.count
         del res  # release this batch before the engine makes the next
     assert total is not None, "fisher() rejects empty data before building"
     out.tensors = [total]
@@ -123,7 +123,7 @@ def kfac_sums(
                 stats[i] = rb.rule.add_kfac(
                     stats[i], rb.module, a, g, rb.block.local_names, reduce=reduce
                 )
-        out.n += res.n
+        out.n += res.count
         del res  # release this batch before the engine makes the next
     out.extra["stats"] = stats
     return out

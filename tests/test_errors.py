@@ -65,9 +65,9 @@ def test_output_shape_that_does_not_fit_bernoulli() -> None:
         fl.fisher(model, (x, y.float().clamp(max=1)), likelihood="bernoulli", structure="diag")
 
 
-def test_output_with_extra_dims() -> None:
+def test_output_with_extra_dims_needs_labels_per_position() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)))
-    with pytest.raises(ValueError, match="outputs of shape \\(N, C\\)"):
+    with pytest.raises(ValueError, match=r"read as 2 positions of 3 classes .* shape \(N, \*T\)"):
         fl.fisher(model, (torch.randn(5, 4), torch.zeros(5, dtype=torch.long)), structure="diag")
 
 
@@ -218,12 +218,13 @@ def test_batchnorm_with_batch_statistics_in_eval_or_frozen() -> None:
         fl.fisher(batch_stats, (x, y), structure="diag")
 
 
-def test_half_precision_model() -> None:
-    """A ValueError (laplace-torch's tests tolerate ValueError/RuntimeError there)."""
+def test_half_precision_model_is_used_as_it_is_with_a_float32_operator() -> None:
     model, x, y = _setup()
+    want = fl.fisher(model, (x, y), structure="diag").diagonal()
     model.to(torch.bfloat16)
-    with pytest.raises(ValueError, match="dtype=torch.float32"):
-        fl.fisher(model, (x.bfloat16(), y), structure="diag")
+    F = fl.fisher(model, (x.bfloat16(), y), structure="diag")
+    assert F.dtype == torch.float32 and next(model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(F.diagonal(), want, rtol=0.05, atol=1e-3)
 
 
 def test_dense_memory_guard() -> None:
@@ -274,8 +275,9 @@ def test_label_values_checked_only_where_used() -> None:
 
 @pytest.mark.parametrize("wrap", ["dict", "tuple"])
 def test_model_output_that_is_not_a_tensor(wrap: str) -> None:
-    """HF-style outputs (a dict or a tuple) get a TypeError that says how to wrap the model, from
-    fisher, implicit products and the NTK (was an AttributeError on .ndim)."""
+    """Outputs that are neither a tensor nor hold 'logits' (a dict of other keys, a tuple) get a
+    TypeError that says how to wrap the model, from fisher, implicit products and the NTK (was an
+    AttributeError on .ndim). Outputs with 'logits' work (tests/test_sequences.py)."""
     model, x, y = _setup()
 
     class Wrapped(nn.Module):
@@ -285,9 +287,9 @@ def test_model_output_that_is_not_a_tensor(wrap: str) -> None:
 
         def forward(self, x: torch.Tensor):
             f = self.net(x)
-            return {"logits": f} if wrap == "dict" else (f, f.sum())
+            return {"scores": f} if wrap == "dict" else (f, f.sum())
 
-    hint = "\\['logits'\\]" if wrap == "dict" else "\\[0\\]"
+    hint = "\\['scores'\\]" if wrap == "dict" else "\\[0\\]"
     wrapped = Wrapped()
     with pytest.raises(TypeError, match=f"returned a {wrap}.*model\\(x\\){hint}"):
         fl.fisher(wrapped, (x, y), structure="diag")

@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fim_linops import statistics
+from fim_linops import positions, statistics
 from fim_linops.builders.base import BuildContext, kron_spec, register
-from fim_linops.data import batch_size, iter_batches
+from fim_linops.data import iter_batches
 from fim_linops.distributed import all_reduce_count
 from fim_linops.engine import Engine, FisherType
+from fim_linops.engine.engine import HALF
 from fim_linops.engine.rules.base import KronStats
 from fim_linops.operators import KFAC, BlockDiag, Dense, Diag, Implicit, KronSpec
 from fim_linops.structures import Structure
@@ -111,19 +112,23 @@ def implicit_operator(engine: Engine, data: Any, device, dtype, group: Any = Non
     """Collect the batches (and, for MC/empirical, their fixed output columns)."""
     ftype = engine.fisher_type
     batches = []
+    masks: list[Tensor | None] = []
     n = 0
-    for index, (x, y) in enumerate(iter_batches(data, device, dtype, need_targets=True)):
-        cols = None
-        if ftype is not FisherType.EXACT:
-            with torch.no_grad():
-                f = engine.output(x, y, index)
-                cols = engine.columns(f, y, index).to(f.dtype)
-        else:
-            with torch.no_grad():
-                engine.output(x, y, index)  # validates shapes, labels and finiteness
+    run_dtype = engine.model_dtype if engine.model_dtype in HALF else dtype
+    for index, (x, y) in enumerate(iter_batches(data, device, run_dtype, need_targets=True)):
+        cols, flat = None, None
+        with torch.no_grad():
+            f = engine.output(x, y, index)  # validates shapes, labels and finiteness
+            mask = engine.mask(f, y, x)
+            if ftype is not FisherType.EXACT:
+                cols = engine.columns(f, y, index, x).to(f.dtype)
+            elif mask is not None:
+                flat = positions.flat_mask(mask, f.shape[1] // mask.shape[1])
         batches.append((x, cols))
-        n += batch_size(x)
-    params = tuple(e.param.detach().clone() for e in engine.layout.entries)
+        masks.append(flat)
+        n += engine.count(f, mask)
+    # a half model's snapshot is kept in the operator's dtype (float32), run in its own
+    params = tuple(e.param.detach().clone().to(dtype) for e in engine.layout.entries)
     return Implicit(
         *params,
         model=engine.model,
@@ -132,4 +137,5 @@ def implicit_operator(engine: Engine, data: Any, device, dtype, group: Any = Non
         likelihood=engine.likelihood,
         n_examples=all_reduce_count(n, group, device),
         group=group,
+        masks=masks,
     )

@@ -106,7 +106,7 @@ def eigen_sums(
                 part = _projected_generic(res, i, spec, ql, qr)
             prev = sums[i]
             sums[i] = part if prev is None else prev + part
-        n += res.n
+        n += res.count
     return sums, n
 
 

@@ -118,7 +118,7 @@ def kron_sum_over(
                     part = _apply(res, i, spec, xs[i], adjoint)
                     prev = out[i]
                     out[i] = part if prev is None else prev + part
-            n += res.n
+            n += res.count
         d = [(s.cols if adjoint else s.rows) for s in specs]
         return [
             (

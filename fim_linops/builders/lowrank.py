@@ -58,7 +58,7 @@ def _stacked_gradients(ctx: BuildContext) -> tuple[Tensor, int] | None:
                 if nbytes > SVD_MAX_BYTES:
                     return None
                 rows.append(g)
-            n += res.n
+            n += res.count
     finally:
         results.close()  # removes the hooks at once when the route is abandoned
     return torch.cat(rows), n

@@ -72,7 +72,7 @@ def build_quasi_diag(ctx: BuildContext) -> QuasiDiag:
         else:
             diag = diag + d
             cross = [c + p for c, p in zip(cross, parts, strict=True)]
-        n += res.n
+        n += res.count
     assert diag is not None, "fisher() rejects empty data before building"
     sums = Sums(n=n, tensors=[diag, *cross])
     reduce = getattr(ctx, "reduce", None)

@@ -35,6 +35,7 @@ from fim_linops.data import PROBE_EXAMPLES, call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
 from fim_linops.engine.rules.base import ruled_type
+from fim_linops.likelihoods import tensor_output
 from fim_linops.naming import class_name
 
 if TYPE_CHECKING:
@@ -74,7 +75,16 @@ def side_forward(engine: Engine, x: Any) -> Iterator[tuple[Any, dict[int, list[C
         torch.enable_grad(),
         capturing(engine.hooked, features=False) as cap,
     ):
-        yield call_model(engine.model, x), cap.calls
+        yield _logits(call_model(engine.model, x)), cap.calls
+
+
+def _logits(f: Any) -> Any:
+    """The output tensor the likelihood reads (the ``logits`` of a mapping or ``ModelOutput``),
+    else ``f`` as it is (the build then reports what is wrong with it)."""
+    try:
+        return tensor_output(f)
+    except TypeError:
+        return f
 
 
 def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fim_linops import positions
 from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
 from fim_linops.engine.capture import Call, capturing
@@ -34,7 +35,11 @@ from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES
 from fim_linops.naming import class_name
+
+#: half-precision dtypes: the model runs in them, the statistics accumulate in float32
+HALF = (torch.float16, torch.bfloat16)
 
 
 class FisherType(ParsedEnum):
@@ -74,6 +79,13 @@ class BatchResult:
     x: Any
     v: Tensor  # (K, N, C) back-propagated columns
     engine: Engine
+    #: what the batch adds to the normaliser: its examples (positions="sum") or its kept
+    #: positions (positions="mean")
+    count: int = -1
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = self.n
 
     def block_grads(self, i: int, lo: int, hi: int) -> Tensor:
         """Per-example gradients (K, hi-lo, p) of ruled block i for examples lo:hi."""
@@ -160,6 +172,9 @@ class Engine:
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.generator = generator
+        #: memory budget of the exact Fisher's chunked backward passes (fisher(max_bytes=...))
+        self.max_bytes: int | None = DEFAULT_MAX_BYTES
+        self._warned_passes = False
         self._target_values = "values" in inspect.signature(likelihood.check_target).parameters
         for name, module in model.named_modules():
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -248,17 +263,49 @@ class Engine:
         self._split()
 
     # -- columns ---------------------------------------------------------------------------------
-    def columns(self, f: Tensor, y: Tensor | None, batch_index: int) -> Tensor:
-        """Back-propagated columns V (K, N, C) for the output f (N, C)."""
+    def columns(self, f: Tensor, y: Tensor | None, batch_index: int, x: Any = None) -> Tensor:
+        """Back-propagated columns V (K, N, C) for the (flat) output f (N, C); per-position outputs
+        get per-position columns with the dropped positions zeroed (:mod:`fim_linops.positions`)."""
         lik = self.likelihood
+        mask = self.mask(f, y, x)
         if self.fisher_type is FisherType.EXACT:
-            return lik.hessian_sqrt(f).permute(2, 0, 1)
+            if not lik.sequence and mask is None:
+                return lik.hessian_sqrt(f).permute(2, 0, 1)
+            s = lik.root_rows(f)
+            return positions.block_columns(s, mask, 0, s.shape[1])
         if self.fisher_type is FisherType.MC:
             v = lik.sampled_grad_output(f, self.mc_samples, generator=self.generator)
-            return v if self.mc_samples == 1 else v / math.sqrt(self.mc_samples)
-        if y is None:
-            raise ValueError("fisher_type='empirical' needs labels: pass (x, y) batches")
-        return lik.grad_output(f, self._check_target(f, y, values=False))[None]  # see output()
+            v = v if self.mc_samples == 1 else v / math.sqrt(self.mc_samples)
+        else:
+            if y is None:
+                raise ValueError(
+                    "fisher_type='empirical' needs labels: pass (x, y) batches (a mapping batch "
+                    "needs a 'labels' key)"
+                )
+            v = lik.grad_output(f, self._check_target(f, y, values=False))[None]  # see output()
+        if mask is not None:
+            v = v * positions.flat_mask(mask, f.shape[1] // mask.shape[1]).to(v.dtype)
+        return v
+
+    def mask(self, f: Tensor, y: Tensor | None, x: Any = None) -> Tensor | None:
+        """(N, T) kept positions: from the labels (ignore_index, NaN targets), else from a mapping
+        batch's attention_mask; None when every position is kept."""
+        lik = self.likelihood
+        if not hasattr(lik, "position_mask"):  # a user likelihood without positions
+            return None
+        if y is not None:
+            return lik.position_mask(f, self._check_target(f, y, values=False))
+        if not lik.sequence:
+            return None
+        return positions.mapping_mask(x, f.shape[1] // (lik.width or 1), lik.shift_labels)
+
+    def count(self, f: Tensor, mask: Tensor | None) -> int:
+        """The batch's share of the normaliser: N (positions="sum") or its kept positions."""
+        if getattr(self.likelihood, "positions", None) is not positions.Positions.MEAN:
+            return f.shape[0]
+        if mask is None:
+            return f.shape[1] // (self.likelihood.width or f.shape[1]) * f.shape[0]
+        return int(mask.sum())
 
     def output(self, x: Any, y: Tensor | None, batch_index: int) -> Tensor:
         f = self.likelihood.check_output(call_model(self.model, x))
@@ -285,6 +332,8 @@ class Engine:
         columns: list[Tensor] | None = None,
     ) -> Generator[BatchResult, None, None]:
         """One forward and one batched backward per batch; yields a :class:`BatchResult`."""
+        if self.model_dtype in HALF:  # a half model takes half inputs; statistics in float32
+            dtype = self.model_dtype
         batches = iter_batches(data, device, dtype, need_targets=True)
         if progress:
             from tqdm.auto import tqdm
@@ -321,7 +370,8 @@ class Engine:
                 checks.check_example_major(self, f.shape[0], cap.calls, index)
                 if len(cap.calls) < len(self.ruled):
                     checks.check_uncalled(self, f, cap.calls.keys(), index)
-            v = (self.columns(f, y, index) if columns is None else columns[index]).to(f.dtype)
+            v = (self.columns(f, y, index, x) if columns is None else columns[index]).to(f.dtype)
+            count = self.count(f, self.mask(f, y, x))
             keys = list(cap.calls)
             flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
             grads: tuple = ()
@@ -330,15 +380,67 @@ class Engine:
                 one = torch.autograd.grad(f, outputs, grad_outputs=v[0], allow_unused=True)
                 grads = tuple(None if g is None else g[None] for g in one)
             elif flat and need_grads:
-                grads = torch.autograd.grad(
-                    f, outputs, grad_outputs=v, is_grads_batched=True, allow_unused=True
-                )
+                grads = self._chunked_grads(f, outputs, v)
             calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            half = v.dtype in HALF
             for (key, c), g in zip(flat, grads, strict=False):
                 if g is None:
                     g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
-                calls.setdefault(self.index[key], []).append((c.a, g.detach()))
-        return BatchResult(f.shape[0], v.shape[0], calls, x, v.detach(), self)
+                a = c.a.float() if half else c.a  # statistics accumulate in float32
+                calls.setdefault(self.index[key], []).append(
+                    (a, g.detach().float() if half else g.detach())
+                )
+            vd = v.detach().float() if half else v.detach()
+        return BatchResult(f.shape[0], v.shape[0], calls, x, vd, self, count)
+
+    def _chunked_grads(self, f: Tensor, outputs: list[Tensor], v: Tensor) -> tuple:
+        """J_out^T V for the K columns of V, back-propagated in chunks of columns whose working
+        memory (about one copy of the captured outputs per column) fits ``self.max_bytes``;
+        warns once when this takes several backward passes."""
+        per_column = (
+            sum(o.numel() for o in outputs) * v.element_size() + v[0].numel() * v.element_size()
+        )
+        budget = self.max_bytes if self.max_bytes is not None else v.shape[0] * per_column
+        step = max(1, min(v.shape[0], budget // max(per_column, 1)))
+        if step >= v.shape[0]:
+            return torch.autograd.grad(
+                f, outputs, grad_outputs=v, is_grads_batched=True, allow_unused=True
+            )
+        passes = -(-v.shape[0] // step)
+        if not self._warned_passes:
+            self._warned_passes = True
+            warnings.warn(
+                f"the exact Fisher back-propagates {v.shape[0]} columns per batch (C - 1 per kept "
+                f"position); they take {passes} backward passes of {step} columns within "
+                f"max_bytes={self.max_bytes}. fisher_type='mc' needs one column per sample, "
+                "whatever the vocabulary size",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        parts = [
+            torch.autograd.grad(
+                f,
+                outputs,
+                grad_outputs=v[lo : lo + step],
+                is_grads_batched=True,
+                allow_unused=True,
+                retain_graph=True,
+            )
+            for lo in range(0, v.shape[0], step)
+        ]
+        return tuple(
+            None if chunk[0] is None else torch.cat(list(chunk))
+            for chunk in zip(*parts, strict=True)
+        )
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
-        return self._func.per_example_grads(x, v, lo, hi, self.likelihood)
+        """Per-example gradients of the torch.func blocks, in float32 for a half model."""
+        dt = self.model_dtype
+        if dt not in HALF:
+            return self._func.per_example_grads(x, v, lo, hi, self.likelihood)
+        out = self._func.per_example_grads(x, v.to(dt), lo, hi, self.likelihood)
+        return {k: g.float() for k, g in out.items()}
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.layout.entries[0].param.dtype

@@ -49,7 +49,7 @@ class EngineView(Engine):
     def result(self, res: BatchResult) -> BatchResult:
         """The batch as this view sees it: the group's calls under the group's indices."""
         calls = {self._from_base[i]: c for i, c in res.calls.items() if i in self._from_base}
-        return BatchResult(res.n, res.k, calls, res.x, res.v, self)
+        return BatchResult(res.n, res.k, calls, res.x, res.v, self, res.count)
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
         """Per-example gradients of the base engine's torch.func parameters (keyed by name; the

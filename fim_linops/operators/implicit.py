@@ -49,6 +49,7 @@ class Implicit(FisherOperator):
         likelihood: Likelihood,
         n_examples: int,
         group: Any = None,
+        masks: list[Tensor | None] | None = None,
     ):
         if damping is None:
             damping = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
@@ -61,7 +62,10 @@ class Implicit(FisherOperator):
             likelihood=likelihood,
             n_examples=n_examples,
             group=group,
+            masks=masks,
         )
+        #: per batch, the kept entries (N, T*C) of the flat output (dropped positions) or None
+        self.masks = masks if masks is not None else [None] * len(batches)
         self.group = group
         self.params = params
         self.model = model
@@ -73,12 +77,34 @@ class Implicit(FisherOperator):
     def _numel(self) -> int:
         return self.layout.numel
 
+    @property
+    def _run_dtype(self) -> torch.dtype:
+        """The dtype the model runs in: its own for a half model (whose operator is float32),
+        else the operator's."""
+        dt = self.layout.entries[0].param.dtype
+        return dt if dt in (torch.float16, torch.bfloat16) else self.dtype
+
     def _param_dict(self) -> dict[str, Tensor]:
-        return {e.name: p for e, p in zip(self.layout.entries, self.params, strict=True)}
+        dt = self._run_dtype
+        return {e.name: p.to(dt) for e, p in zip(self.layout.entries, self.params, strict=True)}
 
     def _batches(self):
         for x, cols in self.batches:
-            yield move(x, self.device, self.dtype), cols
+            yield move(x, self.device, self._run_dtype), cols
+
+    def _hmm(self, i: int, f: Tensor, v: Tensor) -> Tensor:
+        """H v of batch i, with its dropped positions masked: M H M v (M = diag(mask))."""
+        m = self.masks[i]
+        if m is None:
+            return self.likelihood.hessian_matmul(f, v)
+        m = m.to(v.dtype)
+        return m * self.likelihood.hessian_matmul(f, m * v)
+
+    def _root(self, i: int, f: Tensor) -> Tensor:
+        """(K, N, C) columns of the output Hessian root of batch i (masked)."""
+        s = self.likelihood.hessian_sqrt(f)
+        m = self.masks[i]
+        return (s if m is None else s * m[:, :, None].to(s.dtype)).permute(2, 0, 1)
 
     def _scaled(self, c: Tensor) -> FisherOperator:
         from fim_linops.operators.dense import Dense  # noqa: F401  (scaling keeps it implicit)
@@ -88,7 +114,7 @@ class Implicit(FisherOperator):
     def _tangents(self, rhs: Tensor) -> dict[str, Tensor]:
         """name -> (M, *shape) tangents; rows of Embedding ``padding_idx`` are zeroed, since
         reverse mode defines their gradient as zero while forward mode would propagate them."""
-        tangents = self.layout.unflatten(rhs.T)
+        tangents = self.layout.unflatten(rhs.T.to(self._run_dtype))
         modules = dict(self.model.named_modules())
         for e in self.layout.entries:
             module = modules.get(e.module_name)
@@ -110,7 +136,7 @@ class Implicit(FisherOperator):
 
         tangents = self._tangents(rhs)
         out = torch.zeros(self._numel(), dtype=self.dtype, device=self.device)
-        for x, cols in self._batches():
+        for i, (x, cols) in enumerate(self._batches()):
             params = {n: p.detach().requires_grad_() for n, p in self._param_dict().items()}
             # linear_operator calls _matmul inside an autograd.Function, where forward-mode AD
             # is switched off: switch it on for this forward
@@ -119,15 +145,15 @@ class Implicit(FisherOperator):
                 primal, jv = fwad.unpack_dual(output_fn(self.model, x, self.likelihood)(duals))
                 jv = torch.zeros_like(primal) if jv is None else jv
             if cols is None:
-                u = self.likelihood.hessian_matmul(primal.detach(), jv)
+                u = self._hmm(i, primal.detach(), jv)
             else:
-                u = torch.einsum("knc,knd,nd->nc", cols, cols, jv)
+                u = torch.einsum("knc,knd,nd->nc", cols.to(jv.dtype), cols.to(jv.dtype), jv)
             grads = torch.autograd.grad(primal, list(params.values()), u, allow_unused=True)
             filled = [
                 torch.zeros_like(p) if g is None else g
                 for g, p in zip(grads, params.values(), strict=True)
             ]
-            out += self.layout.flatten(filled)
+            out += self.layout.flatten(filled).to(self.dtype)
         all_reduce_([out], self.group)
         return out[:, None] / self.n_examples
 
@@ -141,17 +167,17 @@ class Implicit(FisherOperator):
         params = self._param_dict()
         tangents = self._tangents(rhs)  # name -> (M, *shape)
         out = torch.zeros(rhs.shape[1], self._numel(), dtype=self.dtype, device=self.device)
-        for x, cols in self._batches():
+        for i, (x, cols) in enumerate(self._batches()):
             f = output_fn(self.model, x, self.likelihood)
             # torch annotates vjp's result as a union over has_aux; without aux it is a pair
             fx, pullback = vjp(f, params)  # type: ignore[misc]
             jv = jvp_columns(f, params, tangents)  # (M, n, C)
             if cols is None:
-                u = self.likelihood.hessian_matmul(fx.detach(), jv)
+                u = self._hmm(i, fx.detach(), jv)
             else:
                 # k: stored column, n: example, c/d: output, m: right-hand side
-                u = torch.einsum("knc,knd,mnd->mnc", cols, cols, jv)
-            g = self.layout.flatten(vmap(pullback)(u)[0])  # (M, P)
+                u = torch.einsum("knc,knd,mnd->mnc", cols.to(jv.dtype), cols.to(jv.dtype), jv)
+            g = self.layout.flatten(vmap(pullback)(u)[0]).to(self.dtype)  # (M, P)
             out = out + g
         all_reduce_([out], self.group)
         return out.T / self.n_examples
@@ -160,16 +186,16 @@ class Implicit(FisherOperator):
         """Yield per-example gradient chunks (K*n, P) over the data (torch.func)."""
         func = FunctionalModel(self.model, self.layout.entries)
         params = self._param_dict()
-        for x, cols in self._batches():
+        for i, (x, cols) in enumerate(self._batches()):
             with torch.no_grad():
                 fx = output_fn(self.model, x, self.likelihood)(params)
-            v = cols if cols is not None else self.likelihood.hessian_sqrt(fx).permute(2, 0, 1)
+            v = cols if cols is not None else self._root(i, fx)
             n = fx.shape[0]
             step = chunk_size(v.shape[0], n, self._numel(), v.element_size())
             for lo in range(0, n, step):
                 hi = min(n, lo + step)
                 grads = func.per_example_grads(x, v, lo, hi, self.likelihood, params)
-                yield self.layout.flatten(grads).reshape(-1, self._numel())
+                yield self.layout.flatten(grads).reshape(-1, self._numel()).to(self.dtype)
 
     def _diagonal_undamped(self) -> Tensor:
         total = torch.zeros(self._numel(), dtype=self.dtype, device=self.device)
@@ -223,15 +249,17 @@ class Implicit(FisherOperator):
         params = self._param_dict()
         tangents = self._tangents(v[:, None])
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        for x, cols in self._batches():
+        for i, (x, cols) in enumerate(self._batches()):
             f = output_fn(self.model, x, self.likelihood)
             jv = jvp_columns(f, params, tangents)[0]  # (n, C)
             if cols is None:
                 with torch.no_grad():
                     fx = f(params)
-                total = total + (jv * self.likelihood.hessian_matmul(fx, jv)).sum()
+                total = total + (jv * self._hmm(i, fx, jv)).to(self.dtype).sum()
             else:
-                total = total + (torch.einsum("knc,nc->kn", cols, jv) ** 2).sum()
+                total = (
+                    total + (torch.einsum("knc,nc->kn", cols.to(jv.dtype), jv).float() ** 2).sum()
+                )
         all_reduce_([total], self.group)
         return total / self.n_examples + self.damping * (v * v).sum()
 
