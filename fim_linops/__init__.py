@@ -6,6 +6,7 @@ from fim_linops.compare import Comparison, compare
 from fim_linops.engine import FisherType
 from fim_linops.fisher import fisher
 from fim_linops.fishleg import FishLeg
+from fim_linops.influence import influence, self_influence, top_influences
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from fim_linops.memory_guard import MemoryLimitError
@@ -72,6 +73,9 @@ __all__ = [
     "operators",
     "Structure",
     "fisher",
+    "influence",
+    "self_influence",
+    "top_influences",
     "frobenius_norm",
     "get_likelihood",
     "quad",

@@ -1,0 +1,313 @@
+r"""Influence scores: scores[i, j] = g_i^T (F + damping I)^-1 g_j.
+
+g_i: gradient of query example i's nll of its own labels; g_j: the same for training example j;
+F: the Fisher of the training data in the chosen structure (``fl.fisher(model, train, ...)``) or a
+prebuilt operator. Positive: up-weighting training example j lowers query i's loss (to first
+order, the loss change of query i when example j's weight in the mean training loss rises by
+eps is -eps scores[i, j]; kronfluence's sign).
+
+Cost: the queries' gradients Gq (n_query, P) are formed once and preconditioned once,
+Q = (F + damping I)^-1 Gq^T (P, n_query), by the structure's own exact solve (per layer in the
+Kronecker eigenbases for kfac/ekfac; CG for implicit). Then one pass over the training data: per
+chunk of a batch, the per-example gradients (n_chunk, p_b) of each layer block (from the captured
+a and g) are multiplied with that block's rows of Q. Memory: Q plus one chunk; never (n_train, P).
+
+Distributed (torch.distributed initialised): F is all-reduced over the ranks as in
+``fl.fisher``; every rank passes the same queries and its own shard of the training data and
+gets the scores of its shard, (n_query, n_train_local) (indices local to the shard; gather with
+``torch.distributed.all_gather`` if needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor, nn
+
+from fim_linops.influence.gradients import gradient_matrix, stream_gradients
+from fim_linops.influence.precondition import Solve, check_damping, damped_solve
+from fim_linops.layout import ParamLayout
+from fim_linops.likelihoods import Likelihood
+from fim_linops.structures import Structure
+
+
+def _operator(
+    model: nn.Module,
+    train: Any,
+    structure: Any,
+    likelihood: str | Likelihood,
+    params: Any,
+    damping: float,
+    fisher_kwargs: dict[str, Any],
+    cg_tol: float | None,
+) -> tuple[Solve, int]:
+    """The solve with (F + damping I) and P; F built from ``train`` unless given."""
+    from fim_linops.fisher import fisher
+
+    damping = check_damping(damping)
+    p = ParamLayout.from_model(model, params).numel
+    if isinstance(structure, LinearOperator | Tensor):
+        op = structure
+        if tuple(op.shape) != (p, p):
+            raise ValueError(
+                f"the prebuilt operator has shape {tuple(op.shape)} but the parameters selected "
+                f"by params= have P={p}: build it with the same params= (and model)"
+            )
+    elif isinstance(structure, str | Structure | dict):
+        op = fisher(model, train, likelihood, structure, params=params, **fisher_kwargs)  # type: ignore[arg-type]  # fisher() takes a per-layer mix dict too
+    else:
+        raise TypeError(
+            f"structure must be a structure name ('ekfac', 'kfac', 'dense', ...), a per-layer mix "
+            f"dict or a prebuilt LinearOperator, got {type(structure).__name__}"
+        )
+    return damped_solve(op, damping, cg_tol), p
+
+
+def _fisher_kwargs(
+    fisher_type: str,
+    mc_samples: int,
+    rank: int | None,
+    device: Any,
+    dtype: torch.dtype | None,
+    progress: bool,
+    generator: torch.Generator | None,
+    process_group: Any,
+    kfac_approx: str,
+) -> dict[str, Any]:
+    return {
+        "fisher_type": fisher_type,
+        "mc_samples": mc_samples,
+        "rank": rank,
+        "device": device,
+        "dtype": dtype,
+        "progress": progress,
+        "generator": generator,
+        "process_group": process_group,
+        "kfac_approx": kfac_approx,
+    }
+
+
+def _preconditioned_queries(
+    model: nn.Module,
+    query: Any,
+    solve: Solve,
+    likelihood: str | Likelihood,
+    params: Any,
+    device: Any,
+    dtype: torch.dtype | None,
+    kfac_approx: str,
+) -> Tensor:
+    """Q = (F + damping I)^-1 Gq^T, (P, n_query)."""
+    gq = gradient_matrix(model, query, likelihood, params, device, dtype, kfac_approx)
+    return solve(gq.T.contiguous())
+
+
+def _block_scores(blocks: list[Tensor], q: Tensor) -> Tensor:
+    """(n_chunk, n_query) = sum_b G_b Q[rows of b]; G_b (n_chunk, p_b)."""
+    out = None
+    lo = 0
+    for g in blocks:
+        hi = lo + g.shape[-1]
+        part = g @ q[lo:hi]  # s[n, i] = sum_p g[n, p] q[p, i]
+        out = part if out is None else out + part
+        lo = hi
+    assert out is not None
+    return out
+
+
+def influence(
+    model: nn.Module,
+    train: Any,
+    query: Any,
+    likelihood: str | Likelihood = "categorical",
+    structure: str | Structure | dict | LinearOperator | Tensor = "ekfac",
+    damping: float = 1e-3,
+    params: Any = None,
+    *,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    rank: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    process_group: Any = None,
+    kfac_approx: str = "expand",
+    cg_tol: float | None = None,
+) -> Tensor:
+    r"""Influence scores (n_query, n_train): scores[i, j] = g_i^T (F + damping I)^-1 g_j.
+
+    Args:
+        model: any ``nn.Module``; left exactly as found.
+        train: the training data (DataLoader, iterable of (x, y) batches, or one batch); F is its
+            Fisher and its examples are the columns of the scores, in the data's order.
+        query: the query examples (same formats), the rows of the scores.
+        likelihood: as in :func:`fim_linops.fisher`; g is the gradient of its nll of the
+            example's own labels (summed over the kept positions of sequence outputs).
+        structure: a structure name ("ekfac", "kfac", "dense", "block_diag", "diag", "lowrank"
+            (``rank=``), "quasi_diag", "kron_sum", "implicit"), a per-layer mix, or a prebuilt
+            operator (P, P) for the same ``params`` (a ``FisherOperator``, any LinearOperator or
+            a dense Tensor).
+        damping: delta >= 0 of (F + delta I), exact for every structure.
+        params: the parameters to attribute through (as in ``fl.fisher``).
+        fisher_type, mc_samples, rank, generator, kfac_approx, process_group: passed to
+            ``fl.fisher`` when F is built here.
+        device, dtype: where and in which precision everything is computed.
+        progress: tqdm progress bars over the batches (F's build and the training pass).
+        cg_tol: relative residual of the CG solve (implicit and generic operators; setting it
+            forces CG for every operator). Default 1e-10 in float64, 1e-6 in float32.
+
+    Returns:
+        (n_query, n_train) tensor; with torch.distributed, this rank's shard of the training
+        examples (columns in the order of the local data).
+    """
+    kw = _fisher_kwargs(
+        fisher_type,
+        mc_samples,
+        rank,
+        device,
+        dtype,
+        progress,
+        generator,
+        process_group,
+        kfac_approx,
+    )
+    solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
+    q = _preconditioned_queries(model, query, solve, likelihood, params, device, dtype, kfac_approx)
+    parts, _ = stream_gradients(
+        model,
+        train,
+        lambda blocks: _block_scores(blocks, q),
+        likelihood,
+        params,
+        device,
+        dtype,
+        progress,
+        kfac_approx,
+    )
+    if not parts:
+        return q.new_zeros(q.shape[1], 0)
+    return torch.cat(parts).T
+
+
+def self_influence(
+    model: nn.Module,
+    train: Any,
+    likelihood: str | Likelihood = "categorical",
+    structure: str | Structure | dict | LinearOperator | Tensor = "ekfac",
+    damping: float = 1e-3,
+    params: Any = None,
+    *,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    rank: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    process_group: Any = None,
+    kfac_approx: str = "expand",
+    cg_tol: float | None = None,
+) -> Tensor:
+    r"""Self-influence (n_train,): s_j = g_j^T (F + damping I)^-1 g_j, the diagonal of
+    ``influence(model, train, train, ...)`` without the (n_train, n_train) matrix.
+
+    High self-influence flags examples the model can only fit by bending to them (mislabelled,
+    atypical): the usual ranking for data cleaning. One solve per chunk of training examples
+    ((P, n_chunk) right-hand sides; CG for implicit); the arguments are those of
+    :func:`influence`. With torch.distributed, this rank's shard."""
+    kw = _fisher_kwargs(
+        fisher_type,
+        mc_samples,
+        rank,
+        device,
+        dtype,
+        progress,
+        generator,
+        process_group,
+        kfac_approx,
+    )
+    solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
+
+    def diag(blocks: list[Tensor]) -> Tensor:
+        g = torch.cat(blocks, dim=-1)  # (n_chunk, P)
+        return (g.T * solve(g.T.contiguous())).sum(0)  # s[n] = sum_p g[n, p] (F_d^-1 g^T)[p, n]
+
+    parts, _ = stream_gradients(
+        model, train, diag, likelihood, params, device, dtype, progress, kfac_approx
+    )
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def top_influences(
+    model: nn.Module,
+    train: Any,
+    query: Any,
+    k: int = 10,
+    likelihood: str | Likelihood = "categorical",
+    structure: str | Structure | dict | LinearOperator | Tensor = "ekfac",
+    damping: float = 1e-3,
+    params: Any = None,
+    *,
+    largest: bool = True,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    rank: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    process_group: Any = None,
+    kfac_approx: str = "expand",
+    cg_tol: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The k most helpful (``largest=True``) or most harmful (``largest=False``) training
+    examples per query, without the (n_query, n_train) matrix: a running top-k merged chunk by
+    chunk (memory (n_query, k + n_chunk)).
+
+    Returns:
+        (values, indices), each (n_query, k): values[i, r] = scores[i, indices[i, r]], sorted
+        (descending for ``largest``), indices into the training data's order (with
+        torch.distributed, into this rank's shard). Ties keep the lower index first.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    kw = _fisher_kwargs(
+        fisher_type,
+        mc_samples,
+        rank,
+        device,
+        dtype,
+        progress,
+        generator,
+        process_group,
+        kfac_approx,
+    )
+    solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
+    q = _preconditioned_queries(model, query, solve, likelihood, params, device, dtype, kfac_approx)
+    state: dict[str, Tensor] = {
+        "values": q.new_zeros(q.shape[1], 0),
+        "indices": torch.zeros(q.shape[1], 0, dtype=torch.long, device=q.device),
+    }
+    seen = [0]
+
+    def merge(blocks: list[Tensor]) -> None:
+        s = _block_scores(blocks, q).T  # (n_query, n_chunk)
+        idx = torch.arange(seen[0], seen[0] + s.shape[1], device=s.device).expand_as(s)
+        seen[0] += s.shape[1]
+        vals = torch.cat([state["values"], s], dim=1)
+        inds = torch.cat([state["indices"], idx], dim=1)
+        keep = min(k, vals.shape[1])
+        # stable sort: among equal scores the earlier (lower) index stays first
+        order = torch.sort(vals, dim=1, descending=largest, stable=True).indices[:, :keep]
+        state["values"] = vals.gather(1, order)
+        state["indices"] = inds.gather(1, order)
+
+    # (a restart of the pass, layers found to need torch.func, happens in the first batch's
+    # forward, before any chunk reaches merge)
+    stream_gradients(model, train, merge, likelihood, params, device, dtype, progress, kfac_approx)
+    if seen[0] < k:
+        raise ValueError(f"k={k} exceeds the number of training examples ({seen[0]})")
+    return state["values"], state["indices"]
