@@ -176,7 +176,9 @@ def register(rule: LayerRule) -> LayerRule:
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The rule for this module's exact type (subclasses of nn.Linear etc. with a custom forward
     go through torch.func instead: a subclass may compute anything)."""
-    rule = RULES.get(type(module))
+    from fim_linops.sharding.gather import plain_type  # FSDPLinear -> nn.Linear
+
+    rule = RULES.get(plain_type(module))
     if rule is None or not rule.supports(module):
         return None
     return rule
