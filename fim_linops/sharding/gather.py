@@ -67,8 +67,10 @@ def plain_type(module: nn.Module) -> type:
     ``nn.Linear``."""
     cls = type(module)
     bases = cls.__bases__
-    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == "FSDP" + (
-        bases[1].__name__
+    if (
+        len(bases) == 2
+        and bases[0].__name__ == "FSDPModule"
+        and cls.__name__ == "FSDP" + (bases[1].__name__)
     ):
         return bases[1]
     return cls
