@@ -30,6 +30,7 @@ from torch import Tensor
 from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec, register
 from fim_linops.builders.convergence import Stagnation
 from fim_linops.builders.lowrank import check_rank
+from fim_linops.distributed import all_reduce_, all_reduce_count
 from fim_linops.engine import BatchResult, Engine, FisherType
 from fim_linops.engine.rules.linear import LinearRule, with_ones
 from fim_linops.operators.kron import KronSpec
@@ -120,14 +121,14 @@ def kron_sum_over(
                     out[i] = part if prev is None else prev + part
             n += res.count
         d = [(s.cols if adjoint else s.rows) for s in specs]
-        return [
-            (
-                torch.zeros(x.shape[0], s.groups, di, di, dtype=dt, device=dev)
-                if o is None
-                else o / max(n, 1)
-            )
+        sums = [
+            torch.zeros(x.shape[0], s.groups, di, di, dtype=dt, device=dev) if o is None else o
             for o, x, s, di in zip(out, xs, specs, d, strict=True)
         ]
+        # torch.distributed: each rank passed its shard; every pass is a sum over all the data
+        all_reduce_(sums, ctx.group)
+        n = all_reduce_count(n, ctx.group, dev)
+        return [o / max(n, 1) for o in sums]
 
     qx = []
     for s, b in zip(specs, width, strict=True):

@@ -49,6 +49,7 @@ from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.ntk import _jacobian_op, gram_of, jacobian_rows, outputs_engine, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
+from fim_linops.sharding.gather import gathered, on_gathered_model
 from fim_linops.state import preserved_state
 
 
@@ -88,42 +89,43 @@ class Laplace:
         max_bytes: int | None = DEFAULT_MAX_BYTES,
         **fisher_kwargs: Any,
     ):
-        self.model = model
-        self.likelihood = get_likelihood(likelihood)
-        self.layout = ParamLayout.from_model(model, params)
-        self.batch_size = batch_size
-        self.max_bytes = max_bytes
-        p0 = self.layout.entries[0].param
-        self.dtype, self.device = p0.dtype, p0.device
-        self._check_structure_memory(structure)
-        self.mean = self.layout.vector()
-        n_local, fit = self._fit_statistics(data)
-        # torch.distributed: each rank passes its shard; the count and the fit term are summed
-        # over the ranks (the GGN is all-reduced by fl.fisher with the same process group)
-        group = resolve_group(fisher_kwargs.get("process_group"))
-        self._fit = all_reduce_([fit], group)[0]
-        self.n_data = all_reduce_count(n_local, group, self.device)
-        mean_fisher = fisher(
-            model,
-            data,
-            self.likelihood,
-            structure=structure,
-            fisher_type="exact",
-            params=self.layout.params,
-            rank=rank,
-            max_bytes=sys.maxsize if max_bytes is None else max_bytes,
-            **fisher_kwargs,
-        )
-        self.ggn = mean_fisher * float(self.n_data)  # sum over the data
-        self.structure = structure
-        self.sigma0 = (
-            torch.as_tensor(self.likelihood.sigma, dtype=self.dtype, device=self.device)
-            if isinstance(self.likelihood, Gaussian)
-            else None
-        )
-        self.sigma = self.sigma0
-        self.prior_precision = prior_precision
-        self._evals: Tensor | None = None
+        with gathered(model) as model:  # FSDP2: full parameters; DDP: its .module
+            self.model = model
+            self.likelihood = get_likelihood(likelihood)
+            self.layout = ParamLayout.from_model(model, params)
+            self.batch_size = batch_size
+            self.max_bytes = max_bytes
+            p0 = self.layout.entries[0].param
+            self.dtype, self.device = p0.dtype, p0.device
+            self._check_structure_memory(structure)
+            self.mean = self.layout.vector()
+            n_local, fit = self._fit_statistics(data)
+            # torch.distributed: each rank passes its shard; the count and the fit term are summed
+            # over the ranks (the GGN is all-reduced by fl.fisher with the same process group)
+            group = resolve_group(fisher_kwargs.get("process_group"))
+            self._fit = all_reduce_([fit], group)[0]
+            self.n_data = all_reduce_count(n_local, group, self.device)
+            mean_fisher = fisher(
+                model,
+                data,
+                self.likelihood,
+                structure=structure,
+                fisher_type="exact",
+                params=self.layout.params,
+                rank=rank,
+                max_bytes=sys.maxsize if max_bytes is None else max_bytes,
+                **fisher_kwargs,
+            )
+            self.ggn = mean_fisher * float(self.n_data)  # sum over the data
+            self.structure = structure
+            self.sigma0 = (
+                torch.as_tensor(self.likelihood.sigma, dtype=self.dtype, device=self.device)
+                if isinstance(self.likelihood, Gaussian)
+                else None
+            )
+            self.sigma = self.sigma0
+            self.prior_precision = prior_precision
+            self._evals: Tensor | None = None
 
     def _check_structure_memory(self, structure: Any) -> None:
         """Raise before fitting when a dense or block-diagonal posterior exceeds max_bytes."""
@@ -251,6 +253,7 @@ class Laplace:
         with preserved_state(self.model), torch.no_grad():
             return Outputs().check_output(call_model(self.model, x))
 
+    @on_gathered_model
     def predictive(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
         r"""GLM predictive: mean f(x; theta*) (N, C) and covariance J Sigma J^T, per example
         (N, C, C) or, with ``joint``, (N*C, N*C) (row n*C + c)."""

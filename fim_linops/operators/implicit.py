@@ -31,6 +31,7 @@ from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
+from fim_linops.sharding.gather import on_gathered_model
 
 #: bytes of per-example gradient chunks kept for the Frobenius norm before recomputing them
 FROBENIUS_KEEP_BYTES = 1 << 28
@@ -128,6 +129,7 @@ class Implicit(FisherOperator):
                 tangents[e.name] = t
         return tangents
 
+    @on_gathered_model
     def _matvec_forward_ad(self, rhs: Tensor) -> Tensor:
         """One column: a single forward carrying the tangent (forward-mode dual numbers) that
         also records the reverse graph, then one backward: J^T H (J v) at about 2x the cost of a
@@ -161,6 +163,7 @@ class Implicit(FisherOperator):
         with transform_errors("the implicit Fisher's product"):
             return self._matmul_transforms(rhs)
 
+    @on_gathered_model
     def _matmul_transforms(self, rhs: Tensor) -> Tensor:
         if rhs.shape[1] == 1 and not rhs.requires_grad:
             return self._matvec_forward_ad(rhs)
@@ -183,7 +186,8 @@ class Implicit(FisherOperator):
         return out.T / self.n_examples
 
     def per_example_grads(self):
-        """Yield per-example gradient chunks (K*n, P) over the data (torch.func)."""
+        """Yield per-example gradient chunks (K*n, P) over the data (torch.func); on an FSDP
+        model, consume it inside ``sharding.gathered(self.model)``."""
         func = FunctionalModel(self.model, self.layout.entries)
         params = self._param_dict()
         for i, (x, cols) in enumerate(self._batches()):
@@ -197,6 +201,7 @@ class Implicit(FisherOperator):
                 grads = func.per_example_grads(x, v, lo, hi, self.likelihood, params)
                 yield self.layout.flatten(grads).reshape(-1, self._numel()).to(self.dtype)
 
+    @on_gathered_model
     def _diagonal_undamped(self) -> Tensor:
         total = torch.zeros(self._numel(), dtype=self.dtype, device=self.device)
         for g in self.per_example_grads():
@@ -204,6 +209,7 @@ class Implicit(FisherOperator):
         all_reduce_([total], self.group)
         return total / self.n_examples
 
+    @on_gathered_model
     def to_dense(self) -> Tensor:
         total = torch.zeros(self._numel(), self._numel(), dtype=self.dtype, device=self.device)
         for g in self.per_example_grads():
@@ -213,6 +219,7 @@ class Implicit(FisherOperator):
             self._numel(), dtype=self.dtype, device=self.device
         )
 
+    @on_gathered_model
     def _frobenius_sq_undamped(self) -> Tensor:
         r"""||F||_F^2 = ||G G^T||_F^2 / N^2 over the stacked per-example gradients G (N K, P),
         from pairs of gradient chunks: chunks are kept while they fit in ``chunk_size``'s budget
@@ -244,6 +251,7 @@ class Implicit(FisherOperator):
                     streaming, kept = True, []
         return total / self.n_examples**2
 
+    @on_gathered_model
     def quad_exact(self, v: Tensor) -> Tensor:
         """v^T (F + delta I) v with one JVP per batch (no VJP)."""
         params = self._param_dict()
