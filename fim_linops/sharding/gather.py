@@ -79,6 +79,8 @@ def plain_type(module: nn.Module) -> type:
 def is_sharded(model: nn.Module) -> bool:
     """Whether the model is wrapped in DistributedDataParallel or holds FSDP2 modules that are
     not already gathered (inside :func:`gathered`)."""
+    if not isinstance(model, nn.Module):  # the build's own checks name what is wrong
+        return False
     if unwrap(model) is not model:
         return True
     return id(model) not in _ACTIVE and bool(_fsdp_modules(model))
