@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fim_linops.builders import BUILDERS, BuildContext
+from fim_linops.builders.mixed import plan_mix
 from fim_linops.distributed import resolve_group
 from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.engine.checks import UnruledLayers
@@ -168,28 +169,24 @@ def fisher(
     Returns:
         A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
     """
-    if isinstance(structure, dict):  # per-layer mix: one fisher() per structure group
-        from fim_linops.builders.mixed import fisher_mixed
-
-        return fisher_mixed(
-            fisher,
-            model,
-            data,
-            structure,
-            params=params,
-            likelihood=likelihood,
-            fisher_type=fisher_type,
-            mc_samples=mc_samples,
-            rank=rank,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-            generator=generator,
-            max_bytes=max_bytes,
-            process_group=process_group,
-            kfac_approx=kfac_approx,
+    if isinstance(structure, dict):  # per-layer mix: one operator per structure group
+        plan = plan_mix(model, params, structure)
+        kw: dict[str, Any] = dict(
+            likelihood=likelihood, fisher_type=fisher_type, mc_samples=mc_samples, rank=rank,
+            device=device, dtype=dtype, progress=progress, generator=generator,
+            max_bytes=max_bytes, process_group=process_group, kfac_approx=kfac_approx,
             strict=strict,
-        )
+        )  # fmt: skip
+        if len(plan.groups) == 1:
+            return fisher(model, data, structure=plan.groups[0].structure, params=params, **kw)
+        if plan.one_pass:  # one engine pass feeds every group
+            ops = fisher_one_pass(model, data, [(g.structure, g.params) for g in plan.groups], **kw)
+        else:
+            ops = [
+                fisher(model, data, structure=g.structure, params=g.params, **kw)
+                for g in plan.groups
+            ]
+        return plan.assemble(ops)
     struct = Structure.parse(structure)
 
     def prepare(

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import fim_linops.ntk  # noqa: F401  (the module, even where fl.ntk is the function)
 from fim_linops.layout import ParamLayout
+from fim_linops.operators.ntk import gram_diagonal_of
 from fim_linops.state import preserved_state
 
 fntk = sys.modules["fim_linops.ntk"]
@@ -108,7 +109,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
         trace = self.output == "sum"
         if diag:
             if same:
-                return fntk.gram_diagonal_of(self._jac(x1), trace)
+                return gram_diagonal_of(self._jac(x1), trace)
             j1, j2 = self._jac(x1).to_dense(), self._jac(x2).to_dense()
             n = x1.shape[0]
             d = (j1 * j2).sum(-1)

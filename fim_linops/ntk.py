@@ -16,7 +16,6 @@ parameters in the public vector order. Rows are example-major: index n*C + c.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,15 +28,13 @@ from linear_operator.operators import (
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from fim_linops.data import batch_size, call_model, first_examples
-from fim_linops.engine import Engine, FisherType
+from fim_linops.data import batch_size, call_model
 from fim_linops.engine.dropout import warn_active_dropout
-from fim_linops.engine.gram import gram_diagonal, gram_matrix
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import ParamLayout
-from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES
 from fim_linops.operators.jacobian import Jacobian, Outputs
-from fim_linops.operators.ntk import NTK
+from fim_linops.operators.ntk import NTK, gram_of
 from fim_linops.state import preserved_state
 
 #: default number of examples per forward/backward pass
@@ -139,74 +136,6 @@ def jacobian(
     layout = ParamLayout.from_model(model, params)
     warn_active_dropout(model, "the Jacobian")
     return _jacobian_op(model, layout, x, sel, batch_size, max_bytes)
-
-
-def outputs_engine(
-    model: nn.Module, layout: ParamLayout, sel: Outputs, *inputs: list[Any]
-) -> Engine:
-    r"""The engine of the outputs' Jacobians (identity columns) for every batch of ``inputs``
-    (lists of batches), with the checks of the Fisher path's first batch run before any batch
-    (:func:`fim_linops.engine.checks.probe_checks`) on the largest first batch: a layer whose
-    rule would be wrong on these inputs (a call shared by all examples, a time-major sequence, a
-    direct use of its weight, ...) goes through torch.func, as in ``fl.fisher``. Every batch an
-    engine runs must be among ``inputs``: the checks are not repeated per batch."""
-    firsts = [b[0] for b in inputs if b]
-    probe = max(firsts, key=batch_size) if firsts else None
-    return Engine(
-        model,
-        layout,
-        sel,
-        FisherType.EXACT,
-        probe=None if probe is None else first_examples(probe),
-    )
-
-
-def _engine(j1: Jacobian, j2: Jacobian | None = None) -> Engine:
-    """:func:`outputs_engine` for the batches of one or two Jacobians."""
-    batches = [j1.batches] if j2 is None else [j1.batches, j2.batches]
-    return outputs_engine(j1.model, j1.layout, j1.outputs, *batches)
-
-
-def jacobian_rows(engine: Engine, batches: list[Any]) -> Iterator[Tensor]:
-    """Per batch (n examples) its dense Jacobian (n*C, P), row n*C + c, through the engine's
-    per-example gradients (layer rules, torch.func for the rest)."""
-    for res in engine.run([(x, None) for x in batches]):
-        g = torch.cat(res.all_block_grads(0, res.n), dim=-1)  # (C, n, P)
-        yield g.transpose(0, 1).reshape(-1, engine.layout.numel)
-
-
-def jacobian_matrix(
-    model: nn.Module, layout: ParamLayout, batches: list[Any], sel: Outputs
-) -> Tensor:
-    """The dense Jacobian (N*C, P) through the engine (per-example gradients by layer rules)."""
-    with preserved_state(model):
-        engine = outputs_engine(model, layout, sel, batches)
-        return torch.cat(list(jacobian_rows(engine, batches)))
-
-
-def gram_of(j1: Jacobian, j2: Jacobian | None, trace: bool) -> Tensor:
-    """The dense NTK J1 J2^T (or its trace over outputs) through the per-layer Gram rules."""
-    c = 1 if trace else j1.n_outputs
-    n2 = j1.n_examples if j2 is None else j2.n_examples
-    check_bytes(
-        "the dense NTK",
-        (j1.n_examples * c, n2 * c),
-        j1.params[0].dtype,
-        j1.max_bytes,
-        "use structure='implicit' (products J1 (J2^T V), never the Gram), outputs='sum' or "
-        "fewer inputs",
-    )
-    with preserved_state(j1.model):
-        engine = _engine(j1, j2)
-        b1 = [(x, None) for x in j1.batches]
-        b2 = None if j2 is None else [(x, None) for x in j2.batches]
-        return gram_matrix(engine, b1, b2, trace=trace)
-
-
-def gram_diagonal_of(j: Jacobian, trace: bool) -> Tensor:
-    """diag(J J^T) (or its trace over outputs) without the Gram."""
-    with preserved_state(j.model):
-        return gram_diagonal(_engine(j), [(x, None) for x in j.batches], trace=trace)
 
 
 def ntk(

@@ -10,7 +10,7 @@ import torch
 
 from fim_linops.distributed import all_reduce_, all_reduce_count
 from fim_linops.engine import BatchResult, Engine
-from fim_linops.engine.engine import RuledBlock
+from fim_linops.engine.ruled import RuledBlock
 from fim_linops.operators.base import FisherOperator
 from fim_linops.operators.kron import KronSpec
 from fim_linops.statistics import Sums

@@ -3,19 +3,24 @@ r"""Per-layer mixes: ``structure={nn.Linear: "kfac", model.norm: "block_diag", "
 Each layer (the trainable parameters owned by one module) gets a structure by, in order: its module
 instance as a key, its qualified module name as a key (a string other than "default"), its exact
 type, a base class (keys in the mapping's order), then "default". Layers with the same structure
-form one group. When every group's structure is a one-pass one (diag, block_diag, dense, kfac),
-one engine pass over the union feeds all groups (builders/one_pass.py; MC labels drawn once);
-otherwise each group is one ``fisher()`` call restricted to its parameters (one data pass per
-group, two for EKFAC). The groups are put together in a :class:`Mixed` block-diagonal operator. A group of "dense", "lowrank" or "implicit" layers keeps the couplings between them.
+form one group (:func:`plan_mix`). ``fisher()`` then builds the groups: when every group's
+structure is a one-pass one (diag, block_diag, dense, kfac), one engine pass over the union feeds
+all groups (builders/one_pass.py; MC labels drawn once); otherwise each group is one build
+restricted to its parameters (one data pass per group, two for EKFAC). The groups are put
+together in a :class:`Mixed` block-diagonal operator (:meth:`MixPlan.assemble`). A group of
+"dense", "lowrank" or "implicit" layers keeps the couplings between them. This module plans and
+assembles only: it never calls back into ``fisher()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from fim_linops.builders.one_pass import ONE_PASS
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
@@ -70,16 +75,44 @@ def _spans(blocks: list[LayerBlock]) -> Spans:
     return tuple((lo, hi) for lo, hi in out)
 
 
-def fisher_mixed(
-    fisher: Callable[..., FisherOperator],
-    model: nn.Module,
-    data: Any,
-    mapping: Mapping[Any, Any],
-    params: Any = None,
-    **kwargs: Any,
-) -> FisherOperator:
-    """One ``fisher(..., structure=s, params=group)`` per structure group, assembled as
-    :class:`Mixed` (or the single group's operator when every layer has the same structure)."""
+@dataclass(frozen=True)
+class MixGroup:
+    """The layers of a per-layer mix that get one structure, in the layout's order."""
+
+    structure: Structure
+    blocks: tuple[LayerBlock, ...]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [e.param for b in self.blocks for e in b.entries]
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """A per-layer mix resolved on a layout: its groups, one per structure (in the order of
+    their first layer). ``fisher()`` builds one operator per group (all from one engine pass
+    when :attr:`one_pass`) and :meth:`assemble` puts them together."""
+
+    groups: tuple[MixGroup, ...]
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether every group is a one-pass structure (builders/one_pass.py): one engine pass
+        over the union then feeds all groups."""
+        return all(g.structure in ONE_PASS for g in self.groups)
+
+    def assemble(self, ops: list[FisherOperator]) -> FisherOperator:
+        """The block-diagonal :class:`Mixed` of the groups' operators (in :attr:`groups` order)."""
+        return Mixed(
+            *ops,
+            spans=tuple(_spans(list(g.blocks)) for g in self.groups),
+            structures=tuple(g.structure.value for g in self.groups),
+        )
+
+
+def plan_mix(model: nn.Module, params: Any, mapping: Mapping[Any, Any]) -> MixPlan:
+    """The groups of ``mapping`` over the layers of ``params`` (None: every trainable
+    parameter); raises for a malformed mapping or a layer it does not cover."""
     _check_keys(mapping)
     layout = ParamLayout.from_model(model, params)
     groups: dict[Structure, list[LayerBlock]] = {}
@@ -96,25 +129,4 @@ def fisher_mixed(
             + ", ".join(missing)
             + "; add them (by type, instance or name) or a 'default' entry"
         )
-    if len(groups) == 1:
-        ((s, _),) = groups.items()
-        return fisher(model, data, structure=s, params=params, **kwargs)
-    from fim_linops.builders.one_pass import ONE_PASS
-
-    if all(s in ONE_PASS for s in groups):  # one engine pass feeds every group
-        from fim_linops.fisher import fisher_one_pass
-
-        params_of = [
-            (s, [e.param for b in blocks for e in b.entries]) for s, blocks in groups.items()
-        ]
-        ops = fisher_one_pass(model, data, params_of, **kwargs)
-    else:
-        ops = []
-        for s, blocks in groups.items():
-            group_params = [e.param for b in blocks for e in b.entries]
-            ops.append(fisher(model, data, structure=s, params=group_params, **kwargs))
-    return Mixed(
-        *ops,
-        spans=tuple(_spans(b) for b in groups.values()),
-        structures=tuple(s.value for s in groups),
-    )
+    return MixPlan(tuple(MixGroup(s, tuple(blocks)) for s, blocks in groups.items()))

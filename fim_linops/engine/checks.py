@@ -24,9 +24,9 @@ only when the checked first batch had one example) raises (:func:`check_example_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +34,11 @@ from torch import Tensor, nn
 from fim_linops.data import PROBE_EXAMPLES, call_model, slice_examples
 from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
-from fim_linops.engine.rules.base import ruled_type
+from fim_linops.engine.ruled import RuledBlock
+from fim_linops.engine.rules.base import LayerRule, ruled_type
+from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import tensor_output
 from fim_linops.naming import class_name
-
-if TYPE_CHECKING:
-    from fim_linops.engine.engine import Engine
 
 #: why a ruled module goes through torch.func (:meth:`Engine.demote`)
 OUTSIDE_CALLS = (
@@ -51,6 +50,32 @@ NOT_EXAMPLE_MAJOR = (
     "its calls do not have the examples along the first dim (a time-major (T, N, D) sequence, "
     "examples flattened into (N*T, D), or an input shared by all examples)"
 )
+
+
+class Checked(Protocol):
+    """What the checks read of a build (an :class:`~fim_linops.engine.engine.Engine` or a view
+    of one): the model and its layout, the ruled layers, ``index`` (module id -> position in
+    ``ruled``), ``hooked`` (module id -> (module, rule), the modules whose calls are captured)
+    and ``rows_free`` (ids of the modules whose statistics take their calls' rows as they come,
+    so that the example-major check skips them)."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def layout(self) -> ParamLayout: ...
+
+    @property
+    def ruled(self) -> Sequence[RuledBlock]: ...
+
+    @property
+    def index(self) -> Mapping[int, int]: ...
+
+    @property
+    def hooked(self) -> dict[int, tuple[nn.Module, LayerRule]]: ...
+
+    @property
+    def rows_free(self) -> Set[int]: ...
 
 
 class UnruledLayers(Exception):
@@ -65,7 +90,7 @@ class UnruledLayers(Exception):
 
 
 @contextmanager
-def side_forward(engine: Engine, x: Any) -> Iterator[tuple[Any, dict[int, list[Call]]]]:
+def side_forward(engine: Checked, x: Any) -> Iterator[tuple[Any, dict[int, list[Call]]]]:
     """A forward of ``x`` outside the build, for checks: the calls' graph nodes are recorded
     (no features), the random state is restored afterwards (dropout draws)."""
     device = engine.layout.entries[0].param.device
@@ -87,7 +112,7 @@ def _logits(f: Any) -> Any:
         return f
 
 
-def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
+def unruly(engine: Checked, f: Tensor, calls: dict[int, list[Call]], n: int) -> dict[int, str]:
     """id -> reason for the ruled modules whose rule would be wrong on this forward of ``n``
     examples: parameters that ``f`` reaches other than through their captured ``calls``, or a
     call output whose first dim is not ``n``. One walk of the graph (engine/paths.py), which
@@ -124,7 +149,7 @@ def unruly(engine: Engine, f: Tensor, calls: dict[int, list[Call]], n: int) -> d
     return found
 
 
-def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
+def first_batch_checks(engine: Checked, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
     """:func:`unruly` on the first batch, and on a forward of its first example (with the
     batch's capture paused): a module whose call outputs keep their first dim when the batch
     shrinks to one example does not have the examples there."""
@@ -134,7 +159,7 @@ def first_batch_checks(engine: Engine, x: Any, f: Tensor, cap: Capture) -> dict[
         return _one_example(engine, x, n) | forward_mismatch(engine, x) | found
 
 
-def probe_checks(engine: Engine, x: Any) -> dict[int, str]:
+def probe_checks(engine: Checked, x: Any) -> dict[int, str]:
     """The checks of :func:`first_batch_checks` on an input the caller holds, before any batch
     runs (the function-space paths: Jacobian, NTK, GP kernel, Laplace predictives): side
     forwards of its first :data:`PROBE_EXAMPLES` examples and of its first one. A probe of one
@@ -149,7 +174,7 @@ def probe_checks(engine: Engine, x: Any) -> dict[int, str]:
     return _one_example(engine, x, n) | forward_mismatch(engine, x) | found
 
 
-def _one_example(engine: Engine, x: Any, n: int) -> dict[int, str]:
+def _one_example(engine: Checked, x: Any, n: int) -> dict[int, str]:
     """:func:`unruly` on a side forward of the first example of ``x`` (n examples), {} when
     n = 1 or the model cannot run one example (the n-example checks then stand alone)."""
     if n < 2:
@@ -161,7 +186,7 @@ def _one_example(engine: Engine, x: Any, n: int) -> dict[int, str]:
         return {}
 
 
-def check_example_major(engine: Engine, n: int, calls: dict[int, list[Call]], index: int) -> None:
+def check_example_major(engine: Checked, n: int, calls: dict[int, list[Call]], index: int) -> None:
     """Raise when a call of a ruled module in batch ``index`` (n examples, after the checked
     first one) does not have the n examples along its first dim. The first batch's checks cannot
     see a call shared by all examples when that batch has one example; a later, larger batch
@@ -183,7 +208,7 @@ def check_example_major(engine: Engine, n: int, calls: dict[int, list[Call]], in
     )
 
 
-def forward_mismatch(engine: Engine, x: Any) -> dict[int, str]:
+def forward_mismatch(engine: Checked, x: Any) -> dict[int, str]:
     """id -> reason for the ruled modules of a subclass that overrides ``forward`` (the rule
     serves the nearest ruled class in the hierarchy, rules/base.py) whose forward does not compute
     the ruled class's function: one forward without gradients of the first example, where a hook
@@ -231,7 +256,7 @@ def forward_mismatch(engine: Engine, x: Any) -> dict[int, str]:
     return found
 
 
-def check_uncalled(engine: Engine, f: Tensor, called: Any, index: int) -> None:
+def check_uncalled(engine: Checked, f: Tensor, called: Any, index: int) -> None:
     """Ruled modules whose hooks did not fire in this forward (after the first, which is checked
     in full) get zero statistics, which is right only if the output does not depend on their
     parameters (an unused layer). Raise when it does: the hooks stopped running (a

@@ -30,7 +30,8 @@ from fim_linops import positions
 from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
 from fim_linops.engine.capture import Call, capturing
-from fim_linops.engine.rules import LayerRule, rule_for
+from fim_linops.engine.ruled import RuledBlock
+from fim_linops.engine.rules import rule_for
 from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
@@ -59,13 +60,6 @@ class FisherType(ParsedEnum):
             "'exact' (closed-form expectation, = GGN), 'mc' (sampled labels, mc_samples=...) or "
             "'empirical' (the data's labels)"
         )
-
-
-@dataclass
-class RuledBlock:
-    block: LayerBlock
-    module: nn.Module
-    rule: LayerRule
 
 
 @dataclass

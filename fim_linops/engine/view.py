@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
-from fim_linops.engine.engine import BatchResult, Engine, RuledBlock
+from fim_linops.engine.engine import BatchResult, Engine
+from fim_linops.engine.ruled import RuledBlock
 from fim_linops.layout import LayerBlock, ParamLayout
 
 

@@ -40,15 +40,17 @@ from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine
 from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.engine.gram import gram_per_example, side
+from fim_linops.engine.outputs import jacobian_rows, outputs_engine
 from fim_linops.fisher import fisher
 from fim_linops.laplace import prior as priors
 from fim_linops.laplace import structured
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
-from fim_linops.ntk import _jacobian_op, gram_of, jacobian_rows, outputs_engine, split_inputs
+from fim_linops.ntk import _jacobian_op, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
+from fim_linops.operators.ntk import gram_of
 from fim_linops.sharding.gather import gathered, on_gathered_model
 from fim_linops.state import preserved_state
 

@@ -1,5 +1,6 @@
 """One LinearOperator subclass per structure."""
 
+from fim_linops.operators import addition  # noqa: F401  (registers the rule of F1 + F2)
 from fim_linops.operators.base import EigenOperator, FisherOperator
 from fim_linops.operators.block_diag import BlockDiag
 from fim_linops.operators.dense import Dense

@@ -10,6 +10,7 @@ damping, so damped solves stay exact; a vector diagonal falls back to linear_ope
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,28 @@ def from_columns(out: Tensor, shape: tuple[int, ...], vector: bool) -> Tensor:
         return out[:, 0]
     p = out.shape[0]
     return out.reshape(p, *shape).movedim(0, -2)
+
+
+#: the rule of F1 + F2 for two Fisher operators; registered by :mod:`fim_linops.operators.addition`
+#: (which knows every structure; the operators package imports it), so that this base imports none
+SumRule = Callable[["FisherOperator", "FisherOperator"], LinearOperator]
+_SUM_RULE: SumRule | None = None
+
+
+def register_sum(rule: SumRule) -> SumRule:
+    """Make ``rule`` the sum of two Fisher operators (``F1 + F2``); a decorator."""
+    global _SUM_RULE
+    _SUM_RULE = rule
+    return rule
+
+
+def _sum_rule() -> SumRule:
+    if _SUM_RULE is None:  # only while fim_linops.operators is half imported
+        raise RuntimeError(
+            "no rule for the sum of two Fisher operators is registered; import fim_linops (or "
+            "fim_linops.operators) before adding operators"
+        )
+    return _SUM_RULE
 
 
 class FisherOperator(LinearOperator):
@@ -64,18 +87,15 @@ class FisherOperator(LinearOperator):
 
     def __add__(self, other):
         """F1 + F2 of two Fisher operators in the tightest structure that holds the sum exactly
-        (see :func:`fim_linops.algebra.add`); anything else goes to linear_operator."""
+        (the registered rule, :func:`fim_linops.algebra.add`); anything else goes to
+        linear_operator."""
         if isinstance(other, FisherOperator):
-            from fim_linops.algebra import add
-
-            return add(self, other)
+            return _sum_rule()(self, other)
         return super().__add__(other)
 
     def __radd__(self, other):
         if isinstance(other, FisherOperator):
-            from fim_linops.algebra import add
-
-            return add(other, self)
+            return _sum_rule()(other, self)
         return super().__radd__(other)
 
     def __mul__(self, other: float | Tensor | LinearOperator) -> LinearOperator:

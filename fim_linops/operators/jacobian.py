@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fim_linops.data import batch_size
 from fim_linops.engine.functional import jvp_columns, output_fn, vjp_columns
+from fim_linops.engine.outputs import jacobian_matrix
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, tensor_output
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
@@ -188,8 +189,6 @@ class Jacobian(LinearOperator):
         )
 
     def to_dense(self) -> Tensor:
-        from fim_linops.ntk import jacobian_matrix
-
         self.check_dense()
         j = jacobian_matrix(self.model, self.layout, self.batches, self.outputs)
         return j.T if self.transposed else j

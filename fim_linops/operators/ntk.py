@@ -10,7 +10,9 @@ per batch of x1 one forward carrying the M tangents (jvp under vmap).
 trace over outputs, neural-tangents' ``trace_axes``); its products take C M columns:
 Theta_sum v = sum_c J1_c (J2_c^T v).
 
-Dense form and diagonal come from the engine's per-layer Gram blocks (:mod:`fim_linops.engine.gram`).
+Dense form and diagonal come from the engine's per-layer Gram blocks (:mod:`fim_linops.engine.gram`):
+:func:`gram_of` and :func:`gram_diagonal_of`, also used by ``fl.ntk(structure="dense")``, the GP
+kernel and the Laplace predictives.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from fim_linops.engine.engine import Engine
+from fim_linops.engine.gram import gram_diagonal, gram_matrix
+from fim_linops.engine.outputs import outputs_engine
+from fim_linops.memory_guard import check_bytes
 from fim_linops.operators.base import as_columns, from_columns
 from fim_linops.operators.jacobian import Jacobian
+from fim_linops.state import preserved_state
 
 
 class NTK(LinearOperator):
@@ -72,16 +79,43 @@ class NTK(LinearOperator):
         return from_columns(out, shape, vector)
 
     def to_dense(self) -> Tensor:
-        from fim_linops.ntk import gram_of
-
         return gram_of(self.j1, self.j2, self.trace)
 
     def _diagonal(self) -> Tensor:
         if not self.symmetric:
             return super()._diagonal()
-        from fim_linops.ntk import gram_diagonal_of
-
         return gram_diagonal_of(self.j1, self.trace)
 
     def __repr__(self) -> str:
         return f"NTK(shape={tuple(self.shape)}, trace={self.trace}, symmetric={self.symmetric})"
+
+
+def _engine(j1: Jacobian, j2: Jacobian | None = None) -> Engine:
+    """:func:`outputs_engine` for the batches of one or two Jacobians."""
+    batches = [j1.batches] if j2 is None else [j1.batches, j2.batches]
+    return outputs_engine(j1.model, j1.layout, j1.outputs, *batches)
+
+
+def gram_of(j1: Jacobian, j2: Jacobian | None, trace: bool) -> Tensor:
+    """The dense NTK J1 J2^T (or its trace over outputs) through the per-layer Gram rules."""
+    c = 1 if trace else j1.n_outputs
+    n2 = j1.n_examples if j2 is None else j2.n_examples
+    check_bytes(
+        "the dense NTK",
+        (j1.n_examples * c, n2 * c),
+        j1.params[0].dtype,
+        j1.max_bytes,
+        "use structure='implicit' (products J1 (J2^T V), never the Gram), outputs='sum' or "
+        "fewer inputs",
+    )
+    with preserved_state(j1.model):
+        engine = _engine(j1, j2)
+        b1 = [(x, None) for x in j1.batches]
+        b2 = None if j2 is None else [(x, None) for x in j2.batches]
+        return gram_matrix(engine, b1, b2, trace=trace)
+
+
+def gram_diagonal_of(j: Jacobian, trace: bool) -> Tensor:
+    """diag(J J^T) (or its trace over outputs) without the Gram."""
+    with preserved_state(j.model):
+        return gram_diagonal(_engine(j), [(x, None) for x in j.batches], trace=trace)
