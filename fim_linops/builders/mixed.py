@@ -89,10 +89,11 @@ class MixGroup:
 
 @dataclass(frozen=True)
 class MixPlan:
-    """A per-layer mix resolved on a layout: its groups, one per structure (in the order of
+    """A per-layer mix resolved on ``layout``: its groups, one per structure (in the order of
     their first layer). ``fisher()`` builds one operator per group (all from one engine pass
     when :attr:`one_pass`) and :meth:`assemble` puts them together."""
 
+    layout: ParamLayout
     groups: tuple[MixGroup, ...]
 
     @property
@@ -129,4 +130,4 @@ def plan_mix(model: nn.Module, params: Any, mapping: Mapping[Any, Any]) -> MixPl
             + ", ".join(missing)
             + "; add them (by type, instance or name) or a 'default' entry"
         )
-    return MixPlan(tuple(MixGroup(s, tuple(blocks)) for s, blocks in groups.items()))
+    return MixPlan(layout, tuple(MixGroup(s, tuple(blocks)) for s, blocks in groups.items()))
