@@ -322,6 +322,64 @@ def test_pure_kronecker_operators_describe_their_layers() -> None:
     assert text.count("kfac") == len(ParamLayout.from_model(model).blocks)
 
 
+@pytest.mark.parametrize("kron", ["kfac", "ekfac"])
+def test_a_kronecker_group_of_a_mix_gives_exact_blocks_to_its_layers_without_factors(
+    kron: str,
+) -> None:
+    model, x, y = models.norm_model()  # Linear, GroupNorm, Linear, BatchNorm1d, Linear
+    mix = {nn.Linear: kron, nn.BatchNorm1d: "diag", "default": kron}  # GroupNorm in the kron group
+    F = fl.fisher(model, (x, y), structure=mix)
+    assert isinstance(F, Mixed)
+    got = [(i.name, i.structure, i.reason) for i in F.layers]
+    assert got == [
+        ("0", kron, ""),
+        ("1", "block_diag", "no Kronecker factorisation"),
+        ("3", kron, ""),
+        ("4", "diag", ""),
+        ("6", kron, ""),
+    ]
+    assert sorted(F.structures) == sorted([kron, "block_diag", "diag"])
+    layout = ParamLayout.from_model(model)
+    blocks = {b.module_name: b for b in layout.blocks}
+    ref = exact_fisher(model, x, "categorical")
+    want = torch.zeros_like(ref)
+    lin = [blocks[n] for n in ("0", "3", "6")]
+    pure = fl.fisher(model, (x, y), structure=kron, params=[b.module for b in lin]).to_dense()
+    idx = torch.cat([torch.arange(b.start, b.stop) for b in lin])
+    want[idx[:, None], idx[None, :]] = pure
+    gn, bn = blocks["1"], blocks["4"]
+    want[gn.start : gn.stop, gn.start : gn.stop] = ref[gn.start : gn.stop, gn.start : gn.stop]
+    bdiag = ref.diagonal()[bn.start : bn.stop]
+    want[bn.start : bn.stop, bn.start : bn.stop] = torch.diag(bdiag)
+    torch.testing.assert_close(F.to_dense(), want, rtol=1e-9, atol=1e-12)
+    # the plain structure on the same layers: the same operator
+    plain = fl.fisher(model, (x, y), structure={nn.BatchNorm1d: "diag", "default": kron})
+    torch.testing.assert_close(plain.to_dense(), F.to_dense(), rtol=1e-12, atol=1e-14)
+    text = F.describe()
+    assert "GroupNorm" in text and "no Kronecker factorisation" in text
+
+
+@pytest.mark.parametrize("kron", ["kfac", "ekfac"])
+def test_strict_keeps_a_mixs_kronecker_group_pure(kron: str) -> None:
+    model, x, y = models.norm_model()
+    mix = {nn.Linear: kron, nn.BatchNorm1d: "diag", "default": kron}
+    with pytest.raises(ValueError, match="'1' \\(nn.GroupNorm: no Kronecker factorisation\\)"):
+        fl.fisher(model, (x, y), structure=mix, strict=True)
+
+
+def test_a_mix_describes_its_layers() -> None:
+    model, x, y = models.norm_model()
+    F = fl.fisher(model, (x, y), structure={nn.Linear: "kfac", "default": "diag"})
+    assert [(i.name, i.structure) for i in F.layers] == [
+        ("0", "kfac"),
+        ("1", "diag"),
+        ("3", "kfac"),
+        ("4", "diag"),
+        ("6", "kfac"),
+    ]
+    assert repr(F) == F.describe()
+
+
 def _dist_setup():
     """The model made in float64 directly: its initial values do not depend on the default dtype
     (the test process runs under float64_default, the workers do not)."""

@@ -7,6 +7,11 @@ form one group. When every group's structure is a one-pass one (diag, block_diag
 one engine pass over the union feeds all groups (builders/one_pass.py; MC labels drawn once);
 otherwise each group is one ``fisher()`` call restricted to its parameters (one data pass per
 group, two for EKFAC). The groups are put together in a :class:`Mixed` block-diagonal operator. A group of "dense", "lowrank" or "implicit" layers keeps the couplings between them.
+
+A "kfac", "ekfac" or "kron_sum" group is built like that plain structure: its layers without
+Kronecker factors (norm layers, raw parameters, modules without a rule, layers demoted by the
+first-batch checks) get exact blocks, dense when small, else the diagonal (builders/everywhere.py),
+and :meth:`Mixed.describe` names them with the reason; ``strict=True`` makes them an error instead.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
-from fim_linops.operators.mixed import Mixed, Spans
+from fim_linops.operators.mixed import LayerInfo, Mixed, Spans
 from fim_linops.structures import Structure
 
 
@@ -113,8 +118,57 @@ def fisher_mixed(
         for s, blocks in groups.items():
             group_params = [e.param for b in blocks for e in b.entries]
             ops.append(fisher(model, data, structure=s, params=group_params, **kwargs))
-    return Mixed(
-        *ops,
-        spans=tuple(_spans(b) for b in groups.values()),
-        structures=tuple(s.value for s in groups),
-    )
+    return _assemble(layout, list(groups.items()), ops)
+
+
+def _to_global(local: Spans, blocks: list[LayerBlock]) -> Spans:
+    """Spans in a group's own coordinates (its blocks concatenated) as spans of the public
+    vector."""
+    starts, offset = [], 0
+    for b in blocks:
+        starts.append(offset)
+        offset += b.numel
+    out: list[list[int]] = []
+    for lo, hi in local:
+        for b, s in zip(blocks, starts, strict=True):
+            a, z = max(lo, s), min(hi, s + b.numel)
+            if a >= z:
+                continue
+            g_lo, g_hi = b.start + a - s, b.start + z - s
+            if out and out[-1][1] == g_lo:
+                out[-1][1] = g_hi
+            else:
+                out.append([g_lo, g_hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _assemble(
+    layout: ParamLayout,
+    groups: list[tuple[Structure, list[LayerBlock]]],
+    ops: list[FisherOperator],
+) -> Mixed:
+    """One :class:`Mixed` over the groups, with a per-layer description. A group whose operator
+    is itself :class:`Mixed` (a "kfac"/"ekfac"/"kron_sum" group with layers that have no
+    Kronecker factors: exact blocks for those) is flattened into its parts, so that ``structures``
+    and :meth:`Mixed.describe` say what each layer really got."""
+    parts: list[FisherOperator] = []
+    spans: list[Spans] = []
+    structures: list[str] = []
+    info: dict[str, LayerInfo] = {}
+    for (s, blocks), op in zip(groups, ops, strict=True):
+        if isinstance(op, Mixed):
+            for sub, sp, name in zip(op.ops, op.spans, op.structures, strict=True):
+                parts.append(sub)
+                spans.append(_to_global(sp, blocks))
+                structures.append(name)
+            info.update((i.name, i) for i in op.layers)
+        else:
+            parts.append(op)
+            spans.append(_spans(blocks))
+            structures.append(s.value)
+        for b in blocks:
+            name = b.module_name or "<model>"
+            if name not in info:
+                info[name] = LayerInfo(name, type(b.module).__name__, b.numel, s.value)
+    layers = tuple(info[b.module_name or "<model>"] for b in layout.blocks)
+    return Mixed(*parts, spans=tuple(spans), structures=tuple(structures), layers=layers)
