@@ -71,7 +71,7 @@ def non_kronecker(engine: Engine) -> list[tuple[LayerBlock, str]]:
         elif rule_names_other(block):
             why[id(block)] = "parameters other than weight and bias (no Kronecker rule)"
         else:
-            why[id(block)] = NO_RULE
+            why[id(block)] = unsupported_reason(block) or NO_RULE
     return [(b, why[id(b)]) for b in engine.layout.blocks if id(b) in why]
 
 
@@ -82,6 +82,14 @@ def rule_names_other(block: LayerBlock) -> bool:
     return rule_for(block.module) is not None and any(
         n not in ("weight", "bias") for n in block.local_names
     )
+
+
+def unsupported_reason(block: LayerBlock) -> str:
+    """The reason a registered rule gives for not serving this module ("" when none does)."""
+    from fim_linops.engine.rules.base import RULES, ruled_type
+
+    cls = ruled_type(block.module)
+    return RULES[cls].unsupported_reason(block.module) if cls is not None else ""
 
 
 def exact_structure(numel: int) -> Structure:
