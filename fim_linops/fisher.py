@@ -359,8 +359,8 @@ def fisher_one_pass(
     """One operator per (structure, parameters) group, every structure a one-pass one
     (``builders.one_pass.ONE_PASS``), all from one engine pass over the union of the groups (the
     same checks and state guarantees as :func:`fisher`). A "kfac" group of a per-layer mix is
-    always strict (its layers were chosen for it): a layer in it without Kronecker factors is an
-    error that names it (``strict`` is accepted for the signature of :func:`fisher`)."""
+    built like ``structure="kfac"``: its layers without Kronecker factors get exact blocks
+    (builders/everywhere.py), or, with ``strict=True``, are an error that names them."""
     from fim_linops.builders.one_pass import Group, build_one_pass
 
     union = [p for _, ps in groups for p in ps]
@@ -376,24 +376,27 @@ def fisher_one_pass(
                 work, params=[by_name[e.name] for e in layout.entries if e.name in names]
             )
             _check_memory(struct, group_layout, dt, max_bytes)
-            if struct.kronecker:  # a check of the group's layers alone (construction only)
+            if struct.kronecker and strict:  # the group's layers alone (construction only)
                 _check_kronecker(
                     Engine(work, group_layout, lik, ftype, mc_samples), struct, in_mix=True
                 )
             plan.append(Group(struct, group_layout))
 
         def build(ctx: BuildContext) -> list[FisherOperator]:
+            from fim_linops.builders.everywhere import split_mix_groups
+
+            flat, assemble = (plan, list) if strict else split_mix_groups(ctx.engine, plan)
             if kfac_approx == "expand":  # the kfac groups' factors take the rows as they come
                 kron = {
                     b.module_name
-                    for g in plan
+                    for g in flat
                     if g.structure is Structure.KFAC
                     for b in g.layout.blocks
                 }
                 ctx.engine.rows_free.update(
                     id(rb.module) for rb in ctx.engine.ruled if rb.block.module_name in kron
                 )
-            return build_one_pass(ctx, plan)
+            return assemble(build_one_pass(ctx, flat))
 
         return build
 

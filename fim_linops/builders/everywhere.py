@@ -23,7 +23,7 @@ in the first pass, and reused by every later one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -59,18 +59,19 @@ def _shared(engine: Engine, block: LayerBlock) -> bool:
 def non_kronecker(engine: Engine) -> list[tuple[LayerBlock, str]]:
     """(block, why) for each layer of ``engine`` without Kronecker factors, in the public order."""
     why: dict[int, str] = {}
+    demoted = getattr(engine, "base", engine).demoted  # an EngineView reads its engine's
     for rb in engine.ruled:
         if not rb.rule.has_kfac:
             why[id(rb.block)] = NO_FACTORS
     for block in engine.fallback:
-        if id(block.module) in engine.demoted:
-            why[id(block)] = engine.demoted[id(block.module)]
+        if id(block.module) in demoted:
+            why[id(block)] = demoted[id(block.module)]
         elif _shared(engine, block):
             why[id(block)] = "a parameter shared with another module"
         elif rule_names_other(block):
             why[id(block)] = "parameters other than weight and bias (no Kronecker rule)"
         else:
-            why[id(block)] = NO_RULE
+            why[id(block)] = unsupported_reason(block) or NO_RULE
     return [(b, why[id(b)]) for b in engine.layout.blocks if id(b) in why]
 
 
@@ -81,6 +82,14 @@ def rule_names_other(block: LayerBlock) -> bool:
     return rule_for(block.module) is not None and any(
         n not in ("weight", "bias") for n in block.local_names
     )
+
+
+def unsupported_reason(block: LayerBlock) -> str:
+    """The reason a registered rule gives for not serving this module ("" when none does)."""
+    from fim_linops.engine.rules.base import RULES, ruled_type
+
+    cls = ruled_type(block.module)
+    return RULES[cls].unsupported_reason(block.module) if cls is not None else ""
 
 
 def exact_structure(numel: int) -> Structure:
@@ -178,3 +187,45 @@ def build_everywhere(ctx: BuildContext, structure: Structure) -> FisherOperator:
         structures=tuple(s.value for s, _ in order),
         layers=p.layers,
     )
+
+
+def split_mix_groups(
+    engine: Engine, groups: list[Group]
+) -> tuple[list[Group], Callable[[list[FisherOperator]], list[FisherOperator]]]:
+    """A per-layer mix's one-pass groups with each "kfac" group split like a plain
+    ``structure="kfac"`` build: its Kronecker-factored layers stay "kfac", the others get their
+    exact structure by size. Returns the groups to feed :func:`build_one_pass` and the function
+    that turns their operators back into one operator per given group (a :class:`Mixed`, in the
+    group's own coordinates and with its per-layer description, for a group that was split)."""
+    flat: list[Group] = []
+    parts: list[tuple[int, Plan | None, list[list[LayerBlock]]]] = []  # (count, plan, blocks)
+    for g in groups:
+        p = plan(EngineView(engine, g.layout), g.structure) if g.structure.kronecker else None
+        if p is None or list(p.groups) == [g.structure]:
+            flat.append(g)
+            parts.append((1, None, []))
+            continue
+        view = EngineView(engine, g.layout)
+        order = list(p.groups.items())
+        flat += [Group(s, _layout(view, blocks)) for s, blocks in order]
+        parts.append((len(order), p, [blocks for _, blocks in order]))
+
+    def assemble(ops: list[FisherOperator]) -> list[FisherOperator]:
+        out: list[FisherOperator] = []
+        i = 0
+        for count, p, blocks in parts:
+            if p is None:
+                out.append(ops[i])
+            else:
+                out.append(
+                    Mixed(
+                        *ops[i : i + count],
+                        spans=tuple(spans_of(b) for b in blocks),
+                        structures=tuple(s.value for s in p.groups),
+                        layers=p.layers,
+                    )
+                )
+            i += count
+        return out
+
+    return flat, assemble

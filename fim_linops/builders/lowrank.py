@@ -9,6 +9,12 @@ columns (the square-root Jacobian). Two routes:
   products F q (one data pass, one forward-mode forward and one backward per product), with
   Rayleigh-Ritz on the Krylov basis, until every Ritz residual ||F u - lambda u|| <= tol *
   lambda_max.
+
+Across processes (torch.distributed) every rank reads its shard. SVD route: each rank reduces its
+Jt_r to R_r = S_r V_r^T (min(N_r K, P) rows, Jt_r^T Jt_r = R_r^T R_r), the R_r of all ranks are
+gathered and stacked, and the thin SVD of R / sqrt(N) gives F exactly; the route is taken only
+when every rank's Jt fits. Lanczos route: every product F q is all-reduced (the implicit
+operator's products) and the start block is rank 0's, so every rank runs the same iteration.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import Tensor
 from fim_linops.builders.base import BuildContext, register
 from fim_linops.builders.convergence import Stagnation
 from fim_linops.builders.core import implicit_operator
+from fim_linops.distributed import all_gather_rows, all_reduce_count, any_rank, broadcast_
 from fim_linops.operators.lowrank import LowRank
 from fim_linops.structures import Structure
 
@@ -85,6 +92,7 @@ def top_eigenpairs(
     max_iter: int = 2000,
     generator: torch.Generator | None = None,
     block: int = 1,
+    group: object = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Top-k eigenpairs (U (P, k), lambda (k,) descending) of a symmetric PSD operator given by
     ``matmul`` (P, M) -> (P, M), by (block) Lanczos with full reorthogonalisation and thick
@@ -101,7 +109,9 @@ def top_eigenpairs(
     One column per step by default: an implicit product of one column runs forward-mode AD in a
     single pass, and single-vector Krylov methods need the fewest columns in all. Like ARPACK's
     eigsh, one column per step cannot separate an exactly repeated eigenvalue (its Krylov space
-    holds one vector of each eigenspace): ``block=b`` finds multiplicities up to b."""
+    holds one vector of each eigenspace): ``block=b`` finds multiplicities up to b.
+    ``group``: a torch.distributed process group over which ``matmul`` is reduced; the start
+    block is then rank 0's, so that every rank runs the same iteration."""
     tol = tol if tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     block = max(1, block)
     keep = k + oversample // 2
@@ -110,9 +120,8 @@ def top_eigenpairs(
     keep = min(max_dim - block, keep)
     basis = torch.zeros(p, 0, dtype=dtype, device=device)
     prods = torch.zeros(p, 0, dtype=dtype, device=device)
-    d = _orthonormal_block(
-        torch.randn(p, block, dtype=dtype, device=device, generator=generator), None
-    )
+    start = torch.randn(p, block, dtype=dtype, device=device, generator=generator)
+    d = _orthonormal_block(broadcast_(start, group), None)
     ritz, lam, columns = basis, basis.new_zeros(0), 0
     stagnation = Stagnation(tol, patience=2 * max_dim)  # counted in product columns
     while columns < max_iter:
@@ -152,11 +161,16 @@ def build_lowrank(ctx: BuildContext) -> LowRank:
     p = ctx.engine.layout.numel
     k = check_rank(ctx.rank, p)
     stacked = _stacked_gradients(ctx)
-    if stacked is not None:
+    if not any_rank(stacked is None, ctx.group, ctx.device):
+        assert stacked is not None
         jt, n = stacked
+        if ctx.group is not None:  # R_r = S_r V_r^T per rank: R^T R = sum_r Jt_r^T Jt_r
+            _, s_r, vh_r = torch.linalg.svd(jt, full_matrices=False)
+            jt = all_gather_rows(s_r[:, None] * vh_r, ctx.group)
+            n = all_reduce_count(n, ctx.group, ctx.device)
         _, s, vh = torch.linalg.svd(jt / max(n, 1) ** 0.5, full_matrices=False)
         k_eff = min(k, s.shape[0])  # rank(F) <= N K: the remaining eigenvalues are zero
         return LowRank(vh[:k_eff].T.contiguous(), s[:k_eff] ** 2)
-    op = implicit_operator(ctx.engine, ctx.data, ctx.device, ctx.dtype)
-    u, lam = top_eigenpairs(op._matmul, p, k, ctx.dtype, ctx.device)
+    op = implicit_operator(ctx.engine, ctx.data, ctx.device, ctx.dtype, ctx.group)
+    u, lam = top_eigenpairs(op._matmul, p, k, ctx.dtype, ctx.device, group=ctx.group)
     return LowRank(u, lam)

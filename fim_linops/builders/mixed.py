@@ -10,6 +10,11 @@ restricted to its parameters (one data pass per group, two for EKFAC). The group
 together in a :class:`Mixed` block-diagonal operator (:meth:`MixPlan.assemble`). A group of
 "dense", "lowrank" or "implicit" layers keeps the couplings between them. This module plans and
 assembles only: it never calls back into ``fisher()``.
+
+A "kfac", "ekfac" or "kron_sum" group is built like that plain structure: its layers without
+Kronecker factors (norm layers, raw parameters, modules without a rule, layers demoted by the
+first-batch checks) get exact blocks, dense when small, else the diagonal (builders/everywhere.py),
+and :meth:`Mixed.describe` names them with the reason; ``strict=True`` makes them an error instead.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from fim_linops.builders.one_pass import ONE_PASS
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
-from fim_linops.operators.mixed import Mixed, Spans
+from fim_linops.operators.mixed import LayerInfo, Mixed, Spans
 from fim_linops.structures import Structure
 
 
@@ -75,6 +80,27 @@ def _spans(blocks: list[LayerBlock]) -> Spans:
     return tuple((lo, hi) for lo, hi in out)
 
 
+def _to_global(local: Spans, blocks: list[LayerBlock]) -> Spans:
+    """Spans in a group's own coordinates (its blocks concatenated) as spans of the public
+    vector."""
+    starts, offset = [], 0
+    for b in blocks:
+        starts.append(offset)
+        offset += b.numel
+    out: list[list[int]] = []
+    for lo, hi in local:
+        for b, s in zip(blocks, starts, strict=True):
+            a, z = max(lo, s), min(hi, s + b.numel)
+            if a >= z:
+                continue
+            g_lo, g_hi = b.start + a - s, b.start + z - s
+            if out and out[-1][1] == g_lo:
+                out[-1][1] = g_hi
+            else:
+                out.append([g_lo, g_hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
 @dataclass(frozen=True)
 class MixGroup:
     """The layers of a per-layer mix that get one structure, in the layout's order."""
@@ -103,12 +129,33 @@ class MixPlan:
         return all(g.structure in ONE_PASS for g in self.groups)
 
     def assemble(self, ops: list[FisherOperator]) -> FisherOperator:
-        """The block-diagonal :class:`Mixed` of the groups' operators (in :attr:`groups` order)."""
-        return Mixed(
-            *ops,
-            spans=tuple(_spans(list(g.blocks)) for g in self.groups),
-            structures=tuple(g.structure.value for g in self.groups),
-        )
+        """The block-diagonal :class:`Mixed` of the groups' operators (in :attr:`groups` order),
+        with a per-layer description. A group whose operator is itself :class:`Mixed` (a
+        "kfac"/"ekfac"/"kron_sum" group with layers that have no Kronecker factors: exact blocks
+        for those) is flattened into its parts, so that ``structures`` and
+        :meth:`Mixed.describe` say what each layer really got."""
+        parts: list[FisherOperator] = []
+        spans: list[Spans] = []
+        structures: list[str] = []
+        info: dict[str, LayerInfo] = {}
+        for g, op in zip(self.groups, ops, strict=True):
+            blocks = list(g.blocks)
+            if isinstance(op, Mixed):
+                for sub, sp, name in zip(op.ops, op.spans, op.structures, strict=True):
+                    parts.append(sub)
+                    spans.append(_to_global(sp, blocks))
+                    structures.append(name)
+                info.update((i.name, i) for i in op.layers)
+            else:
+                parts.append(op)
+                spans.append(_spans(blocks))
+                structures.append(g.structure.value)
+            for b in blocks:
+                name = b.module_name or "<model>"
+                if name not in info:
+                    info[name] = LayerInfo(name, type(b.module).__name__, b.numel, g.structure.value)
+        layers = tuple(info[b.module_name or "<model>"] for b in self.layout.blocks)
+        return Mixed(*parts, spans=tuple(spans), structures=tuple(structures), layers=layers)
 
 
 def plan_mix(model: nn.Module, params: Any, mapping: Mapping[Any, Any]) -> MixPlan:

@@ -1,8 +1,8 @@
-r"""nn.Conv1d / nn.Conv2d with any stride, padding (any mode, 'same'), dilation and groups.
+r"""nn.Conv1d / nn.Conv2d / nn.Conv3d with any stride, padding (any mode, 'same'), dilation and groups.
 
 Index convention: k back-propagated column, n example, r group, o output channel within the group,
 j patch entry (input channel within the group, kernel offsets; row-major like the weight), l output
-position.
+position (the spatial output dims flattened row-major: width; height, width; depth, height, width).
 
 Patches U[n, r, l, j] are strided windows of the input padded exactly as the module pads it.
 Per-example gradient: dW[k, n, r, o, j] = sum_l g[k, n, r, o, l] U[n, r, l, j]; db = sum_l g.
@@ -13,6 +13,8 @@ the patches and sums the gradients over l per example first (Eschenhagen et al. 
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import cast
 
 import torch
@@ -22,51 +24,48 @@ from torch import Tensor, nn
 from fim_linops.engine.rules.base import KronStats, LayerRule, register
 from fim_linops.engine.rules.linear import add_gram_with_ones, gram_with_ones
 
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
-def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d:
+
+def _conv(module: nn.Module) -> Conv:
     """The module as the type this rule is registered for (for the type checker)."""
-    return cast("nn.Conv1d | nn.Conv2d", module)
+    return cast("Conv", module)
 
 
-def patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+def patches(module: Conv, x: Tensor) -> Tensor:
     """Input patches U[n, r, l, j], shape (N, groups, L, J), j in the weight's row-major order
-    (input channel within the group, then kernel offsets). Filled by one strided copy per kernel
-    offset (kh * kw copies of an (N, H_out, W_out, C) window of the padded input), about 2.5x
-    faster than ``F.unfold`` (which loops over examples) followed by a transpose to rows."""
+    (input channel within the group, then kernel offsets), l the output positions row-major.
+    Filled by one strided copy per kernel offset (prod(kernel) copies of an (N, *out, C) window
+    of the padded input), about 2.5x faster than ``F.unfold`` (2d only; it loops over
+    examples) followed by a transpose to rows. Any number of spatial dims (1d, 2d, 3d)."""
     conv = _conv(module)
     pad = conv._reversed_padding_repeated_twice
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     if any(pad):
         x = F.pad(x, pad, mode=mode)
-    if isinstance(conv, nn.Conv1d):
-        x = x.unsqueeze(2)  # (N, C, 1, W)
-        kernel, stride, dilation = (
-            (1, *conv.kernel_size),
-            (1, *conv.stride),
-            (1, *conv.dilation),
-        )
-    else:
-        kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
-    n, c, h, w = x.shape
-    h_out = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w_out = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    out = torch.empty(n, h_out, w_out, c, kernel[0], kernel[1], dtype=x.dtype, device=x.device)
-    for i in range(kernel[0]):  # kernel offsets, not examples
-        for j in range(kernel[1]):
-            top, left = i * dilation[0], j * dilation[1]
-            window = x[
-                :,
-                :,
-                top : top + (h_out - 1) * stride[0] + 1 : stride[0],
-                left : left + (w_out - 1) * stride[1] + 1 : stride[1],
-            ]  # (N, C, H_out, W_out)
-            out[..., i, j].copy_(window.permute(0, 2, 3, 1))
-    u = out.reshape(n, h_out * w_out, conv.groups, -1)  # (N, L, groups, J), a view
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    n, c, *size = x.shape
+    outs = [
+        (s - d * (k - 1) - 1) // st + 1
+        for s, k, st, d in zip(size, kernel, stride, dilation, strict=True)
+    ]
+    out = torch.empty(n, *outs, c, math.prod(kernel), dtype=x.dtype, device=x.device)
+    # kernel offsets (row-major, as in the weight), not examples
+    for i, offsets in enumerate(itertools.product(*(range(k) for k in kernel))):
+        window = x[
+            (slice(None), slice(None))
+            + tuple(
+                slice(o * d, o * d + (m - 1) * st + 1, st)
+                for o, d, m, st in zip(offsets, dilation, outs, stride, strict=True)
+            )
+        ]  # (N, C, *out)
+        out[..., i].copy_(window.movedim(1, -1))
+    u = out.reshape(n, math.prod(outs), conv.groups, -1)  # (N, L, groups, J), a view
     return u.transpose(1, 2)  # (N, groups, L, J), a view
 
 
 class ConvRule(LayerRule):
-    types = (nn.Conv1d, nn.Conv2d)
+    types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     has_kfac = True
 
     def prepare(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
