@@ -136,13 +136,18 @@ def sequence_jacobian(
         )
         f = getattr(f, "logits", f)[0]
         f = f[:-1] if shift else f
-        return f if f.ndim >= 2 else f[:, None]  # (T', C)
+        return f if f.ndim >= 2 else f[None]  # (T', C); one position for (C,)
 
-    jac = vmap(jacrev(out), in_dims=(None, 0))(p, x)  # name -> (N, T', C, *shape)
-    j = torch.cat([jac[n].reshape(*jac[n].shape[:3], -1) for n in layout.names], -1)
+    # a loop over the examples, not vmap: Hugging Face's mask code branches on the mask's values
+    n_ex = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    rows = [{k: v[i] for k, v in x.items()} if isinstance(x, dict) else x[i] for i in range(n_ex)]
+    js = []
+    for xn in rows:
+        jac = jacrev(out)(p, xn)  # name -> (T', C, *shape)
+        js.append(torch.cat([jac[n].reshape(*jac[n].shape[:2], -1) for n in layout.names], -1))
     with torch.no_grad():
-        f = vmap(out, in_dims=(None, 0))(p, x)  # (N, T', C)
-    return f, j
+        f = torch.stack([out(p, xn) for xn in rows])  # (N, T', C)
+    return f, torch.stack(js)
 
 
 def output_hessians(f: Tensor, kind: str, sigma: float = 1.0) -> Tensor:
