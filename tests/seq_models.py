@@ -112,18 +112,11 @@ def _ce_hessian(row: Tensor) -> Tensor:
     return hessian(loss)(row)
 
 
-def sequence_fisher(
-    model: nn.Module,
-    x: Any,
-    kind: str,
-    mask: Tensor | None,
-    mean: bool = False,
-    shift: bool = False,
-    params: Any = None,
-    sigma: float = 1.0,
-) -> Tensor:
-    """Dense float64 F (P, P) of per-position likelihood ``kind`` ("categorical" or "gaussian")
-    with kept positions ``mask`` (N, T') (T' = T - 1 when ``shift``)."""
+def sequence_jacobian(
+    model: nn.Module, x: Any, shift: bool = False, params: Any = None
+) -> tuple[Tensor, Tensor]:
+    """Float64 outputs f (N, T', C) and Jacobian J (N, T', C, P) in the public parameter order
+    (T' = T - 1 when ``shift``: the last output position is dropped)."""
     layout = ParamLayout.from_model(model, params)
     model64 = copy.deepcopy(model).double()
     by_name = dict(model64.named_parameters())
@@ -142,17 +135,44 @@ def sequence_fisher(
             else functional_call(model64, pp, (xb,))
         )
         f = getattr(f, "logits", f)[0]
-        return f[:-1] if shift else f  # (T', C)
+        f = f[:-1] if shift else f
+        return f if f.ndim >= 2 else f[None]  # (T', C); one position for (C,)
 
-    jac = vmap(jacrev(out), in_dims=(None, 0))(p, x)  # name -> (N, T', C, *shape)
-    j = torch.cat([jac[n].reshape(*jac[n].shape[:3], -1) for n in layout.names], -1)
+    # a loop over the examples, not vmap: Hugging Face's mask code branches on the mask's values
+    n_ex = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    rows = [{k: v[i] for k, v in x.items()} if isinstance(x, dict) else x[i] for i in range(n_ex)]
+    js = []
+    for xn in rows:
+        jac = jacrev(out)(p, xn)  # name -> (T', C, *shape)
+        js.append(torch.cat([jac[n].reshape(*jac[n].shape[:2], -1) for n in layout.names], -1))
     with torch.no_grad():
-        f = vmap(out, in_dims=(None, 0))(p, x)  # (N, T', C)
+        f = torch.stack([out(p, xn) for xn in rows])  # (N, T', C)
+    return f, torch.stack(js)
+
+
+def output_hessians(f: Tensor, kind: str, sigma: float = 1.0) -> Tensor:
+    """(N, T, C, C) Hessians of the per-position nll w.r.t. the outputs f (N, T, C)."""
     n, t, c = f.shape
     if kind == "categorical":
-        h = vmap(_ce_hessian)(f.reshape(-1, c)).reshape(n, t, c, c)
-    else:
-        h = torch.eye(c, dtype=f.dtype).expand(n, t, c, c) / sigma**2
+        return vmap(_ce_hessian)(f.reshape(-1, c)).reshape(n, t, c, c)
+    return torch.eye(c, dtype=f.dtype).expand(n, t, c, c) / sigma**2
+
+
+def sequence_fisher(
+    model: nn.Module,
+    x: Any,
+    kind: str,
+    mask: Tensor | None,
+    mean: bool = False,
+    shift: bool = False,
+    params: Any = None,
+    sigma: float = 1.0,
+) -> Tensor:
+    """Dense float64 F (P, P) of per-position likelihood ``kind`` ("categorical" or "gaussian")
+    with kept positions ``mask`` (N, T') (T' = T - 1 when ``shift``)."""
+    f, j = sequence_jacobian(model, x, shift, params)
+    n, t, c = f.shape
+    h = output_hessians(f, kind, sigma)
     m = torch.ones(n, t, dtype=f.dtype) if mask is None else mask.to(f.dtype)
     # n: sequence, t: position, c/d: output, p/q: parameter
     F = torch.einsum("nt,ntcp,ntcd,ntdq->pq", m, j, h, j)

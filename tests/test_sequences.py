@@ -120,6 +120,14 @@ def test_bf16_model_is_used_as_it_is() -> None:
         assert F.dtype == torch.float32
         err = (F.diagonal().double() - ref.diagonal()).norm() / ref.diagonal().norm()
         assert err < 0.05
+    # KFAC: the token ids reach the Embedding rule as integers (statistics in float32)
+    m64 = TinyGPT()
+    m64.load_state_dict({k: v.double() for k, v in before.items()})
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(0))
+    want = fl.fisher(m64, (ids, labels), structure="kfac") @ v
+    F = fl.fisher(model, (ids, labels), structure="kfac")
+    assert F.dtype == torch.float32
+    assert ((F @ v.float()).double() - want).norm() / want.norm() < 0.05
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert next(model.parameters()).dtype == torch.bfloat16
 

@@ -380,7 +380,9 @@ class Engine:
             for (key, c), g in zip(flat, grads, strict=False):
                 if g is None:
                     g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
-                a = c.a.float() if half else c.a  # statistics accumulate in float32
+                a = (
+                    c.a.float() if half and c.a.is_floating_point() else c.a
+                )  # float32 stats; ids stay ints
                 calls.setdefault(self.index[key], []).append(
                     (a, g.detach().float() if half else g.detach())
                 )

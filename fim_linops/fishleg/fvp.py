@@ -27,6 +27,7 @@ from torch.func import functional_call, jvp
 
 from fim_linops.engine.attention import math_attention
 from fim_linops.likelihoods import Likelihood
+from fim_linops.positions import Positions, flat_mask, mapping_mask
 
 
 def call_model(model: nn.Module, params: Mapping[str, Tensor], x: Any) -> Tensor:
@@ -58,8 +59,14 @@ def fisher_vector_product(
     w: Mapping[str, Tensor],
     fisher: str = "exact",
     generator: torch.Generator | None = None,
+    y: Tensor | None = None,
 ) -> dict[str, Tensor]:
     r"""F w = 1/N sum_n J_n^T H_n J_n w on the batch x, per parameter.
+
+    Per-position outputs (N, *T, C): H_n is block diagonal over the kept positions (labels ``y``
+    equal to ``ignore_index`` or NaN targets drop theirs; without ``y``, a mapping batch's
+    ``attention_mask``), and ``positions="mean"`` divides by the batch's kept positions instead
+    of N.
 
     Args:
         model: the network; its current parameters are the linearisation point. Parameters not
@@ -69,6 +76,8 @@ def fisher_vector_product(
         w: name -> direction tensor of that parameter's shape (the vector w, per parameter).
         fisher: ``"exact"`` (H_n exactly: the GGN, equal to the Fisher for these likelihoods) or
             ``"sampled"`` (one label per example drawn from p(y | f_n) with ``generator``).
+        y: the batch's labels, read only for the kept positions (None: all positions, or the
+            ``attention_mask`` of a mapping batch).
 
     Returns:
         name -> (F w) of each parameter's shape, detached.
@@ -88,16 +97,41 @@ def fisher_vector_product(
     with torch.enable_grad():
         out, jw = jvp(f, (primals,), (tangents,))  # type: ignore[misc]  # out, jw: (N, C); out keeps its graph
         fd, jw = out.detach(), jw.detach()
+        kept, count = _kept_outputs(likelihood, fd, x, y)  # (N, T*C) or None; the normaliser
+        if kept is not None:
+            jw = jw * kept
         if fisher == "exact":
             hjw = likelihood.hessian_matmul(fd, jw)  # (N, C)
         else:
-            y = likelihood.sample(fd, 1, generator=generator)[0]
-            r = likelihood.grad_output(fd, y).reshape(fd.shape)  # (N, C): d nll / d f at sampled y
+            ys = likelihood.sample(fd, 1, generator=generator)[0]
+            r = likelihood.grad_output(fd, ys).reshape(fd.shape)  # (N, C): d nll / d f at sampled y
+            r = r if kept is None else r * kept
             hjw = r * (r * jw).sum(-1, keepdim=True)  # r_n (r_n . J_n w)
+        if kept is not None:
+            hjw = hjw * kept
         grads = torch.autograd.grad(
-            out, list(primals.values()), grad_outputs=hjw / out.shape[0], allow_unused=True
+            out, list(primals.values()), grad_outputs=hjw / count, allow_unused=True
         )
     return {
         n: torch.zeros_like(p) if g is None else g.detach()
         for (n, p), g in zip(primals.items(), grads, strict=True)
     }
+
+
+def _kept_outputs(
+    likelihood: Likelihood, f: Tensor, x: Any, y: Tensor | None
+) -> tuple[Tensor | None, Tensor | int]:
+    """The kept outputs (N, T*C) of the flat output f (None: all) and the normaliser: N, or the
+    number of kept positions for ``positions="mean"`` (a tensor: no host sync)."""
+    width = likelihood.width or f.shape[1]
+    mask = None
+    if y is not None and hasattr(likelihood, "position_mask"):
+        mask = likelihood.position_mask(f, likelihood.check_target(f, y, values=False))
+    elif likelihood.sequence:
+        mask = mapping_mask(x, f.shape[1] // width, likelihood.shift_labels)
+    kept = None if mask is None else flat_mask(mask, width).to(f.dtype)
+    if getattr(likelihood, "positions", None) is not Positions.MEAN:
+        return kept, f.shape[0]
+    if mask is None:
+        return kept, f.shape[0] * (f.shape[1] // width)
+    return kept, mask.sum().clamp_min(1).to(f.dtype)

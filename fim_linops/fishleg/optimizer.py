@@ -23,7 +23,7 @@ with random Gaussian probes: with gradient directions alone Q only learns F^-1 a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,17 +47,24 @@ _AUX_U = ("mixed", "gradient", "random")
 
 
 def _is_one_batch(data: Any) -> bool:
-    """(x, y) with a tensor y, or a bare tensor x: one batch; anything else iterable: batches."""
-    if isinstance(data, Tensor):
+    """(x, y) with a tensor y, a bare tensor x or a mapping batch (Hugging Face): one batch;
+    anything else iterable: batches."""
+    if isinstance(data, (Tensor, Mapping)):
         return True
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
-def _inputs_of(batch: Any) -> Any:
-    """The model input of a batch: x of (x, y) (labels are not needed: the Fisher uses p(y|x))."""
+def _inputs_of(batch: Any) -> tuple[Any, Tensor | None]:
+    """The model input of a batch and its labels, if any: x of (x, y), the keys but ``labels`` of
+    a mapping. The labels are read only for the kept positions (ignore_index); the Fisher uses
+    p(y|x)."""
+    if isinstance(batch, Mapping):
+        x = {k: v for k, v in batch.items() if k != "labels"}
+        return x, batch.get("labels")
     if isinstance(batch, (tuple, list)) and len(batch) >= 1 and not isinstance(batch, Tensor):
-        return batch[0]
-    return batch
+        y = batch[1] if len(batch) == 2 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    return batch, None
 
 
 class FishLeg(torch.optim.Optimizer):
@@ -180,6 +187,7 @@ class FishLeg(torch.optim.Optimizer):
         self._aux_iter: Iterator | None = None
         self._aux_batches = 0  # batches drawn from an iterable aux_data (for state_dict resume)
         self._last_x: Any = None
+        self._last_y: Tensor | None = None  # the labels of the last aux batch (kept positions)
         self._t = 0  # step() calls so far
         like = self.layout.params[0]
         self._generator = torch.Generator(device=like.device).manual_seed(seed)
@@ -242,7 +250,7 @@ class FishLeg(torch.optim.Optimizer):
     # -- auxiliary data and probes ------------------------------------------------------------------
     def _next_aux_x(self) -> Any:
         if _is_one_batch(self._aux_data):
-            self._last_x = _inputs_of(self._aux_data)
+            self._last_x, self._last_y = _inputs_of(self._aux_data)
             return self._last_x
         if self._aux_iter is None:
             self._aux_iter = iter(self._aux_data)
@@ -257,7 +265,7 @@ class FishLeg(torch.optim.Optimizer):
                     "aux_data is empty: give FishLeg at least one (x, y) batch"
                 ) from None
         self._aux_batches += 1
-        self._last_x = _inputs_of(batch)
+        self._last_x, self._last_y = _inputs_of(batch)
         return self._last_x
 
     def _gradient(self) -> Tensor:
@@ -285,8 +293,8 @@ class FishLeg(torch.optim.Optimizer):
         return u / u.norm()
 
     # -- the auxiliary objective --------------------------------------------------------------------
-    def _fvp(self, x: Any, w: Tensor, group: dict) -> Tensor:
-        """(F + damping I) w for a flat w (P,) on the batch x."""
+    def _fvp(self, x: Any, w: Tensor, group: dict, y: Tensor | None = None) -> Tensor:
+        """(F + damping I) w for a flat w (P,) on the batch x (labels y: the kept positions)."""
         fw = fisher_vector_product(
             self.model,
             self.likelihood,
@@ -294,16 +302,20 @@ class FishLeg(torch.optim.Optimizer):
             self.layout.unflatten(w),
             group["fisher"],
             self._generator,
+            y=y,
         )
         return self.layout.flatten(fw) + group["damping"] * w
 
-    def auxiliary_loss(self, u: Tensor, x: Any = None) -> Tensor:
+    def auxiliary_loss(self, u: Tensor, x: Any = None, y: Tensor | None = None) -> Tensor:
         r"""A(lambda) = 1/2 u^T Q F_gamma Q u - u^T Q u for a flat u (P,) on the batch x (default:
-        the last auxiliary batch). Its minimum over Q is -1/2 u^T F_gamma^-1 u."""
+        the last auxiliary batch, with its labels) with labels y (only their ignore_index
+        positions matter). Its minimum over Q is -1/2 u^T F_gamma^-1 u."""
         group = self.param_groups[0]
-        x = (self._last_x if self._last_x is not None else self._next_aux_x()) if x is None else x
+        if x is None:
+            x = self._last_x if self._last_x is not None else self._next_aux_x()
+            y = self._last_y if y is None else y
         w = self._apply_q(u, detach=True)
-        return 0.5 * (w * self._fvp(x, w, group)).sum() - (u * w).sum()
+        return 0.5 * (w * self._fvp(x, w, group, y)).sum() - (u * w).sum()
 
     @torch.no_grad()
     def _aux_step(self, group: dict, g: Tensor) -> None:
@@ -316,7 +328,7 @@ class FishLeg(torch.optim.Optimizer):
         with torch.enable_grad():
             qu = self._apply_q(u, detach=False)
             w = qu.detach()
-            fw = self._fvp(x, w, group)
+            fw = self._fvp(x, w, group, self._last_y)
             u2 = (u * u).sum()
             surrogate = (qu * (fw - u)).sum() / u2
             raw = torch.autograd.grad(surrogate, lam, allow_unused=True)
@@ -452,7 +464,7 @@ class FishLeg(torch.optim.Optimizer):
         self.aux_skipped = fl["aux_skipped"].clone().to(self.aux_skipped.device)
         self._aux_batches = 0
         self._aux_iter = None
-        self._last_x = None
+        self._last_x, self._last_y = None, None
         self._cache = None
         if not _is_one_batch(self._aux_data) and fl["aux_batches"]:
             n = int(fl["aux_batches"])

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import batch_size as n_examples
 from fim_linops.data import call_model, iter_batches
-from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
+from fim_linops.distributed import all_reduce_, resolve_group
 from fim_linops.engine import Engine
 from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.engine.gram import gram_per_example, side
@@ -51,6 +51,7 @@ from fim_linops.ntk import _jacobian_op, split_inputs
 from fim_linops.operators import LowRank
 from fim_linops.operators.jacobian import Outputs
 from fim_linops.operators.ntk import gram_of
+from fim_linops.positions import Positions, flat_mask
 from fim_linops.sharding.gather import gathered, on_gathered_model
 from fim_linops.state import preserved_state
 
@@ -101,12 +102,14 @@ class Laplace:
             self.dtype, self.device = p0.dtype, p0.device
             self._check_structure_memory(structure)
             self.mean = self.layout.vector()
-            n_local, fit = self._fit_statistics(data)
-            # torch.distributed: each rank passes its shard; the count and the fit term are summed
+            counts, fit = self._fit_statistics(data)
+            # torch.distributed: each rank passes its shard; the counts and the fit term are summed
             # over the ranks (the GGN is all-reduced by fl.fisher with the same process group)
             group = resolve_group(fisher_kwargs.get("process_group"))
-            self._fit = all_reduce_([fit], group)[0]
-            self.n_data = all_reduce_count(n_local, group, self.device)
+            self._fit, counts = all_reduce_([fit, counts], group)
+            # examples, fl.fisher's normaliser (examples, or kept positions for positions="mean"),
+            # kept outputs (the Gaussian's normalising constant)
+            self.n_data, normaliser, self._n_kept_outputs = (int(c) for c in counts.round().long())
             mean_fisher = fisher(
                 model,
                 data,
@@ -118,7 +121,7 @@ class Laplace:
                 max_bytes=sys.maxsize if max_bytes is None else max_bytes,
                 **fisher_kwargs,
             )
-            self.ggn = mean_fisher * float(self.n_data)  # sum over the data
+            self.ggn = mean_fisher * float(normaliser)  # sum over the data (and positions)
             self.structure = structure
             self.sigma0 = (
                 torch.as_tensor(self.likelihood.sigma, dtype=self.dtype, device=self.device)
@@ -171,9 +174,12 @@ class Laplace:
         )
 
     # -- data statistics -------------------------------------------------------------------------
-    def _fit_statistics(self, data: Any) -> tuple[int, Tensor]:
-        """Example count and, at theta*: sum of squared residuals (Gaussian) or of the nll."""
-        n, total = 0, torch.zeros((), dtype=self.dtype, device=self.device)
+    def _fit_statistics(self, data: Any) -> tuple[Tensor, Tensor]:
+        """Counts (examples, fl.fisher's normaliser, kept outputs) as a float64 tensor (3,) and, at
+        theta*: the sum of squared residuals (Gaussian) or of the nll, over the kept positions
+        (labels equal to ignore_index and NaN targets drop theirs)."""
+        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
         lik = self.likelihood
         self._n_outputs = 0
         with preserved_state(self.model), torch.no_grad():
@@ -181,12 +187,22 @@ class Laplace:
                 f = lik.check_output(call_model(self.model, x))
                 assert y is not None  # need_targets=True
                 y = lik.check_target(f, y)
-                total = total + (
-                    ((y - f) ** 2).sum() if isinstance(lik, Gaussian) else lik.nll(f, y).sum()
-                )
-                n += f.shape[0]
+                n, width = f.shape[0], lik.width or f.shape[1]
+                mask = lik.position_mask(f, y) if hasattr(lik, "position_mask") else None
+                kept = (
+                    torch.ones_like(f, dtype=torch.float64)
+                    if mask is None
+                    else flat_mask(mask, width).to(torch.float64)
+                )  # (N, T*C)
+                if isinstance(lik, Gaussian):
+                    total = total + ((torch.nan_to_num(y) - f) ** 2 * kept.to(f.dtype)).sum()
+                else:
+                    total = total + lik.nll(f, y).sum()
+                mean = getattr(lik, "positions", None) is Positions.MEAN
+                terms = kept.sum() / width if mean else counts.new_tensor(n)
+                counts += torch.stack([counts.new_tensor(n), terms, kept.sum()])
                 self._n_outputs = f.shape[1]
-        return n, total
+        return counts, total
 
     def log_likelihood(self, sigma: Tensor | None = None) -> Tensor:
         """log p(D | theta*), differentiable in sigma for a Gaussian likelihood."""
@@ -194,7 +210,7 @@ class Laplace:
             return -self._fit
         sigma = self.sigma if sigma is None else sigma
         assert sigma is not None  # a Gaussian likelihood has a sigma
-        nc = self.n_data * self._n_outputs
+        nc = self._n_kept_outputs
         return -self._fit / (2 * sigma**2) - nc * torch.log(sigma * math.sqrt(2 * math.pi))
 
     # -- evidence --------------------------------------------------------------------------------
@@ -305,7 +321,7 @@ class Laplace:
 
     def _engine(self, batches: list[Any]) -> Engine:
         """The engine of the outputs' Jacobians for these batches, with the first-batch checks
-        of ``fl.fisher`` run on them first (:func:`fim_linops.ntk.outputs_engine`): a layer that
+        of ``fl.fisher`` run on them first (:func:`fim_linops.engine.outputs.outputs_engine`): a layer that
         the GGN took through torch.func goes there for the predictive too."""
         return outputs_engine(self.model, self.layout, Outputs(), batches)
 
@@ -360,17 +376,24 @@ class Laplace:
     ) -> Tensor:
         r"""Class probabilities of the GLM predictive for categorical (N, C) or Bernoulli (N,)
         likelihoods: "probit" (softmax/sigmoid of f / sqrt(1 + pi/8 var)) or "mc" (average
-        over ``n_samples`` samples f ~ N(mean, cov) per example)."""
-        if not isinstance(self.likelihood, (Categorical, Bernoulli)):
+        over ``n_samples`` samples f ~ N(mean, cov) per example). Per-position outputs give
+        (N, T, C) (categorical, softmax per position; the samples are joint over the positions of
+        an example) or (N, T) (Bernoulli)."""
+        lik = self.likelihood
+        if not isinstance(lik, (Categorical, Bernoulli)):
             raise ValueError(
                 "predictive_probs is for classification; use predictive() for regression"
             )
-        mean, cov = self.predictive(x)
-        link = (
-            torch.sigmoid
-            if isinstance(self.likelihood, Bernoulli)
-            else lambda t: torch.softmax(t, -1)
-        )
+        mean, cov = self.predictive(x)  # (N, T*C), (N, T*C, T*C)
+        seq, width = lik.sequence, lik.width or mean.shape[-1]
+
+        def link(t: Tensor) -> Tensor:  # (..., N, T*C) -> probabilities
+            if isinstance(lik, Bernoulli):
+                return torch.sigmoid(t)
+            if seq:  # (..., N, T, C): softmax per position
+                return torch.softmax(t.reshape(*t.shape[:-1], -1, width), -1)
+            return torch.softmax(t, -1)
+
         if link_approx == "probit":
             var = cov.diagonal(dim1=-2, dim2=-1)
             probs = link(mean / torch.sqrt(1 + math.pi / 8 * var))
@@ -384,7 +407,7 @@ class Laplace:
             probs = link(f).mean(0)
         else:
             raise ValueError(f"unknown link_approx {link_approx!r}; use 'probit' or 'mc'")
-        return probs[:, 0] if isinstance(self.likelihood, Bernoulli) else probs
+        return probs[:, 0] if isinstance(lik, Bernoulli) and not seq else probs
 
     __call__ = predictive_probs
 
