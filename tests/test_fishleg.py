@@ -388,7 +388,7 @@ def test_default_preset_learns_the_damped_inverse_and_the_reference_preset_does_
         gamma = opt.param_groups[0]["damping"]
         Fg = _dense_ggn(model, fl.Gaussian(), x) + gamma * torch.eye(o * (i + 1), dtype=DT)
         eye = torch.eye(Fg.shape[0], dtype=DT)
-        for epoch in range(30):
+        for _ in range(30):
             for xb, yb in aux:
                 opt.zero_grad()
                 nn.functional.mse_loss(model(xb), yb).backward()
