@@ -263,7 +263,7 @@ def test_linear_gaussian_inverse_fisher_approaches_the_damped_inverse(structure:
     Fg = F + gamma * torch.eye(F.shape[0], dtype=DT)
     opt = FishLeg(
         model, fl.Gaussian(), (x, y), lr=0.0, damping=gamma, structure=structure,
-        aux_lr=1e-2, warmup=10**9, aux_u="random",
+        aux_lr=1e-2, warmup=10**9, aux_u="random", init="scale",
     )  # fmt: skip
     u = torch.randn(F.shape[0], dtype=DT)
     best = -0.5 * u @ torch.linalg.solve(Fg, u)  # min over Q of A = -1/2 u^T F_gamma^-1 u
@@ -455,20 +455,20 @@ def test_non_finite_auxiliary_steps_are_undone_or_raise() -> None:
     model, x, y, _ = _linear_gaussian()
     bad = x.clone()
     bad[0, 0] = float("nan")
-    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2)
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2, init="scale")
     q0 = opt.inverse_fisher.to_dense()
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     opt.step()
     assert int(opt.aux_skipped) == 2
     assert torch.equal(opt.inverse_fisher.to_dense(), q0)
-    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2)
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2, init="scale")
     opt._sync_free = True  # the accelerator path: the step is undone without a host sync
     opt.step()
     opt.step()
     assert int(opt.aux_skipped) == 2
     assert torch.equal(opt.inverse_fisher.to_dense(), q0)
-    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, nan_policy="raise")
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, nan_policy="raise", init="scale")
     with pytest.raises(FloatingPointError, match="aux_lr"):
         opt.step()
 
