@@ -218,6 +218,7 @@ def test_first_steps_are_sgd_with_lr_times_init_scale(structure: str) -> None:
         (x, y),
         lr=0.2,
         init_scale=0.5,
+        preset="reference",  # Q = init_scale * I, first auxiliary update at step 10
         momentum=0.0,
         weight_decay=0.0,
         structure=structure,
@@ -262,7 +263,7 @@ def test_linear_gaussian_inverse_fisher_approaches_the_damped_inverse(structure:
     Fg = F + gamma * torch.eye(F.shape[0], dtype=DT)
     opt = FishLeg(
         model, fl.Gaussian(), (x, y), lr=0.0, damping=gamma, structure=structure,
-        aux_lr=1e-2, warmup=10**9, aux_u="random",
+        aux_lr=1e-2, warmup=10**9, aux_u="random", init="scale",
     )  # fmt: skip
     u = torch.randn(F.shape[0], dtype=DT)
     best = -0.5 * u @ torch.linalg.solve(Fg, u)  # min over Q of A = -1/2 u^T F_gamma^-1 u
@@ -303,15 +304,97 @@ def test_auxiliary_step_follows_the_gradient_of_the_auxiliary_loss(structure: st
         torch.testing.assert_close(a, b)
 
 
-def test_kfac_init_is_the_inverse_for_a_linear_gaussian_model() -> None:
-    """KFAC is exact here (G = I, A = 1/N [X 1]^T [X 1]), so the init is (F + gamma I)^-1 up to the
-    split of the damping between the factors, O(sqrt(gamma) / lambda_min(A))."""
+@pytest.mark.parametrize("gamma", [0.0, 1e-3, 0.1, 1.0])
+def test_kfac_init_is_the_damped_inverse_for_a_linear_gaussian_model(gamma: float) -> None:
+    """KFAC is exact here (G = I, A = 1/N [X 1]^T [X 1]) and so is (F + gamma I)^-1 =
+    I kron (A + gamma I)^-1 a Kronecker product: the init is that inverse to rounding, at any
+    damping (the trace-heuristic split of the damping was 0.49 off at gamma = 0.1)."""
     model, x, y, F = _linear_gaussian()
-    gamma = 1e-12
     opt = FishLeg(model, "gaussian", (x, y), damping=gamma, init="kfac")
     eye = torch.eye(F.shape[0], dtype=DT)
     err = torch.linalg.norm(opt.inverse_fisher @ (F + gamma * eye) - eye) / torch.linalg.norm(eye)
-    assert err < 1e-2
+    assert err < 1e-10, float(err)
+
+
+def _hadamard_softmax_layer() -> tuple[nn.Module, torch.Tensor]:
+    """nn.Linear(3, 4) at zero weights on the 4 inputs whose [x 1] rows form a Hadamard matrix:
+    every example has the same softmax output, so F = G kron A exactly, with A = I."""
+    x = torch.tensor([[1, 1, 1], [-1, 1, -1], [1, -1, -1], [-1, -1, 1.0]], dtype=DT)
+    model = nn.Linear(3, 4).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.3, -0.2, 0.5, 0.0]))
+    return model, x
+
+
+def test_kfac_init_is_the_damped_inverse_where_a_is_the_identity() -> None:
+    model, x = _hadamard_softmax_layer()
+    xt = torch.cat([x, torch.ones(4, 1, dtype=DT)], 1)
+    torch.testing.assert_close(xt.T @ xt / 4, torch.eye(4, dtype=DT))  # A = I
+    lik = fl.get_likelihood("categorical")
+    F = _dense_ggn(model, lik, x)
+    gamma = 0.1
+    opt = FishLeg(model, "categorical", (x, torch.zeros(4, dtype=torch.long)), damping=gamma)
+    assert opt.param_groups[0]["init"] == "kfac"  # the default
+    eye = torch.eye(F.shape[0], dtype=DT)
+    err = torch.linalg.norm(opt.inverse_fisher @ (F + gamma * eye) - eye) / torch.linalg.norm(eye)
+    assert err < 1e-10, float(err)
+
+
+def test_kfac_init_minimises_the_expected_auxiliary_loss_over_kronecker_products() -> None:
+    """Where (G kron A + gamma I)^-1 is not Kronecker (A and G both anisotropic), Q starts at the
+    minimiser of E_u A = 1/2 tr(Q F_gamma Q) - tr(Q) over Kronecker Q: perturbing R or L raises it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 3, generator=g, dtype=DT) @ torch.randn(3, 3, generator=g, dtype=DT)
+    model = nn.Linear(3, 4).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.3, -0.2, 0.5, 0.0]))
+    F = _dense_ggn(model, fl.get_likelihood("categorical"), x)  # G kron A exactly (same softmax)
+    gamma = 0.1
+    Fg = F + gamma * torch.eye(F.shape[0], dtype=DT)
+    opt = FishLeg(model, "categorical", (x, torch.zeros(32, dtype=torch.long)), damping=gamma)
+    spec, lam = opt.specs[0], {k: v.detach() for k, v in opt.lambdas[0].items()}
+
+    def expected_loss(lam: dict) -> torch.Tensor:
+        Q = block_operator(spec, lam).to_dense()
+        return 0.5 * torch.trace(Q @ Fg @ Q) - torch.trace(Q)
+
+    best = expected_loss(lam)
+    eye = torch.eye(F.shape[0], dtype=DT)
+    err = torch.linalg.norm(block_operator(spec, lam).to_dense() @ Fg - eye) / eye.norm()
+    assert 1e-3 < err < 0.5  # not exact here, but close
+    for _ in range(20):
+        for k in ("R", "L"):
+            d = 1e-3 * torch.randn(lam[k].shape, generator=g, dtype=DT)
+            assert expected_loss({**lam, k: lam[k] + d}) > best
+
+
+def test_default_preset_learns_the_damped_inverse_and_the_reference_preset_does_not() -> None:
+    """The defaults (Q from the KFAC of the first of 8 batches, aux_lr 3e-3 every 5 steps) bring
+    |Q F_gamma - I| / |I| on a linear-Gaussian model below 0.12 in 30 epochs of 8 steps; the
+    reference library's settings (Q = I, aux_lr 1e-4 every 10 steps) stay above 1."""
+    g = torch.Generator().manual_seed(0)
+    n, i, o = 512, 8, 4
+    x = torch.randn(n, i, generator=g, dtype=DT) @ torch.randn(i, i, generator=g, dtype=DT)
+    x = 0.5 * x + 0.3
+    y = torch.randn(n, o, generator=g, dtype=DT)
+    aux = [(x[k : k + 64], y[k : k + 64]) for k in range(0, n, 64)]
+    errs = {}
+    for preset in ("default", "reference"):
+        torch.manual_seed(1)
+        model = nn.Linear(i, o).double()
+        opt = FishLeg(model, fl.Gaussian(), aux, preset=preset)
+        gamma = opt.param_groups[0]["damping"]
+        Fg = _dense_ggn(model, fl.Gaussian(), x) + gamma * torch.eye(o * (i + 1), dtype=DT)
+        eye = torch.eye(Fg.shape[0], dtype=DT)
+        for _ in range(30):
+            for xb, yb in aux:
+                opt.zero_grad()
+                nn.functional.mse_loss(model(xb), yb).backward()
+                opt.step()
+        errs[preset] = float(torch.linalg.norm(opt.inverse_fisher @ Fg - eye) / eye.norm())
+    assert errs["default"] < 0.12 and errs["reference"] > 1, errs
 
 
 def test_warmup_trains_lambda_only() -> None:
@@ -372,20 +455,20 @@ def test_non_finite_auxiliary_steps_are_undone_or_raise() -> None:
     model, x, y, _ = _linear_gaussian()
     bad = x.clone()
     bad[0, 0] = float("nan")
-    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2)
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2, init="scale")
     q0 = opt.inverse_fisher.to_dense()
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     opt.step()
     assert int(opt.aux_skipped) == 2
     assert torch.equal(opt.inverse_fisher.to_dense(), q0)
-    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2)
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, aux_lr=1e-2, init="scale")
     opt._sync_free = True  # the accelerator path: the step is undone without a host sync
     opt.step()
     opt.step()
     assert int(opt.aux_skipped) == 2
     assert torch.equal(opt.inverse_fisher.to_dense(), q0)
-    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, nan_policy="raise")
+    opt = FishLeg(model, "gaussian", (bad, y), warmup=2, nan_policy="raise", init="scale")
     with pytest.raises(FloatingPointError, match="aux_lr"):
         opt.step()
 

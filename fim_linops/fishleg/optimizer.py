@@ -22,49 +22,21 @@ with random Gaussian probes: with gradient directions alone Q only learns F^-1 a
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fim_linops.fishleg import presets
+from fim_linops.fishleg.aux_data import AuxData
+from fim_linops.fishleg.aux_update import adam_step_or_skip
 from fim_linops.fishleg.block_diag import BlockDiagonal
 from fim_linops.fishleg.cached import apply_block, cache_block
 from fim_linops.fishleg.fvp import fisher_vector_product
 from fim_linops.fishleg.init import kfac_factors
-from fim_linops.fishleg.parameterisation import (
-    STRUCTURES,
-    BlockSpec,
-    block_operator,
-    block_spec,
-    init_lambda,
-)
+from fim_linops.fishleg.parameterisation import BlockSpec, block_operator, block_spec, init_lambda
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
-
-_AUX_U = ("mixed", "gradient", "random")
-
-
-def _is_one_batch(data: Any) -> bool:
-    """(x, y) with a tensor y, a bare tensor x or a mapping batch (Hugging Face): one batch;
-    anything else iterable: batches."""
-    if isinstance(data, (Tensor, Mapping)):
-        return True
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
-
-
-def _inputs_of(batch: Any) -> tuple[Any, Tensor | None]:
-    """The model input of a batch and its labels, if any: x of (x, y), the keys but ``labels`` of
-    a mapping. The labels are read only for the kept positions (ignore_index); the Fisher uses
-    p(y|x)."""
-    if isinstance(batch, Mapping):
-        x = {k: v for k, v in batch.items() if k != "labels"}
-        return x, batch.get("labels")
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and not isinstance(batch, Tensor):
-        y = batch[1] if len(batch) == 2 and isinstance(batch[1], Tensor) else None
-        return batch[0], y
-    return batch, None
 
 
 class FishLeg(torch.optim.Optimizer):
@@ -79,7 +51,8 @@ class FishLeg(torch.optim.Optimizer):
     ``warmup`` steps (parameters frozen then), and afterwards every ``update_aux_every`` steps,
     ``aux_steps`` Adam steps each, before the parameter update.
 
-    Args (defaults are those of the reference library unless noted):
+    Args (``default`` preset / ``reference`` preset where they differ; an argument left at None
+    takes the preset's value, see :mod:`fim_linops.fishleg.presets`):
         model: the network; all its ``requires_grad`` parameters are optimised.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a
             :class:`fim_linops.likelihoods.Likelihood`; defines the Fisher on the model output.
@@ -91,14 +64,18 @@ class FishLeg(torch.optim.Optimizer):
             other parameters get a diagonal Q.
         momentum: beta of the exponential average of Q g (0.9; 0 gives plain steps -lr Q g).
         weight_decay: decoupled L2 coefficient, not preconditioned (1e-5).
-        aux_lr, aux_betas, aux_eps: Adam on lambda (1e-4, (0.9, 0.999), 1e-8). The auxiliary
-            learning rate is the fragile one: too large and lambda diverges (see ``nan_policy``).
-        update_aux_every: auxiliary update period in steps after warm-up (10).
+        aux_lr, aux_betas, aux_eps: Adam on lambda (3e-3 / 1e-4, (0.9, 0.999), 1e-8). Too large
+            and lambda diverges (see ``nan_policy``); Adam moves each entry of lambda by about
+            aux_lr per update, so 1e-4 hardly moves Q in a few thousand steps.
+        update_aux_every: auxiliary update period in steps after warm-up (5 / 10).
         aux_steps: Adam steps per auxiliary update, each with a fresh probe and batch (1).
         warmup: number of initial steps that only train lambda (0).
-        init: ``"scale"``: Q = init_scale * I, so the first steps are SGD with step lr * init_scale
-            (the library's ``scale``, 1.0); ``"kfac"``: Q = damped inverse KFAC of the first aux
-            batch (ours; damping split by the trace heuristic), diagonal blocks at init_scale * I.
+        init: ``"kfac"`` (default): each Kronecker block starts at the best Kronecker approximation
+            of (F_KFAC + damping I)^-1 of the first aux batch, exact where that is a Kronecker
+            product (damping 0, or A or G a multiple of I, e.g. a Linear layer under a Gaussian
+            likelihood; :func:`fim_linops.fishleg.init.kfac_init_factors`), diagonal blocks at
+            init_scale * I; ``"scale"`` (reference): Q = init_scale * I, so the first steps are SGD
+            with step lr * init_scale (the library's ``scale``, 1.0).
         fisher: ``"exact"`` GGN products (ours, default) or ``"sampled"`` (one label per example).
         aux_u: probe u: ``"mixed"`` (default, ours) sqrt(1 - aux_mix) g/|g| + sqrt(aux_mix) z/|z|
             with z ~ N(0, I); ``"gradient"`` g/|g| (the library's choice); ``"random"`` z/|z|.
@@ -108,6 +85,9 @@ class FishLeg(torch.optim.Optimizer):
             sync, by undoing the step) and counted in ``opt.aux_skipped``; ``"raise"``: raise
             FloatingPointError (one host sync per auxiliary update).
         seed: seed of the optimiser's own generator (probes, sampled labels, kron_sum init).
+        preset: ``"default"`` (ours: Q learns (F + damping I)^-1 in a few hundred auxiliary
+            updates) or ``"reference"`` (the hyper-parameters of the reference library,
+            mtkresearch/FishLeg: init ``"scale"``, aux_lr 1e-4, an update every 10 steps).
 
     Tuning. The paper's experiments (its JAX code) use lr 0.05, Q initialised at
     (nu_sgd / lr) I = 0.2 I, damping 1e-3, aux_lr 1e-4 with an update every 10 steps, momentum 0.9
@@ -134,84 +114,67 @@ class FishLeg(torch.optim.Optimizer):
         model: nn.Module,
         likelihood: str | Likelihood,
         aux_data: Any,
-        lr: float = 5e-2,
-        damping: float = 0.5,
+        lr: float | None = None,
+        damping: float | None = None,
         structure: str = "kron",
-        momentum: float = 0.9,
-        weight_decay: float = 1e-5,
-        aux_lr: float = 1e-4,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
+        aux_lr: float | None = None,
         aux_betas: tuple[float, float] = (0.9, 0.999),
         aux_eps: float = 1e-8,
-        update_aux_every: int = 10,
+        update_aux_every: int | None = None,
         aux_steps: int = 1,
         warmup: int = 0,
-        init: str = "scale",
-        init_scale: float = 1.0,
+        init: str | None = None,
+        init_scale: float | None = None,
         fisher: str = "exact",
         aux_u: str = "mixed",
         aux_mix: float = 0.5,
         nan_policy: str = "skip",
         seed: int = 0,
+        preset: str = "default",
     ):
-        _check(structure in STRUCTURES, f"structure must be one of {STRUCTURES}, got {structure!r}")
-        _check(init in ("scale", "kfac"), f"init must be 'scale' or 'kfac', got {init!r}")
-        _check(
-            fisher in ("exact", "sampled"), f"fisher must be 'exact' or 'sampled', got {fisher!r}"
-        )
-        _check(aux_u in _AUX_U, f"aux_u must be one of {_AUX_U}, got {aux_u!r}")
-        _check(
-            nan_policy in ("skip", "raise"),
-            f"nan_policy must be 'skip' or 'raise', got {nan_policy!r}",
-        )
-        _check(lr >= 0 and damping >= 0 and aux_lr >= 0, "lr, damping and aux_lr must be >= 0")
-        _check(0 <= momentum < 1, f"momentum must lie in [0, 1), got {momentum}")
-        _check(0 <= aux_mix <= 1, f"aux_mix must lie in [0, 1], got {aux_mix}")
-        _check(
-            update_aux_every >= 1 and aux_steps >= 1 and warmup >= 0,
-            "update_aux_every and aux_steps must be >= 1, warmup >= 0",
-        )
-        _check(init_scale > 0, f"init_scale must be > 0, got {init_scale}")
+        given = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, aux_lr=aux_lr,
+            update_aux_every=update_aux_every, init=init, init_scale=init_scale,
+        )  # fmt: skip
+        h = presets.resolve(preset, given)
+        h.update(
+            aux_betas=tuple(aux_betas), aux_eps=aux_eps, aux_steps=aux_steps, warmup=warmup,
+            structure=structure, fisher=fisher, aux_u=aux_u, aux_mix=aux_mix,
+            nan_policy=nan_policy,
+        )  # fmt: skip
+        presets.check(h)
         self.model = model
         self.likelihood = get_likelihood(likelihood)
         self.layout = ParamLayout.from_model(model)
-        defaults = dict(
-            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, aux_lr=aux_lr,
-            aux_betas=tuple(aux_betas), aux_eps=aux_eps, update_aux_every=update_aux_every,
-            aux_steps=aux_steps, warmup=warmup, structure=structure, init=init,
-            init_scale=init_scale, fisher=fisher, aux_u=aux_u, aux_mix=aux_mix,
-            nan_policy=nan_policy,
-        )  # fmt: skip
-        super().__init__(self.layout.params, defaults)
+        super().__init__(self.layout.params, h)
 
-        self._aux_data = aux_data
-        self._aux_iter: Iterator | None = None
-        self._aux_batches = 0  # batches drawn from an iterable aux_data (for state_dict resume)
-        self._last_x: Any = None
-        self._last_y: Tensor | None = None  # the labels of the last aux batch (kept positions)
+        self._aux = AuxData(aux_data)
         self._t = 0  # step() calls so far
         like = self.layout.params[0]
         self._generator = torch.Generator(device=like.device).manual_seed(seed)
         init_gen = torch.Generator().manual_seed(seed)
 
-        self.specs: list[BlockSpec] = [block_spec(b, structure) for b in self.layout.blocks]
+        self.specs: list[BlockSpec] = [block_spec(b, h["structure"]) for b in self.layout.blocks]
         kfac = {}
-        if init == "kfac":
+        if h["init"] == "kfac":
             layers = {s.name: (s.module, s.has_bias) for s in self.specs if s.kind != "diag"}
-            kfac = kfac_factors(model, self.likelihood, self._next_aux_x(), layers)
+            kfac = kfac_factors(model, self.likelihood, self._aux.next(), layers)
         self.lambdas: list[dict[str, Tensor]] = [
             {
                 k: v.requires_grad_(True)
                 for k, v in init_lambda(
-                    s, init_scale, like, kfac.get(s.name), damping, init_gen
+                    s, h["init_scale"], like, kfac.get(s.name), h["damping"], init_gen
                 ).items()
             }
             for s in self.specs
         ]
         self.aux_opt = torch.optim.Adam(
             self.aux_parameters(),
-            lr=aux_lr,
-            betas=(aux_betas[0], aux_betas[1]),
-            eps=aux_eps,
+            lr=h["aux_lr"],
+            betas=h["aux_betas"],
+            eps=h["aux_eps"],
             capturable=like.device.type == "cuda",  # Adam's step counter on the device: no syncs
             foreach=True,
         )
@@ -248,26 +211,6 @@ class FishLeg(torch.optim.Optimizer):
         return torch.cat(parts)
 
     # -- auxiliary data and probes ------------------------------------------------------------------
-    def _next_aux_x(self) -> Any:
-        if _is_one_batch(self._aux_data):
-            self._last_x, self._last_y = _inputs_of(self._aux_data)
-            return self._last_x
-        if self._aux_iter is None:
-            self._aux_iter = iter(self._aux_data)
-        try:
-            batch = next(self._aux_iter)
-        except StopIteration:
-            self._aux_iter = iter(self._aux_data)
-            try:
-                batch = next(self._aux_iter)
-            except StopIteration:
-                raise ValueError(
-                    "aux_data is empty: give FishLeg at least one (x, y) batch"
-                ) from None
-        self._aux_batches += 1
-        self._last_x, self._last_y = _inputs_of(batch)
-        return self._last_x
-
     def _gradient(self) -> Tensor:
         """The flat gradient (P,) from ``.grad`` (zeros where a parameter has none)."""
         return torch.cat(
@@ -312,8 +255,7 @@ class FishLeg(torch.optim.Optimizer):
         positions matter). Its minimum over Q is -1/2 u^T F_gamma^-1 u."""
         group = self.param_groups[0]
         if x is None:
-            x = self._last_x if self._last_x is not None else self._next_aux_x()
-            y = self._last_y if y is None else y
+            x, y = self._aux.last, self._aux.last_labels if y is None else y
         w = self._apply_q(u, detach=True)
         return 0.5 * (w * self._fvp(x, w, group, y)).sum() - (u * w).sum()
 
@@ -322,13 +264,13 @@ class FishLeg(torch.optim.Optimizer):
         """One Adam step on lambda along the surrogate <Q u, stopgrad(F_gamma Q u - u)> / |u|^2."""
         aux = self.aux_opt.param_groups[0]
         aux["lr"], aux["betas"], aux["eps"] = group["aux_lr"], group["aux_betas"], group["aux_eps"]
-        x = self._next_aux_x()
+        x = self._aux.next()
         u = self._probe(g, group["aux_u"], group["aux_mix"])
         lam = self.aux_parameters()
         with torch.enable_grad():
             qu = self._apply_q(u, detach=False)
             w = qu.detach()
-            fw = self._fvp(x, w, group, self._last_y)
+            fw = self._fvp(x, w, group, self._aux.last_labels)
             u2 = (u * u).sum()
             surrogate = (qu * (fw - u)).sum() / u2
             raw = torch.autograd.grad(surrogate, lam, allow_unused=True)
@@ -338,38 +280,16 @@ class FishLeg(torch.optim.Optimizer):
             torch.isfinite(surrogate)
             & torch.stack([torch.isfinite(gr).all() for gr in grads]).all()
         )
-        if group["nan_policy"] == "raise" or not self._sync_free:
-            if not bool(ok):
-                if group["nan_policy"] == "raise":
-                    raise FloatingPointError(
-                        f"FishLeg: the auxiliary loss or its gradient is not finite at step "
-                        f"{self._t}; lower aux_lr (now {group['aux_lr']}), raise damping (now "
-                        f"{group['damping']}) or update the auxiliary parameters less often "
-                        "(update_aux_every)"
-                    )
-                self.aux_skipped += 1  # skipped: lambda and the Adam state are left as they are
-            else:
-                for t, gr in zip(lam, grads, strict=True):
-                    t.grad = gr
-                self.aux_opt.step()
-        else:
-            # undo a non-finite step without a host sync: keep (tensor, copy) of lambda and of the
-            # Adam state that exists now (state created by this step starts from zero gradients)
-            live = lam + [
-                s
-                for st in self.aux_opt.state.values()
-                for s in st.values()
-                if isinstance(s, Tensor)
-            ]
-            saved = [(cur, cur.clone()) for cur in live if cur.device == ok.device]
-            for t, gr in zip(lam, grads, strict=True):
-                t.grad = torch.where(ok, gr, torch.zeros_like(gr))
-            self.aux_opt.step()
-            for cur, old in saved:
-                cur.copy_(torch.where(ok, cur, old))
-            self.aux_skipped += (~ok).long()
-        for t in lam:
-            t.grad = None
+        msg = None
+        if group["nan_policy"] == "raise":
+            msg = (
+                f"FishLeg: the auxiliary loss or its gradient is not finite at step {self._t}; "
+                f"lower aux_lr (now {group['aux_lr']}), raise damping (now {group['damping']}) or "
+                "update the auxiliary parameters less often (update_aux_every)"
+            )
+        self.aux_skipped += adam_step_or_skip(
+            self.aux_opt, lam, grads, ok, raise_msg=msg, sync_free=self._sync_free
+        )
         self._cache = None  # lambda moved: the squared factors are formed again at the next step
 
     # -- the optimiser step -------------------------------------------------------------------------
@@ -433,7 +353,7 @@ class FishLeg(torch.optim.Optimizer):
             "lambda": [t.detach().clone() for t in self.aux_parameters()],
             "aux_opt": self.aux_opt.state_dict(),
             "generator": self._generator.get_state(),
-            "aux_batches": self._aux_batches,
+            "aux_batches": self._aux.drawn,
             "aux_loss": self.aux_loss.clone(),
             "aux_skipped": self.aux_skipped.clone(),
         }
@@ -462,18 +382,8 @@ class FishLeg(torch.optim.Optimizer):
         self._generator.set_state(fl["generator"])
         self.aux_loss = fl["aux_loss"].clone().to(self.aux_loss.device)
         self.aux_skipped = fl["aux_skipped"].clone().to(self.aux_skipped.device)
-        self._aux_batches = 0
-        self._aux_iter = None
-        self._last_x, self._last_y = None, None
         self._cache = None
-        if not _is_one_batch(self._aux_data) and fl["aux_batches"]:
-            n = int(fl["aux_batches"])
-            if hasattr(self._aux_data, "__len__") and len(self._aux_data) > 0:
-                n %= len(self._aux_data)
-            self._aux_iter = iter(self._aux_data)
-            for _ in itertools.islice(self._aux_iter, n):
-                pass
-            self._aux_batches = int(fl["aux_batches"])
+        self._aux.restore(int(fl["aux_batches"]))
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "layout", None) is not None and self.param_groups:
@@ -489,8 +399,3 @@ class FishLeg(torch.optim.Optimizer):
             f"FishLeg(P={self.layout.numel}, structure={g['structure']!r}, lr={g['lr']}, "
             f"damping={g['damping']}, aux_lr={g['aux_lr']}, blocks={len(self.specs)})"
         )
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
