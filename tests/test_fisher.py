@@ -125,7 +125,9 @@ MODELS = {
 LIKELIHOODS = {"categorical": 3, "gaussian": 3, "bernoulli": 1}
 
 
-def make(name: str, likelihood: str, seed: int = 0):
+def make(name: str, likelihood: str, seed: int = 0, device: torch.device | str = "cpu"):
+    """Model, inputs and labels, seeded on CPU (the same numbers on every device), then moved to
+    ``device``."""
     torch.manual_seed(seed)
     factory, inputs = MODELS[name]
     c = LIKELIHOODS[likelihood]
@@ -136,7 +138,7 @@ def make(name: str, likelihood: str, seed: int = 0):
         "gaussian": torch.randn(N, c),
         "bernoulli": torch.randint(0, 2, (N,)).double(),
     }[likelihood]
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
 # -- brute-force references ------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def nll(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example negative log-likelihood written independently of fim_linops."""
     if likelihood == "categorical":
-        return -(torch.log_softmax(f, -1) * (torch.arange(f.shape[-1]) == y)).sum()
+        return -(torch.log_softmax(f, -1) * (torch.arange(f.shape[-1], device=f.device) == y)).sum()
     if likelihood == "gaussian":
         return 0.5 * ((f - y) ** 2).sum()
     return nn.functional.softplus(f[0]) - y * f[0]
@@ -191,7 +193,8 @@ def empirical_reference(
 
 
 def block_mask(model: nn.Module, size: int) -> torch.Tensor:
-    mask = torch.zeros(size, size, dtype=torch.bool)
+    device = next(model.parameters()).device
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
     for b in fl.ParamLayout.from_model(model).blocks:
         mask[b.start : b.stop, b.start : b.stop] = True
     return mask
@@ -218,17 +221,20 @@ CASES = [
 
 @pytest.mark.parametrize("structure", ["dense", "block_diag", "diag", "implicit"])
 @pytest.mark.parametrize("model_name,likelihood", CASES)
-def test_exact_fisher_matches_brute_force(model_name: str, likelihood: str, structure: str) -> None:
-    model, x, y = make(model_name, likelihood)
+def test_exact_fisher_matches_brute_force(
+    model_name: str, likelihood: str, structure: str, device: torch.device
+) -> None:
+    model, x, y = make(model_name, likelihood, device=device)
     F_ref = exact_reference(model, x, y, likelihood)
     F = fl.fisher(model, (x, y), likelihood=likelihood, structure=structure)
     assert F.shape == F_ref.shape
     expected = structured_reference(structure, F_ref, model)
     assert close(F.to_dense(), expected)
     assert close(F.diagonal(), F_ref.diagonal())
-    v = torch.randn(F.shape[-1])
+    assert F.device == x.device
+    v = torch.randn(F.shape[-1], device=device)
     assert close(F @ v, expected @ v)
-    V = torch.randn(F.shape[-1], 3)
+    V = torch.randn(F.shape[-1], 3, device=device)
     assert close(F @ V, expected @ V)
     assert close(fl.quad(F, v), v @ expected @ v)
     assert close(fl.trace(F), F_ref.trace())
@@ -237,8 +243,10 @@ def test_exact_fisher_matches_brute_force(model_name: str, likelihood: str, stru
 
 @pytest.mark.parametrize("structure", ["dense", "block_diag", "diag", "implicit"])
 @pytest.mark.parametrize("model_name", ["mlp", "cnn", "seq", "raw_param", "shared"])
-def test_empirical_fisher_matches_brute_force(model_name: str, structure: str) -> None:
-    model, x, y = make(model_name, "categorical")
+def test_empirical_fisher_matches_brute_force(
+    model_name: str, structure: str, device: torch.device
+) -> None:
+    model, x, y = make(model_name, "categorical", device=device)
     F_ref = empirical_reference(model, x, y, "categorical")
     F = fl.fisher(
         model, [(x[:4], y[:4]), (x[4:], y[4:])], structure=structure, fisher_type="empirical"

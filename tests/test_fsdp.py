@@ -3,22 +3,15 @@ DistributedDataParallel, on 2 gloo processes with half of the data each, give th
 Fisher, Laplace evidence and products of the unsharded model on all the data (float64, 1e-10),
 and are left as found (shards, a training step).
 
-Harness: gloo process-group teardown on this torch aborts in about one run of three
-(``terminate called without an active exception``) after the work is done. Each worker writes its
-results (or its traceback) to a file *before* teardown; the parent judges by the files, not by the
-exit codes."""
+Harness: tests/multiproc.py (gloo process-group teardown on this torch aborts in about one run of
+three, ``terminate called without an active exception``, after the work is done; the workers
+report their results to files before any teardown and leave with ``os._exit(0)``)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiproc import run_in_processes
 from torch import nn
 
 import fim_linops as fl
@@ -89,77 +82,35 @@ def _local(model: nn.Module) -> list[torch.Tensor]:
     return [getattr(p, "_local_tensor", p).detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, port: int, mode: str, folder: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        plain, x, y = _setup()
-        v = _probe(plain)
-        model = _wrap(plain, mode)
-        before = _local(model)
-        # uneven data shards: rank 0 reads 5 examples in 2 batches, rank 1 reads 7 in one
-        shard = [(x[:3], y[:3]), (x[3:5], y[3:5])] if rank == 0 else [(x[5:], y[5:])]
-        res = _results(model, shard, v)
-        after = _local(model)
-        res["shards unchanged"] = torch.tensor(
-            [float(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))]
-        )
-        types = {type(p).__name__ for p in model.parameters()}
-        res["still DTensor"] = torch.tensor([float(types == {"DTensor"})])
-        res["forward after"] = model(x).detach()  # the model still runs as FSDP/DDP
-        model(x).sum().backward()  # and trains
-        _save(res, folder, rank)
-    except BaseException:
-        with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _save(res: dict, folder: str, rank: int) -> None:
-    tmp = os.path.join(folder, f"rank{rank}.tmp")
-    torch.save(res, tmp)
-    os.replace(tmp, os.path.join(folder, f"rank{rank}.pt"))  # atomic: complete or absent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(mode: str, folder: str) -> list[dict]:
-    """Spawn the ranks; their results from the files (teardown aborts after them are ignored)."""
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), mode, folder), nprocs=WORLD, join=False, start_method="spawn"
+def _worker(rank: int, world: int, mode: str) -> dict[str, torch.Tensor]:
+    plain, x, y = _setup()
+    v = _probe(plain)
+    model = _wrap(plain, mode)
+    before = _local(model)
+    # uneven data shards: rank 0 reads 5 examples in 2 batches, rank 1 reads 7 in one
+    shard = [(x[:3], y[:3]), (x[3:5], y[3:5])] if rank == 0 else [(x[5:], y[5:])]
+    res = _results(model, shard, v)
+    after = _local(model)
+    res["shards unchanged"] = torch.tensor(
+        [float(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))]
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in ctx.processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in ctx.processes:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    errors = [
-        open(os.path.join(folder, f"rank{r}.err")).read()
-        for r in range(WORLD)
-        if os.path.exists(os.path.join(folder, f"rank{r}.err"))
-    ]
-    assert not errors, "\n".join(errors)
-    paths = [os.path.join(folder, f"rank{r}.pt") for r in range(WORLD)]
-    missing = [p for p in paths if not os.path.exists(p)]
-    assert not missing, (
-        f"no results from {missing} (exit codes {[p.exitcode for p in ctx.processes]})"
-    )
-    return [torch.load(p, weights_only=False) for p in paths]
+    types = {type(p).__name__ for p in model.parameters()}
+    res["still DTensor"] = torch.tensor([float(types == {"DTensor"})])
+    res["forward after"] = model(x).detach()  # the model still runs as FSDP/DDP
+    model(x).sum().backward()  # and trains
+    return res
+
+
+def run_ranks(mode: str) -> list[dict]:
+    """Run the ranks through tests/multiproc.py: results are judged by what each rank reports
+    before teardown (a teardown abort after the report is ignored; a rank that raises, dies before
+    reporting or times out fails the test with its traceback or log)."""
+    return run_in_processes(_worker, args=(mode,), world_size=WORLD, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("mode", ["fsdp_all", "fsdp_some", "ddp"])
-def test_sharded_model_on_half_the_data_each_equals_one_process_on_all(mode, tmp_path) -> None:
-    got = run_ranks(mode, str(tmp_path))
+def test_sharded_model_on_half_the_data_each_equals_one_process_on_all(mode) -> None:
+    got = run_ranks(mode)
     plain, x, y = _setup()
     want = _results(plain, [(x, y)], _probe(plain))
     want["forward after"] = plain(x).detach()

@@ -46,7 +46,7 @@ def ref_grads(model: nn.Module, x, y, lik="categorical", params=None) -> torch.T
 
 
 def ref_scores(F: torch.Tensor, gq: torch.Tensor, gt: torch.Tensor, damping=DAMPING):
-    eye = torch.eye(F.shape[0], dtype=F.dtype)
+    eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
     return gq @ torch.linalg.solve(F + damping * eye, gt.T)
 
 
@@ -59,8 +59,9 @@ def split(x, y):
 
 @pytest.mark.parametrize("name", list(ODD_MODELS))
 @pytest.mark.parametrize("structure", ["dense", "block_diag", "diag", "implicit"])
-def test_scores_match_dense_reference(name, structure):
-    model, x, y = ODD_MODELS[name]()
+def test_scores_match_dense_reference(name, structure, device):
+    model, x, y = ODD_MODELS[name]()  # seeded on CPU: the same numbers on every device
+    model, x, y = model.to(device), x.to(device), y.to(device)
     model.eval()
     before = copy.deepcopy(model.state_dict())
     train, query, (xq, yq) = split(x, y)

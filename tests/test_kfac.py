@@ -55,7 +55,7 @@ def layer_kfac_reference(model: nn.Module, x: torch.Tensor, layers: list[nn.Modu
             continue
         rows = a.reshape(-1, a.shape[-1])
         if m.bias is not None:
-            rows = torch.cat([rows, torch.ones(rows.shape[0], 1)], 1)
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, device=rows.device)], 1)
         result.append((g, rows.T @ rows / rows.shape[0]))
     return result
 
@@ -67,22 +67,22 @@ def public_kron(g: torch.Tensor, a: torch.Tensor, out: int, inp: int, bias: bool
     order = [o * cols + i for o in range(out) for i in range(inp)]
     if bias:
         order += [o * cols + inp for o in range(out)]
-    idx = torch.tensor(order)
+    idx = torch.tensor(order, device=k.device)
     return k[idx][:, idx]
 
 
 def exact_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fl.fisher(
-        model, (x, torch.zeros(x.shape[0], dtype=torch.long)), structure="dense"
+        model, (x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)), structure="dense"
     ).to_dense()
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_kfac_is_exact_for_one_example_of_one_linear_layer(bias: bool) -> None:
+def test_kfac_is_exact_for_one_example_of_one_linear_layer(bias: bool, device) -> None:
     torch.manual_seed(0)
-    model = nn.Linear(5, 4, bias=bias)
-    x = torch.randn(1, 5)
-    F = fl.fisher(model, (x, torch.zeros(1, dtype=torch.long)), structure="kfac")
+    model = nn.Linear(5, 4, bias=bias).to(device)
+    x = torch.randn(1, 5).to(device)
+    F = fl.fisher(model, (x, torch.zeros(1, dtype=torch.long, device=device)), structure="kfac")
     assert close(F.to_dense(), exact_fisher(model, x))
 
 
@@ -107,14 +107,16 @@ def test_grouped_conv_kfac_is_exact_within_groups_and_zero_across() -> None:
     assert bool((exact[~same].abs() > 1e-8).any())  # the cross-group terms KFAC drops are real
 
 
-def test_kfac_matches_its_definition_on_an_mlp() -> None:
+def test_kfac_matches_its_definition_on_an_mlp(device) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     model[2].bias.requires_grad_(False)
-    x = torch.randn(9, 4)
+    model = model.to(device)
+    x = torch.randn(9, 4).to(device)
+    y = torch.zeros(9, dtype=torch.long, device=device)
     F = fl.fisher(
         model,
-        [(x[:5], torch.zeros(5, dtype=torch.long)), (x[5:], torch.zeros(4, dtype=torch.long))],
+        [(x[:5], y[:5]), (x[5:], y[5:])],
         structure="kfac",
     )
     layers = [model[0], model[2], model[4]]

@@ -21,12 +21,17 @@ pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
 N, C = 15, 2
 
 
-def setup(seed: int = 0):
+def setup(seed: int = 0, device: torch.device | str = "cpu"):
+    """Model, data and test inputs, seeded on CPU (the same numbers on every device), on ``device``."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, C))
     x, xs = torch.randn(N, 3), torch.randn(4, 3)
     y = torch.randn(N, C)
-    return model, x, y, xs
+    return model.to(device), x.to(device), y.to(device), xs.to(device)
+
+
+def dev(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def n_layers(model: nn.Module) -> int:
@@ -38,18 +43,21 @@ def expand_prior(model: nn.Module, prior: torch.Tensor) -> torch.Tensor:
     if prior.numel() == 1:
         return prior.reshape(()).expand(layout.numel)
     if prior.numel() == len(layout.blocks):
-        return torch.repeat_interleave(prior, torch.tensor(layout.block_sizes))
+        return torch.repeat_interleave(prior, torch.tensor(layout.block_sizes, device=prior.device))
     return prior
 
 
 @pytest.mark.parametrize("sigma", [1.0, 0.3])
-def test_dense_gaussian_laplace_is_the_ntk_gp(sigma):
-    model, x, y, xs = setup()
+def test_dense_gaussian_laplace_is_the_ntk_gp(sigma, device):
+    model, x, y, xs = setup(device=device)
     delta = 0.7
     la = Laplace(model, (x, y), fl.Gaussian(sigma), structure="dense", prior_precision=delta)
     kxx, ksx = ref_ntk(model, x, None, "full"), ref_ntk(model, xs, x, "full")
     kss = ref_ntk(model, xs, None, "full")
-    ref = (kss - ksx @ torch.linalg.solve(kxx + delta * sigma**2 * torch.eye(N * C), ksx.T)) / delta
+    ref = (
+        kss
+        - ksx @ torch.linalg.solve(kxx + delta * sigma**2 * torch.eye(N * C, device=device), ksx.T)
+    ) / delta
     mean, cov = la.predictive(xs, joint=True)
     torch.testing.assert_close(cov, ref, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(mean, model(xs).detach(), rtol=1e-12, atol=1e-12)
@@ -64,9 +72,9 @@ def dense_sigma(model, x, y, structure, prior, sigma=1.0, rank=None):
 
 
 PRIORS = {
-    "scalar": lambda m: torch.tensor(0.8),
-    "layer": lambda m: torch.linspace(0.5, 2.0, n_layers(m)),
-    "diag": lambda m: torch.rand(fl.ParamLayout.from_model(m).numel) + 0.5,
+    "scalar": lambda m: torch.tensor(0.8).to(dev(m)),
+    "layer": lambda m: torch.linspace(0.5, 2.0, n_layers(m)).to(dev(m)),
+    "diag": lambda m: (torch.rand(fl.ParamLayout.from_model(m).numel) + 0.5).to(dev(m)),
 }
 CASES = [
     (s, k)
@@ -78,8 +86,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("structure", "kind"), CASES)
-def test_structured_predictive_equals_j_sigma_jt(structure, kind):
-    model, x, y, xs = setup()
+def test_structured_predictive_equals_j_sigma_jt(structure, kind, device):
+    model, x, y, xs = setup(device=device)
     prior = PRIORS[kind](model)
     rank = 12 if structure == "lowrank" else None
     la = Laplace(model, (x, y), "gaussian", structure=structure, prior_precision=prior, rank=rank)
@@ -97,8 +105,8 @@ def test_structured_predictive_equals_j_sigma_jt(structure, kind):
 
 
 @pytest.mark.parametrize(("structure", "kind"), CASES)
-def test_log_marginal_likelihood_and_gradients_equal_dense_formula(structure, kind):
-    model, x, y, _ = setup()
+def test_log_marginal_likelihood_and_gradients_equal_dense_formula(structure, kind, device):
+    model, x, y, _ = setup(device=device)
     prior0 = PRIORS[kind](model)
     rank = 12 if structure == "lowrank" else None
     la = Laplace(
@@ -114,8 +122,8 @@ def test_log_marginal_likelihood_and_gradients_equal_dense_formula(structure, ki
         post = g / sigma**2 + torch.diag(vec)
         return ll - 0.5 * (torch.logdet(post) - vec.log().sum() + (vec * theta**2).sum())
 
-    p1, s1 = prior0.clone().requires_grad_(), torch.tensor(0.8, requires_grad=True)
-    p2, s2 = prior0.clone().requires_grad_(), torch.tensor(0.8, requires_grad=True)
+    p1, s1 = prior0.clone().requires_grad_(), torch.tensor(0.8, device=device, requires_grad=True)
+    p2, s2 = prior0.clone().requires_grad_(), torch.tensor(0.8, device=device, requires_grad=True)
     value = la.log_marginal_likelihood(p1, s1)
     ref = dense_lml(p2, s2)
     torch.testing.assert_close(value, ref, rtol=1e-9, atol=1e-9)

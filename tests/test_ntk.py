@@ -129,20 +129,22 @@ def ref_ntk(model, x1, x2, outputs):
     return t1[:, outputs] @ t2[:, outputs].T
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, seed: int = 0, device: torch.device | str = "cpu"):
+    """Model and two inputs, seeded on CPU (the same numbers on every device), on ``device``."""
     torch.manual_seed(seed)
     make, data = MODELS[name]
-    return make().eval(), data(7), data(5)
+    return make().eval().to(device), data(7).to(device), data(5).to(device)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_jacobian_products_and_dense_equal_jacrev(name):
-    model, x, _ = build(name)
+def test_jacobian_products_and_dense_equal_jacrev(name, device):
+    model, x, _ = build(name, device=device)
     ref = ref_jacobian(model, x)
     jac = fntk.jacobian(model, x, batch_size=3)
     assert jac.shape == ref.shape
     torch.testing.assert_close(jac.to_dense(), ref, rtol=1e-10, atol=1e-12)
-    v, u = torch.randn(ref.shape[1], 3), torch.randn(ref.shape[0], 2)
+    v = torch.randn(ref.shape[1], 3, device=device)
+    u = torch.randn(ref.shape[0], 2, device=device)
     torch.testing.assert_close(jac @ v, ref @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(jac.T @ u, ref.T @ u, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(jac.T.to_dense(), ref.T, rtol=1e-10, atol=1e-12)
@@ -152,14 +154,14 @@ def test_jacobian_products_and_dense_equal_jacrev(name):
 @pytest.mark.parametrize("structure", ["dense", "implicit", "lowrank"])
 @pytest.mark.parametrize("outputs", ["full", "sum", 1])
 @pytest.mark.parametrize("cross", [False, True])
-def test_ntk_equals_j1_j2t(name, structure, outputs, cross):
-    model, x1, x2 = build(name)
+def test_ntk_equals_j1_j2t(name, structure, outputs, cross, device):
+    model, x1, x2 = build(name, device=device)
     x2 = x2 if cross else None
     ref = ref_ntk(model, x1, x2, outputs)
     op = fntk.ntk(model, x1, x2, structure=structure, outputs=outputs, batch_size=3)
     assert op.shape == ref.shape
     torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
-    v = torch.randn(ref.shape[1], 2)
+    v = torch.randn(ref.shape[1], 2, device=device)
     torch.testing.assert_close(op @ v, ref @ v, rtol=1e-10, atol=1e-12)
     if not cross:
         torch.testing.assert_close(op.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)

@@ -77,12 +77,15 @@ MODELS = {
 KRON_MODELS = ["mlp", "cnn", "seq", "twice"]
 
 
-def make(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def make(
+    name: str, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Model and (x, y), seeded on CPU (the same numbers on every device), on ``device``."""
     torch.manual_seed(seed)
     factory, inputs = MODELS[name]
     model = factory().double()
     x = inputs()
-    return model, (x, torch.randint(0, 3, (N,)))
+    return model.to(device), (x.to(device), torch.randint(0, 3, (N,)).to(device))
 
 
 # -- brute-force reference --------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def reference_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def block_mask(model: nn.Module, size: int) -> torch.Tensor:
-    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask = torch.zeros(size, size, dtype=torch.bool, device=next(model.parameters()).device)
     for b in fl.ParamLayout.from_model(model).blocks:
         mask[b.start : b.stop, b.start : b.stop] = True
     return mask
@@ -114,16 +117,16 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> bool:
 
 
 @functools.cache
-def reference(name: str) -> torch.Tensor:
-    model, (x, _) = make(name)
+def reference(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    model, (x, _) = make(name, device=device)
     return reference_fisher(model, x)
 
 
 # -- EKFAC ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", KRON_MODELS)
-def test_ekfac_is_the_exact_fisher_diagonal_in_the_kfac_eigenbasis(name: str) -> None:
-    model, data = make(name)
-    F_ref = reference(name)
+def test_ekfac_is_the_exact_fisher_diagonal_in_the_kfac_eigenbasis(name: str, device) -> None:
+    model, data = make(name, device=device)
+    F_ref = reference(name, device)
     kfac = fl.fisher(model, data, structure="kfac")
     ekfac = fl.fisher(model, data, structure="ekfac")
     assert isinstance(ekfac, EKFAC)
@@ -133,9 +136,9 @@ def test_ekfac_is_the_exact_fisher_diagonal_in_the_kfac_eigenbasis(name: str) ->
 
 
 @pytest.mark.parametrize("name", KRON_MODELS)
-def test_ekfac_is_at_least_as_close_as_kfac_to_the_exact_fisher(name: str) -> None:
-    model, data = make(name)
-    F_ref = reference(name)
+def test_ekfac_is_at_least_as_close_as_kfac_to_the_exact_fisher(name: str, device) -> None:
+    model, data = make(name, device=device)
+    F_ref = reference(name, device)
     kfac = fl.fisher(model, data, structure="kfac").to_dense()
     ekfac = fl.fisher(model, data, structure="ekfac").to_dense()
     err_kfac = torch.linalg.matrix_norm(kfac - F_ref)
@@ -175,9 +178,9 @@ def test_ekfac_mc_reuses_the_sampled_labels_in_its_second_pass() -> None:
 # -- low rank ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mlp", "cnn", "normed"])
 @pytest.mark.parametrize("k", [1, 5])
-def test_lowrank_holds_the_top_eigenpairs_of_the_exact_fisher(name: str, k: int) -> None:
-    model, data = make(name)
-    F_ref = reference(name)
+def test_lowrank_holds_the_top_eigenpairs_of_the_exact_fisher(name: str, k: int, device) -> None:
+    model, data = make(name, device=device)
+    F_ref = reference(name, device)
     F = fl.fisher(model, data, structure="lowrank", rank=k)
     lam, q = torch.linalg.eigh(F_ref)
     expected = (q[:, -k:] * lam[-k:]) @ q[:, -k:].T
@@ -270,7 +273,7 @@ def test_lowrank_rank_larger_than_p_is_a_clear_error() -> None:
 # -- quasi-diagonal ---------------------------------------------------------------------------------
 def quasi_mask(model: nn.Module, size: int) -> torch.Tensor:
     """The diagonal plus (weight row b, bias b) pairs of Linear/Conv/norm layers."""
-    mask = torch.eye(size, dtype=torch.bool)
+    mask = torch.eye(size, dtype=torch.bool, device=next(model.parameters()).device)
     for b in fl.ParamLayout.from_model(model).blocks:
         w, bias = b.entry("weight"), b.entry("bias")
         if w is None or bias is None or isinstance(b.module, nn.Embedding):
@@ -283,9 +286,11 @@ def quasi_mask(model: nn.Module, size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_quasi_diag_keeps_the_diagonal_and_each_neurons_weight_bias_terms(name: str) -> None:
-    model, data = make(name)
-    F_ref = reference(name)
+def test_quasi_diag_keeps_the_diagonal_and_each_neurons_weight_bias_terms(
+    name: str, device
+) -> None:
+    model, data = make(name, device=device)
+    F_ref = reference(name, device)
     F = fl.fisher(model, data, structure="quasi_diag")
     expected = torch.where(quasi_mask(model, F_ref.shape[0]), F_ref, torch.zeros_like(F_ref))
     assert close(F.to_dense(), expected)
@@ -321,7 +326,8 @@ def rearranged_blocks(model: nn.Module, F: torch.Tensor) -> list[torch.Tensor]:
         cols = inp + 1
         # public index of M[o, c]: W row-major, then the bias
         idx = torch.tensor(
-            [o * inp + c if c < inp else rows * inp + o for o in range(rows) for c in range(cols)]
+            [o * inp + c if c < inp else rows * inp + o for o in range(rows) for c in range(cols)],
+            device=F.device,
         )
         blk = F[b.start : b.stop, b.start : b.stop][idx][:, idx]
         out.append(
@@ -332,9 +338,9 @@ def rearranged_blocks(model: nn.Module, F: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def test_kron_sum_rank_one_is_the_frobenius_optimal_kronecker_product() -> None:
-    model, data = make("mlp")
-    F_ref = reference("mlp")
+def test_kron_sum_rank_one_is_the_frobenius_optimal_kronecker_product(device) -> None:
+    model, data = make("mlp", device=device)
+    F_ref = reference("mlp", device)
     F = fl.fisher(model, data, structure="kron_sum", rank=1)
     errs = []
     got = rearranged_blocks(model, F.to_dense())
@@ -370,9 +376,9 @@ def test_kron_sum_error_is_non_increasing_in_r_and_zero_when_exact() -> None:
 
 
 @pytest.mark.parametrize("name", ["conv", "seq", "twice"])
-def test_kron_sum_with_enough_terms_is_the_exact_block(name: str) -> None:
-    model, data = make(name)
-    F_ref = reference(name)
+def test_kron_sum_with_enough_terms_is_the_exact_block(name: str, device) -> None:
+    model, data = make(name, device=device)
+    F_ref = reference(name, device)
     target = torch.where(block_mask(model, F_ref.shape[0]), F_ref, torch.zeros_like(F_ref))
     big = max(b.numel for b in fl.ParamLayout.from_model(model).blocks)
     F = fl.fisher(model, data, structure="kron_sum", rank=big)

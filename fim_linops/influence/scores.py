@@ -238,7 +238,7 @@ def self_influence(
     parts, _ = stream_gradients(
         model, train, diag, likelihood, params, device, dtype, progress, kfac_approx
     )
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
 def top_influences(

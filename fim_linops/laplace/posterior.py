@@ -158,7 +158,11 @@ class Laplace:
     def _check_prior(self) -> None:
         """Raise early when the structure cannot take this kind of prior precision."""
         priors.precision(
-            self.ggn, torch.ones((), dtype=self.dtype), self._prior, self._kind, self.layout
+            self.ggn,
+            torch.ones((), dtype=self.dtype, device=self.device),
+            self._prior,
+            self._kind,
+            self.layout,
         )
 
     def _scale(self, sigma: Tensor | None) -> Tensor:
