@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_linops.builders import BuildContext
+from fim_linops.data import _is_mapping_batch, _looks_like_one_batch
 from fim_linops.engine import FisherType
 from fim_linops.fisher import _run
 from fim_linops.layout import ParamLayout
@@ -39,9 +40,11 @@ def stream_gradients(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     kfac_approx: str = "expand",
+    progress_label: str = "influence",
 ) -> tuple[list[R], int]:
     """``consume`` applied to every chunk of per-example gradients of ``data`` in order; returns
-    the list of its results and the number of examples P of the parameter layout.
+    the list of its results and the number P of parameters of the layout. ``progress``: a tqdm
+    bar over the batches labelled ``progress_label``.
 
     The model is left exactly as found (the same frame as :func:`fim_linops.fisher`); a restart of
     the pass (layers found to need torch.func on the first batch) starts the list afresh."""
@@ -53,13 +56,19 @@ def stream_gradients(
             p = ctx.engine.layout.numel
             out: list[R] = []
             results = ctx.results()
+            bar = _bar(data, progress_label) if progress else None
             try:
                 for res in results:
                     for lo, hi in res.chunks(p):
-                        blocks = [g[0] for g in res.all_block_grads(lo, hi)]  # K = 1
+                        # K = 1; detached: the torch.func blocks must not keep a graph alive
+                        blocks = [g[0].detach() for g in res.all_block_grads(lo, hi)]
                         out.append(consume(blocks))
+                    if bar is not None:
+                        bar.update(1)
             finally:
                 results.close()
+                if bar is not None:
+                    bar.close()
             return out, p
 
         return build
@@ -73,13 +82,24 @@ def stream_gradients(
         1,
         device,
         dtype,
-        progress,
+        False,  # the engine's own bar says "fisher": this pass has its own bar
         None,
         None,
         kfac_approx,
         None,
         prepare,
     )
+
+
+def _bar(data: Any, label: str) -> Any:
+    """A tqdm bar over the batches of ``data`` (its total when the data has a length)."""
+    from tqdm.auto import tqdm
+
+    if _looks_like_one_batch(data) or _is_mapping_batch(data):
+        total: int | None = 1
+    else:
+        total = len(data) if hasattr(data, "__len__") else None
+    return tqdm(total=total, desc=label, unit="batch")
 
 
 def gradient_matrix(

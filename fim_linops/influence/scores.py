@@ -10,7 +10,10 @@ Cost: the queries' gradients Gq (n_query, P) are formed once and preconditioned 
 Q = (F + damping I)^-1 Gq^T (P, n_query), by the structure's own exact solve (per layer in the
 Kronecker eigenbases for kfac/ekfac; CG for implicit). Then one pass over the training data: per
 chunk of a batch, the per-example gradients (n_chunk, p_b) of each layer block (from the captured
-a and g) are multiplied with that block's rows of Q. Memory: Q plus one chunk; never (n_train, P).
+a and g) are multiplied with that block's rows of Q. Memory: Q plus one chunk; never (n_train, P)
+(the chunk size keeps (n_chunk, P) within the engine's memory budget). ``query_rank=r`` replaces Q
+by its rank-r truncated SVD (:mod:`fim_linops.influence.queries`, error bound there).
+``progress=True``: tqdm bars "fisher" (F's build) and "influence" (the training pass).
 
 Distributed (torch.distributed initialised): F is all-reduced over the ranks as in
 ``fl.fisher``; every rank passes the same queries and its own shard of the training data and
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from fim_linops.influence.gradients import gradient_matrix, stream_gradients
 from fim_linops.influence.precondition import Solve, check_damping, damped_solve
+from fim_linops.influence.queries import Queries
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.structures import Structure
@@ -98,23 +102,11 @@ def _preconditioned_queries(
     device: Any,
     dtype: torch.dtype | None,
     kfac_approx: str,
-) -> Tensor:
-    """Q = (F + damping I)^-1 Gq^T, (P, n_query)."""
+    query_rank: int | None,
+) -> Queries:
+    """Q = (F + damping I)^-1 Gq^T, (P, n_query), compressed to rank ``query_rank`` if given."""
     gq = gradient_matrix(model, query, likelihood, params, device, dtype, kfac_approx)
-    return solve(gq.T.contiguous())
-
-
-def _block_scores(blocks: list[Tensor], q: Tensor) -> Tensor:
-    """(n_chunk, n_query) = sum_b G_b Q[rows of b]; G_b (n_chunk, p_b)."""
-    out = None
-    lo = 0
-    for g in blocks:
-        hi = lo + g.shape[-1]
-        part = g @ q[lo:hi]  # s[n, i] = sum_p g[n, p] q[p, i]
-        out = part if out is None else out + part
-        lo = hi
-    assert out is not None
-    return out
+    return Queries.of(solve(gq.T.contiguous()), query_rank)
 
 
 def influence(
@@ -136,6 +128,7 @@ def influence(
     process_group: Any = None,
     kfac_approx: str = "expand",
     cg_tol: float | None = None,
+    query_rank: int | None = None,
 ) -> Tensor:
     r"""Influence scores (n_query, n_train): scores[i, j] = g_i^T (F + damping I)^-1 g_j.
 
@@ -158,6 +151,10 @@ def influence(
         progress: tqdm progress bars over the batches (F's build and the training pass).
         cg_tol: relative residual of the CG solve (implicit and generic operators; setting it
             forces CG for every operator). Default 1e-10 in float64, 1e-6 in float32.
+        query_rank: compress the preconditioned queries Q (P, n_query) to their rank-r
+            truncated SVD before the training pass (memory and time of the pass / (n_query / r)).
+            Error per training example j: |scores[:, j] - exact[:, j]|_2 <= s_{r+1}(Q) |g_j|_2
+            (:mod:`fim_linops.influence.queries`); exact when r >= n_query. None: no compression.
 
     Returns:
         (n_query, n_train) tensor; with torch.distributed, this rank's shard of the training
@@ -175,11 +172,13 @@ def influence(
         kfac_approx,
     )
     solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
-    q = _preconditioned_queries(model, query, solve, likelihood, params, device, dtype, kfac_approx)
+    q = _preconditioned_queries(
+        model, query, solve, likelihood, params, device, dtype, kfac_approx, query_rank
+    )
     parts, _ = stream_gradients(
         model,
         train,
-        lambda blocks: _block_scores(blocks, q),
+        q.scores,
         likelihood,
         params,
         device,
@@ -188,7 +187,7 @@ def influence(
         kfac_approx,
     )
     if not parts:
-        return q.new_zeros(q.shape[1], 0)
+        return q.left.new_zeros(q.n_query, 0)
     return torch.cat(parts).T
 
 
@@ -262,10 +261,13 @@ def top_influences(
     process_group: Any = None,
     kfac_approx: str = "expand",
     cg_tol: float | None = None,
+    query_rank: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The k most helpful (``largest=True``) or most harmful (``largest=False``) training
     examples per query, without the (n_query, n_train) matrix: a running top-k merged chunk by
     chunk (memory (n_query, k + n_chunk)).
+
+    ``query_rank``: as in :func:`influence` (the ranking then follows the compressed scores).
 
     Returns:
         (values, indices), each (n_query, k): values[i, r] = scores[i, indices[i, r]], sorted
@@ -286,15 +288,17 @@ def top_influences(
         kfac_approx,
     )
     solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
-    q = _preconditioned_queries(model, query, solve, likelihood, params, device, dtype, kfac_approx)
+    q = _preconditioned_queries(
+        model, query, solve, likelihood, params, device, dtype, kfac_approx, query_rank
+    )
     state: dict[str, Tensor] = {
-        "values": q.new_zeros(q.shape[1], 0),
-        "indices": torch.zeros(q.shape[1], 0, dtype=torch.long, device=q.device),
+        "values": q.left.new_zeros(q.n_query, 0),
+        "indices": torch.zeros(q.n_query, 0, dtype=torch.long, device=q.left.device),
     }
     seen = [0]
 
     def merge(blocks: list[Tensor]) -> None:
-        s = _block_scores(blocks, q).T  # (n_query, n_chunk)
+        s = q.scores(blocks).T  # (n_query, n_chunk)
         idx = torch.arange(seen[0], seen[0] + s.shape[1], device=s.device).expand_as(s)
         seen[0] += s.shape[1]
         vals = torch.cat([state["values"], s], dim=1)
