@@ -44,6 +44,7 @@ Peak memory: every task once more in its own subprocess (``--peak TASK``), peak 
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import statistics
 import subprocess
@@ -121,8 +122,13 @@ def ours(model, data, structure: str, ftype: str = "mc", params=None, **kw) -> C
 def cl_kfac(model, data, linears, ftype: str = "mc", reduction: str = "sum"):
     from curvlinops import KFACLinearOperator
 
-    params = [p for m in linears for p in m.parameters()]
-    wrapped = NVT(model)
+    # a private copy: curvlinops' KFAC leaves its input hooks on the model it is given, which
+    # then break the torch.func transforms of the GGN products on the same model
+    twin = copy.deepcopy(model)
+    index = {id(m): i for i, m in enumerate(model.modules())}
+    twin_modules = list(twin.modules())
+    params = [p for m in linears for p in twin_modules[index[id(m)]].parameters()]
+    wrapped = NVT(twin)
 
     def run():
         F = KFACLinearOperator(
