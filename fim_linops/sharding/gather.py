@@ -157,3 +157,18 @@ def on_gathered_model(method: F) -> F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def on_plain_model(build: F) -> F:
+    """Run an entry point whose first argument is the model (``fisher``, ``fisher_one_pass``) on
+    the gathered plain module when the model is FSDP2-sharded or DDP-wrapped (every other
+    argument passed on as it came), else as it is."""
+
+    @functools.wraps(build)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if not is_sharded(model):
+            return build(model, *args, **kwargs)
+        with gathered(model) as plain:
+            return build(plain, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
