@@ -75,7 +75,8 @@ t_start = time.perf_counter()""",
 
 Windows of 32 characters (inputs) and the same windows shifted by one (labels), without overlap;
 the last 10% of the windows are held out. Two blocks of width 48 with 4 heads (about 62k
-parameters), AdamW, batches of 32 sequences.""",
+parameters), AdamW, batches of 32 sequences, 250 steps (about where the validation loss stops
+falling on 11 KB of text).""",
     ),
     (
         "code",
@@ -95,7 +96,7 @@ def mean_nll(m, xs, ys):
 
 
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-steps, batch = 400, 32
+steps, batch = 250, 32
 gen = torch.Generator().manual_seed(0)
 t0 = time.perf_counter()
 for step in range(steps + 1):
@@ -104,10 +105,10 @@ for step in range(steps + 1):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    if step % 100 == 0:
+    if step % 50 == 0:
         with torch.no_grad():
             val = mean_nll(model, x_val, y_val)
-        print(f"step {step:4d}: train nll {float(loss):.3f}, validation nll {float(val):.3f} nats/char")
+        print(f"step {step:4d}: train nll {loss.item():.3f}, validation nll {float(val):.3f} nats/char")
 print(f"trained in {time.perf_counter() - t0:.0f} s")
 model.eval()
 prompt = vocab.encode("We hold these ")[None]
@@ -227,12 +228,13 @@ print(f"notebook ran in {time.perf_counter() - t_start:.1f} s")""",
     ),
     (
         "md",
-        r"""**Reading the results** (the run stored here; the numbers above are the ones to read). The
-top eigenvalues fall off quickly, as for other networks. In `fl.compare`, the Frobenius error and
-the top-5 overlap say how much of the exact Fisher each structure keeps: KFAC and EKFAC keep the
-correlations within each Linear layer that the diagonal drops. The per-token plot puts the
-Laplace predictive's entropy next to the network's: the posterior over the last block adds
-uncertainty to every prediction, and the bars show at which characters it adds the most.""",
+        r"""**Reading the results** (the run stored here). The top eigenvalues fall off slowly at first:
+the top one holds a few percent of the trace. On this transformer every cheap structure leaves
+most of the exact Fisher's Frobenius norm out (relative errors above 0.8: the Fisher of a
+sequence model couples the layers and positions strongly), but KFAC and EKFAC share far more of
+the top eigenvectors than the diagonal. The KFAC Laplace over the last block raises the mean
+per-token entropy while the held-out negative log-likelihood of the shown line barely moves; the
+bars show at which characters the posterior adds the most uncertainty.""",
     ),
 ]
 
