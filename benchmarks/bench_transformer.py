@@ -223,10 +223,12 @@ def agreement(model, data, linears) -> dict[str, str]:
     try:
         from curvlinops import EKFACLinearOperator
 
+        twin = copy.deepcopy(model)  # a failed build leaves curvlinops' hooks on its model
+        twin_p = [p for m in twin.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
         EKFACLinearOperator(
-            NVT(model),
+            NVT(twin),
             nn.CrossEntropyLoss(reduction="sum"),
-            lin_p,
+            twin_p,
             data,
             fisher_type="mc",
             check_deterministic=False,
