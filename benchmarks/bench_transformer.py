@@ -38,14 +38,13 @@ on the Linear layers, and the implicit products, relative difference of products
 (``positions="mean"`` against curvlinops' ``reduction="mean"``: both divide by N T).
 
 Peak memory: every task once more in its own subprocess (``--peak TASK``), peak resident set size
-(``ru_maxrss``) minus the same process's peak before the task (model, data and imports).
+(``VmHWM``) minus the same process's peak before the task (model, data and imports).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
 import subprocess
 import sys
@@ -242,6 +241,13 @@ def agreement(model, data, linears) -> dict[str, str]:
 
 
 # -- peak memory -----------------------------------------------------------------------------------
+def hwm_kb() -> int:
+    """This process's peak resident set size in kB (VmHWM: unlike ``ru_maxrss``, not inherited
+    from the parent process through fork and exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
 def peak_child(task: str, exact_seqs: int) -> None:
     model, data, linears = setup()
     fns = tasks(model, data, linears)
@@ -249,9 +255,9 @@ def peak_child(task: str, exact_seqs: int) -> None:
         model, (x, y), structure="diag"
     )
     fn = fns[task]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = hwm_kb()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = hwm_kb()
     print(f"PEAK {before} {after}")  # kB on Linux
 
 
