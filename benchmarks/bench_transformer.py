@@ -38,13 +38,13 @@ on the Linear layers, and the implicit products, relative difference of products
 (``positions="mean"`` against curvlinops' ``reduction="mean"``: both divide by N T).
 
 Peak memory: every task once more in its own subprocess (``--peak TASK``), peak resident set size
-(``ru_maxrss``) minus the same process's peak before the task (model, data and imports).
+(``VmHWM``) minus the same process's peak before the task (model, data and imports).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import copy
 import statistics
 import subprocess
 import sys
@@ -121,8 +121,13 @@ def ours(model, data, structure: str, ftype: str = "mc", params=None, **kw) -> C
 def cl_kfac(model, data, linears, ftype: str = "mc", reduction: str = "sum"):
     from curvlinops import KFACLinearOperator
 
-    params = [p for m in linears for p in m.parameters()]
-    wrapped = NVT(model)
+    # a private copy: curvlinops' KFAC leaves its input hooks on the model it is given, which
+    # then break the torch.func transforms of the GGN products on the same model
+    twin = copy.deepcopy(model)
+    index = {id(m): i for i, m in enumerate(model.modules())}
+    twin_modules = list(twin.modules())
+    params = [p for m in linears for p in twin_modules[index[id(m)]].parameters()]
+    wrapped = NVT(twin)
 
     def run():
         F = KFACLinearOperator(
@@ -217,10 +222,12 @@ def agreement(model, data, linears) -> dict[str, str]:
     try:
         from curvlinops import EKFACLinearOperator
 
+        twin = copy.deepcopy(model)  # a failed build leaves curvlinops' hooks on its model
+        twin_p = [p for m in twin.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
         EKFACLinearOperator(
-            NVT(model),
+            NVT(twin),
             nn.CrossEntropyLoss(reduction="sum"),
-            lin_p,
+            twin_p,
             data,
             fisher_type="mc",
             check_deterministic=False,
@@ -234,6 +241,13 @@ def agreement(model, data, linears) -> dict[str, str]:
 
 
 # -- peak memory -----------------------------------------------------------------------------------
+def hwm_kb() -> int:
+    """This process's peak resident set size in kB (VmHWM: unlike ``ru_maxrss``, not inherited
+    from the parent process through fork and exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
 def peak_child(task: str, exact_seqs: int) -> None:
     model, data, linears = setup()
     fns = tasks(model, data, linears)
@@ -241,9 +255,9 @@ def peak_child(task: str, exact_seqs: int) -> None:
         model, (x, y), structure="diag"
     )
     fn = fns[task]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = hwm_kb()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = hwm_kb()
     print(f"PEAK {before} {after}")  # kB on Linux
 
 

@@ -74,7 +74,8 @@ class Laplace:
             posterior, the joint predictive covariance (N*C x N*C) and the per-batch Jacobian
             (batch_size*C x P) of the dense/block_diag predictive; over it a ``ValueError``
             names what fits (None: no limit).
-        **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``kfac_approx``, ``process_group``:
+        **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``fisher_type="mc"`` with
+            ``mc_samples`` and ``generator`` for a sampled GGN, ``kfac_approx``, ``process_group``:
             with torch.distributed each rank passes its own shard of ``data``; the GGN, the
             example count and the fit term are summed over the ranks).
     """
@@ -110,12 +111,14 @@ class Laplace:
             # examples, fl.fisher's normaliser (examples, or kept positions for positions="mean"),
             # kept outputs (the Gaussian's normalising constant)
             self.n_data, normaliser, self._n_kept_outputs = (int(c) for c in counts.round().long())
+            # the exact GGN unless fisher_type="mc" asks for a sampled one (e.g. vocabulary-size
+            # per-token outputs, whose exact GGN needs T (V - 1) columns per sequence)
+            fisher_kwargs.setdefault("fisher_type", "exact")
             mean_fisher = fisher(
                 model,
                 data,
                 self.likelihood,
                 structure=structure,
-                fisher_type="exact",
                 params=self.layout.params,
                 rank=rank,
                 max_bytes=sys.maxsize if max_bytes is None else max_bytes,
