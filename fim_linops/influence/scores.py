@@ -15,7 +15,11 @@ a and g) are multiplied with that block's rows of Q. Memory: Q plus one chunk; n
 Distributed (torch.distributed initialised): F is all-reduced over the ranks as in
 ``fl.fisher``; every rank passes the same queries and its own shard of the training data and
 gets the scores of its shard, (n_query, n_train_local) (indices local to the shard; gather with
-``torch.distributed.all_gather`` if needed).
+``torch.distributed.all_gather`` if needed). FSDP2- and DDP-wrapped models are used through
+their gathered plain module (:func:`fim_linops.sharding.gathered`, a collective: every rank calls
+these functions). ``structure`` may be a :class:`~fim_linops.sharding.ShardedFisher`
+(``fl.sharding.fisher_sharded``) in :func:`influence` and :func:`top_influences`: the queries'
+solve is then one collective, and each rank keeps only its share of F.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from fim_linops.influence.gradients import gradient_matrix, stream_gradients
 from fim_linops.influence.precondition import Solve, check_damping, damped_solve
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.sharding.gather import with_gathered_model
 from fim_linops.structures import Structure
 
 
@@ -117,6 +122,7 @@ def _block_scores(blocks: list[Tensor], q: Tensor) -> Tensor:
     return out
 
 
+@with_gathered_model
 def influence(
     model: nn.Module,
     train: Any,
@@ -192,6 +198,7 @@ def influence(
     return torch.cat(parts).T
 
 
+@with_gathered_model
 def self_influence(
     model: nn.Module,
     train: Any,
@@ -217,7 +224,17 @@ def self_influence(
     High self-influence flags examples the model can only fit by bending to them (mislabelled,
     atypical): the usual ranking for data cleaning. One solve per chunk of training examples
     ((P, n_chunk) right-hand sides; CG for implicit); the arguments are those of
-    :func:`influence`. With torch.distributed, this rank's shard."""
+    :func:`influence`. With torch.distributed, this rank's shard. A
+    :class:`~fim_linops.sharding.ShardedFisher` cannot serve here (its solves are collectives and
+    the ranks' shards need different numbers of them): pass a structure name instead."""
+    from fim_linops.sharding.operator import ShardedFisher
+
+    if isinstance(structure, ShardedFisher):
+        raise ValueError(
+            "self_influence needs one solve per chunk of this rank's training data, but the "
+            "solves of a ShardedFisher are collectives (all ranks at once); pass a structure "
+            "name (e.g. structure='ekfac': every rank then holds the whole operator)"
+        )
     kw = _fisher_kwargs(
         fisher_type,
         mc_samples,
@@ -241,6 +258,7 @@ def self_influence(
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+@with_gathered_model
 def top_influences(
     model: nn.Module,
     train: Any,

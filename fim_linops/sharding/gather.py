@@ -157,3 +157,18 @@ def on_gathered_model(method: F) -> F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def with_gathered_model(fn: F) -> F:
+    """Run a function whose first argument is the model on the gathered plain module (FSDP2
+    parameters all-gathered, DDP unwrapped; nothing changes for a plain model). A collective for
+    a sharded model: every rank calls it."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if not is_sharded(model):
+            return fn(model, *args, **kwargs)
+        with gathered(model) as plain:
+            return fn(plain, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
