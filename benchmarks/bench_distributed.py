@@ -14,7 +14,8 @@ Columns, per rank (the largest over the ranks):
 
 * time: the build's wall time (median of ``--repeats`` after one warm-up);
 * peak: the peak resident memory during the build over the resident memory before it (a
-  sampling thread reads /proc/self/statm every millisecond: an estimate, CPU only);
+  sampling thread reads /proc/self/statm every millisecond: an estimate, CPU only), in a fresh
+  process per case after one plain forward + backward;
 * held: the bytes of the tensors the operator keeps (exact).
 
 Run: ``python benchmarks/bench_distributed.py`` (about a minute), ``--full`` for the 4 x 128
@@ -94,7 +95,15 @@ def _held(op: Any) -> int:
     return sum(t.numel() * t.element_size() for t in op._args if isinstance(t, torch.Tensor))
 
 
-def _worker(rank: int, world: int, full: bool, examples: int, repeats: int) -> list[dict]:
+CASES = [("diag", "replicated"), ("diag", "sharded"), ("kfac", "replicated"), ("kfac", "sharded")]
+
+
+def _worker(
+    rank: int, world: int, full: bool, examples: int, repeats: int, cases: list
+) -> list[dict]:
+    """Time (median of ``repeats`` after a warm-up) or, with ``repeats=0``, the memory of one
+    build after a warm plain forward + backward (a fresh process per case: the allocator has
+    not yet cached memory freed by earlier builds, which would hide their peaks)."""
     import fim_linops as fl
     from fim_linops.sharding import fisher_sharded
 
@@ -108,42 +117,56 @@ def _worker(rank: int, world: int, full: bool, examples: int, repeats: int) -> l
         fully_shard(model)
         half = len(batches) // world
         batches = batches[rank * half : (rank + 1) * half]
-    rows = []
+    x, y = batches[0]  # warm: autograd, the FSDP hooks and the process group once
+    nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    model.zero_grad(set_to_none=True)
     builds = {"replicated": fl.fisher, "sharded": fisher_sharded}
-    for structure in ("diag", "kfac"):
-        for how, build in builds.items():
-            if world == 1 and how == "sharded":
-                continue
-            times, peaks = [], []
-            for i in range(repeats + 1):
-                with PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    gen = torch.Generator().manual_seed(rank)
-                    op = build(
-                        model,
-                        batches,
-                        structure=structure,
-                        params=params,
-                        fisher_type="mc",
-                        generator=gen,
-                    )
-                    dt = time.perf_counter() - t0
-                if i:  # the first round warms up
-                    times.append(dt)
-                    peaks.append(mem.delta)
-                held = _held(op)
-                del op
-            rows.append(
-                {
-                    "procs": world,
-                    "build": how,
-                    "structure": structure,
-                    "time": statistics.median(times),
-                    "peak": max(peaks),
-                    "held": held,
-                }
-            )
+    rows = []
+    for structure, how in cases:
+        times, peak, held = [], 0, 0
+        for i in range(repeats + 1):
+            gen = torch.Generator().manual_seed(rank)
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                op = builds[how](
+                    model,
+                    batches,
+                    structure=structure,
+                    params=params,
+                    fisher_type="mc",
+                    generator=gen,
+                )
+                dt = time.perf_counter() - t0
+            if i == 0:
+                peak = mem.delta
+            else:  # the first round warms up the timing
+                times.append(dt)
+            held = _held(op)
+            del op
+        rows.append(
+            {
+                "procs": world,
+                "build": how,
+                "structure": structure,
+                "time": statistics.median(times) if times else float("nan"),
+                "peak": peak,
+                "held": held,
+            }
+        )
     return rows
+
+
+def _run(world: int, args: argparse.Namespace, repeats: int, cases: list) -> list[dict]:
+    ranks = run_in_processes(
+        _worker,
+        args=(args.full, args.examples, repeats, cases),
+        world_size=world,
+        timeout=1800.0,
+    )
+    return [  # per rank: the largest over the ranks
+        {**row, **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held")}}
+        for i, row in enumerate(ranks[0])
+    ]
 
 
 def main() -> None:
@@ -160,24 +183,15 @@ def main() -> None:
     )
     table = []
     for world in (1, 2):
-        ranks = run_in_processes(
-            _worker,
-            args=(args.full, args.examples, args.repeats),
-            world_size=world,
-            timeout=1800.0,
-        )
-        for i, row in enumerate(ranks[0]):  # per rank: the largest over the ranks
-            table.append(
-                {
-                    **row,
-                    "time": max(r[i]["time"] for r in ranks),
-                    "peak": max(r[i]["peak"] for r in ranks),
-                    "held": max(r[i]["held"] for r in ranks),
-                }
-            )
+        cases = [c for c in CASES if world > 1 or c[1] == "replicated"]
+        timed = _run(world, args, args.repeats, cases)
+        for case, row in zip(cases, timed, strict=True):
+            row["peak"] = _run(world, args, 0, [case])[0]["peak"]  # a fresh process per case
+            table.append(row)
     print()
     print(
-        "| structure | processes | build | time per rank (s) | peak per rank (MiB) | held per rank (MiB) |"
+        "| structure | processes | build | time per rank (s) | peak per rank (MiB) "
+        "| held per rank (MiB) |"
     )
     print("|---|---|---|---|---|---|")
     for r in sorted(table, key=lambda r: (r["structure"], r["procs"], r["build"])):
