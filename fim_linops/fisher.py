@@ -25,7 +25,7 @@ from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
 from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
-from fim_linops.sharding import gathered, is_sharded
+from fim_linops.sharding import on_plain_model
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
 
@@ -111,6 +111,7 @@ def _check_kronecker(engine: Engine, structure: Structure, in_mix: bool = False)
     )
 
 
+@on_plain_model
 def fisher(
     model: nn.Module,
     data: Any,
@@ -167,25 +168,6 @@ def fisher(
     Returns:
         A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
     """
-    if is_sharded(model):  # FSDP2 / DDP: the build runs on the gathered plain module
-        with gathered(model) as plain:
-            return fisher(
-                plain,
-                data,
-                likelihood,
-                structure,
-                fisher_type,
-                mc_samples,
-                params,
-                rank,
-                device,
-                dtype,
-                progress,
-                generator,
-                max_bytes,
-                process_group,
-                kfac_approx,
-            )
     if isinstance(structure, dict):  # per-layer mix: one fisher() per structure group
         from fim_linops.builders.mixed import fisher_mixed
 
@@ -359,6 +341,7 @@ def _check_generator(
         )
 
 
+@on_plain_model
 def fisher_one_pass(
     model: nn.Module,
     data: Any,
@@ -382,25 +365,6 @@ def fisher_one_pass(
     always strict (its layers were chosen for it): a layer in it without Kronecker factors is an
     error that names it (``strict`` is accepted for the signature of :func:`fisher`)."""
     from fim_linops.builders.one_pass import Group, build_one_pass
-
-    if is_sharded(model):  # FSDP2 / DDP: the build runs on the gathered plain module
-        with gathered(model) as plain:
-            return fisher_one_pass(
-                plain,
-                data,
-                groups,
-                likelihood,
-                fisher_type,
-                mc_samples,
-                device,
-                dtype,
-                progress,
-                generator,
-                max_bytes,
-                process_group,
-                kfac_approx,
-                rank,
-            )
 
     union = [p for _, ps in groups for p in ps]
 

@@ -34,7 +34,7 @@ from fim_linops.influence.gradients import gradient_matrix, stream_gradients
 from fim_linops.influence.precondition import Solve, check_damping, damped_solve
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
-from fim_linops.sharding.gather import with_gathered_model
+from fim_linops.sharding.gather import on_plain_model
 from fim_linops.structures import Structure
 
 
@@ -122,7 +122,7 @@ def _block_scores(blocks: list[Tensor], q: Tensor) -> Tensor:
     return out
 
 
-@with_gathered_model
+@on_plain_model
 def influence(
     model: nn.Module,
     train: Any,
@@ -198,7 +198,7 @@ def influence(
     return torch.cat(parts).T
 
 
-@with_gathered_model
+@on_plain_model
 def self_influence(
     model: nn.Module,
     train: Any,
@@ -258,7 +258,7 @@ def self_influence(
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-@with_gathered_model
+@on_plain_model
 def top_influences(
     model: nn.Module,
     train: Any,

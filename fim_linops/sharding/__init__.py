@@ -5,9 +5,17 @@
 
 from typing import Any
 
-from fim_linops.sharding.gather import gathered, is_sharded, plain_type, unwrap
+from fim_linops.sharding.gather import gathered, is_sharded, on_plain_model, plain_type, unwrap
 
-__all__ = ["ShardedFisher", "fisher_sharded", "gathered", "is_sharded", "plain_type", "unwrap"]
+__all__ = [
+    "ShardedFisher",
+    "fisher_sharded",
+    "gathered",
+    "is_sharded",
+    "on_plain_model",
+    "plain_type",
+    "unwrap",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -159,16 +159,16 @@ def on_gathered_model(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def with_gathered_model(fn: F) -> F:
-    """Run a function whose first argument is the model on the gathered plain module (FSDP2
-    parameters all-gathered, DDP unwrapped; nothing changes for a plain model). A collective for
-    a sharded model: every rank calls it."""
+def on_plain_model(build: F) -> F:
+    """Run an entry point whose first argument is the model (``fisher``, ``fisher_one_pass``) on
+    the gathered plain module when the model is FSDP2-sharded or DDP-wrapped (every other
+    argument passed on as it came), else as it is."""
 
-    @functools.wraps(fn)
+    @functools.wraps(build)
     def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
         if not is_sharded(model):
-            return fn(model, *args, **kwargs)
+            return build(model, *args, **kwargs)
         with gathered(model) as plain:
-            return fn(plain, *args, **kwargs)
+            return build(plain, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
