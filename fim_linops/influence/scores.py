@@ -18,7 +18,11 @@ by its rank-r truncated SVD (:mod:`fim_linops.influence.queries`, error bound th
 Distributed (torch.distributed initialised): F is all-reduced over the ranks as in
 ``fl.fisher``; every rank passes the same queries and its own shard of the training data and
 gets the scores of its shard, (n_query, n_train_local) (indices local to the shard; gather with
-``torch.distributed.all_gather`` if needed).
+``torch.distributed.all_gather`` if needed). FSDP2- and DDP-wrapped models are used through
+their gathered plain module (:func:`fim_linops.sharding.gathered`, a collective: every rank calls
+these functions). ``structure`` may be a :class:`~fim_linops.sharding.ShardedFisher`
+(``fl.sharding.fisher_sharded``) in :func:`influence` and :func:`top_influences`: the queries'
+solve is then one collective, and each rank keeps only its share of F.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fim_linops.influence.precondition import Solve, check_damping, damped_solve
 from fim_linops.influence.queries import Queries
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.sharding.gather import on_plain_model
 from fim_linops.structures import Structure
 
 
@@ -109,6 +114,7 @@ def _preconditioned_queries(
     return Queries.of(solve(gq.T.contiguous()), query_rank)
 
 
+@on_plain_model
 def influence(
     model: nn.Module,
     train: Any,
@@ -191,6 +197,7 @@ def influence(
     return torch.cat(parts).T
 
 
+@on_plain_model
 def self_influence(
     model: nn.Module,
     train: Any,
@@ -216,7 +223,17 @@ def self_influence(
     High self-influence flags examples the model can only fit by bending to them (mislabelled,
     atypical): the usual ranking for data cleaning. One solve per chunk of training examples
     ((P, n_chunk) right-hand sides; CG for implicit); the arguments are those of
-    :func:`influence`. With torch.distributed, this rank's shard."""
+    :func:`influence`. With torch.distributed, this rank's shard. A
+    :class:`~fim_linops.sharding.ShardedFisher` cannot serve here (its solves are collectives and
+    the ranks' shards need different numbers of them): pass a structure name instead."""
+    from fim_linops.sharding.operator import ShardedFisher
+
+    if isinstance(structure, ShardedFisher):
+        raise ValueError(
+            "self_influence needs one solve per chunk of this rank's training data, but the "
+            "solves of a ShardedFisher are collectives (all ranks at once); pass a structure "
+            "name (e.g. structure='ekfac': every rank then holds the whole operator)"
+        )
     kw = _fisher_kwargs(
         fisher_type,
         mc_samples,
@@ -240,6 +257,7 @@ def self_influence(
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
+@on_plain_model
 def top_influences(
     model: nn.Module,
     train: Any,

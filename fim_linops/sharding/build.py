@@ -1,0 +1,280 @@
+r"""``fisher_sharded``: the Fisher of a (FSDP2-sharded) model of which each rank keeps its share.
+
+The pass over the data is that of :func:`fim_linops.fisher` on the gathered model (each rank its
+own data shard); only the reduction differs. Instead of all-reducing every statistic:
+
+* diag: the per-rank sum (P,) is reduce-scattered in the FSDP2 layout (one ``dist.reduce`` per
+  rank of its dim-0 parameter shards); each rank keeps its shards' entries, P / world;
+* kfac: each layer has one owner rank (greedy balance of factor sizes); its two factor sums are
+  ``dist.reduce``-d to that rank and dropped elsewhere;
+* ekfac: as kfac; the owners eigendecompose their factors and broadcast the eigenbases for the
+  second pass (every rank projects its own data), whose eigenvalue sums are reduced to the owners;
+  the other ranks drop the bases afterwards.
+
+The example count (and KFAC's input-row counts) are all-reduced (a few numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fim_linops import statistics
+from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec
+from fim_linops.builders.core import fill_kron_stats
+from fim_linops.builders.ekfac import eigen_sums
+from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
+from fim_linops.engine import Engine, FisherType
+from fim_linops.layout import ParamLayout
+from fim_linops.likelihoods import Likelihood
+from fim_linops.operators import EKFAC, KFAC, Diag
+from fim_linops.operators.base import sym_eigh
+from fim_linops.operators.kron import KronSpec
+from fim_linops.sharding import shards
+from fim_linops.sharding.gather import gathered, unwrap
+from fim_linops.sharding.operator import ShardedFisher
+from fim_linops.structures import Structure
+
+SUPPORTED = (Structure.DIAG, Structure.KFAC, Structure.EKFAC)
+
+
+def _check_local_shards(model: nn.Module, world: int, me: int) -> dict[str, int]:
+    """The dim-0 rows of this rank's DTensor shard per parameter name, checked against the
+    torch.chunk split that :func:`shards.param_ranges` assumes."""
+    rows: dict[str, int] = {}
+    for name, p in unwrap(model).named_parameters():
+        local = getattr(p, "_local_tensor", None)
+        if local is None:
+            continue
+        mesh = getattr(p, "device_mesh", None)
+        size = mesh.size() if mesh is not None else world
+        lo, hi = shards.rows_of(p.shape[0] if p.ndim else 1, world, me)
+        if size != world or (p.ndim and local.shape[0] != hi - lo):
+            raise ValueError(
+                f"parameter '{name}' is sharded over {size} ranks ({local.shape[0]} local rows), "
+                f"but fisher_sharded splits dim 0 over the {world} ranks of the process group "
+                "like FSDP2's fully_shard on a 1-D mesh; pass that mesh's group as process_group, "
+                "or use fl.fisher (replicated statistics)"
+            )
+        rows[name] = local.shape[0]
+    return rows
+
+
+def fisher_sharded(
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood = "categorical",
+    structure: str | Structure = "kfac",
+    fisher_type: str | FisherType = "exact",
+    mc_samples: int = 1,
+    params: Any = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    process_group: Any = None,
+    kfac_approx: str = "expand",
+) -> ShardedFisher:
+    r"""The Fisher of ``model`` on the data of all ranks, each rank keeping only its share.
+
+    Opt-in: ``fl.fisher`` on an FSDP2 model still returns the full (replicated) operator on every
+    rank; this function is the sharded alternative. Call it on every rank of the group, each with
+    its own shard of ``data`` (a collective). The arguments are those of :func:`fim_linops.fisher`.
+
+    Args:
+        structure: "diag" (each rank keeps the diagonal entries of its FSDP2 parameter shards),
+            "kfac" or "ekfac" (each rank keeps the factors of the layers assigned to it); every
+            parameter must sit in a layer with Kronecker factors (Linear, Conv, Embedding).
+
+    Returns:
+        A :class:`~fim_linops.sharding.ShardedFisher`: a (P, P) LinearOperator on full vectors
+        (products, solves, logdet, diagonal, roots: collectives), plus ``matmul_sharded`` /
+        ``solve_sharded`` on vectors sharded like the parameters and ``held_numel()``.
+    """
+    from fim_linops.fisher import _run
+
+    struct = Structure.parse(structure)
+    if struct not in SUPPORTED:
+        raise ValueError(
+            f"fisher_sharded supports structure='diag', 'kfac' or 'ekfac', got '{struct.value}'; "
+            "use fl.fisher (every rank then holds the whole operator)"
+        )
+    group = resolve_group(process_group)
+    world, me = shards.world_and_rank(group)
+    _check_local_shards(model, world, me)
+
+    def prepare(
+        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ftype: FisherType
+    ):
+        def build(ctx: BuildContext) -> ShardedFisher:
+            return _BUILD[struct](ctx, layout, world, me)
+
+        return build
+
+    with gathered(model) as plain:
+        return _run(
+            plain,
+            data,
+            params,
+            likelihood,
+            fisher_type,
+            mc_samples,
+            device,
+            dtype,
+            progress,
+            generator,
+            group,
+            kfac_approx,
+            None,
+            prepare,
+            None,
+        )
+
+
+def _operator(
+    ctx: BuildContext,
+    tensors: list[Tensor],
+    local_cls: type | None,
+    local_kwargs: dict[str, Any],
+    owned: shards.Ownership,
+    layout: ParamLayout,
+    world: int,
+    me: int,
+) -> ShardedFisher:
+    return ShardedFisher(
+        *tensors,
+        local_cls=local_cls if tensors else None,
+        local_kwargs=local_kwargs,
+        owned=owned,
+        shards=shards.param_ranges(layout, world),
+        numel=layout.numel,
+        group=ctx.group,
+        me=me,
+        damping=torch.zeros((), dtype=ctx.dtype, device=ctx.device),
+    )
+
+
+def _build_diag(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
+    sums = statistics.diag_sums(ctx.engine, ctx.results())
+    n = all_reduce_count(sums.n, ctx.group, ctx.device)
+    owned = shards.param_ranges(layout, world)
+    mine = shards.reduce_to_owners(sums.tensors[0], owned, ctx.group)
+    sums.tensors.clear()
+    return _operator(ctx, [mine / n], Diag, {}, owned, layout, world, me)
+
+
+def _check_kronecker(engine: Engine, struct: Structure) -> None:
+    bad = [b.module_name or "<model>" for b in engine.fallback]
+    bad += [rb.block.module_name or "<model>" for rb in engine.ruled if not rb.rule.has_kfac]
+    if bad:
+        raise ValueError(
+            f"fisher_sharded(structure='{struct.value}') needs Kronecker factors for every "
+            f"layer, but {', '.join(repr(b) for b in bad)} have none; use structure='diag', or "
+            f"fl.fisher(structure='{struct.value}') (replicated, exact blocks for those layers)"
+        )
+
+
+def _reduced_factors(
+    ctx: BuildContext, owners: tuple[int, ...], me: int
+) -> tuple[list[KronSpec], list[tuple[Tensor, Tensor] | None]]:
+    """The KFAC factors (left, right), normalised as ``fl.fisher`` does, reduced to each layer's
+    owner; None on the other ranks (their partial sums are dropped)."""
+    engine = ctx.engine
+    reduce = ctx.options.get("kfac_approx", "expand") == "reduce"
+    sums = statistics.kfac_sums(engine, ctx.results(), reduce=reduce)
+    stats = fill_kron_stats(engine, sums.extra.pop("stats"), ctx.dtype, ctx.device)
+    rows = torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device)
+    all_reduce_([rows], ctx.group)
+    n = all_reduce_count(sums.n, ctx.group, ctx.device)
+    specs = [kron_spec(rb, st.left_is_a) for rb, st in zip(engine.ruled, stats, strict=True)]
+    out: list[tuple[Tensor, Tensor] | None] = []
+    for i, st in enumerate(stats):
+        left, right = st.left_sum.contiguous(), st.right_sum.contiguous()
+        if ctx.group is not None:
+            dst = shards._global(ctx.group, owners[i])
+            dist.reduce(left, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group)
+            dist.reduce(right, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group)
+        stats[i] = None  # type: ignore[call-overload]
+        if owners[i] != me:
+            out.append(None)
+            continue
+        a_count = max(int(rows[i]), 1)
+        if st.left_is_a:
+            out.append((left / a_count, right / n))
+        else:
+            out.append((left / n, right / a_count))
+    return specs, out
+
+
+def _rebased(specs: list[KronSpec], owners: tuple[int, ...], me: int) -> tuple[KronSpec, ...]:
+    """This rank's specs, their ranges moved to the packed vector of its layers."""
+    out, offset = [], 0
+    for s, r in zip(specs, owners, strict=True):
+        if r == me:
+            p = s.stop - s.start
+            out.append(dataclasses.replace(s, start=offset, stop=offset + p))
+            offset += p
+    return tuple(out)
+
+
+def _owners(ctx: BuildContext, world: int) -> tuple[int, ...]:
+    specs = [kron_spec(rb) for rb in ctx.engine.ruled]
+    return shards.layer_owners(specs, world)
+
+
+def _build_kfac(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
+    _check_kronecker(ctx.engine, Structure.KFAC)
+    if ctx.options.get("kfac_approx", "expand") == "expand":  # as fl.fisher: rows as they come
+        ctx.engine.rows_free.update(id(rb.module) for rb in ctx.engine.ruled)
+    owners = _owners(ctx, world)
+    specs, factors = _reduced_factors(ctx, owners, me)
+    tensors = [t for f in factors if f is not None for t in f]
+    owned = shards.layer_ranges(specs, owners, world)
+    kw = {"specs": _rebased(specs, owners, me)}
+    return _operator(ctx, tensors, KFAC, kw, owned, layout, world, me)
+
+
+def _build_ekfac(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
+    _check_kronecker(ctx.engine, Structure.EKFAC)
+    columns: list[Tensor] | None = [] if ctx.engine.fisher_type is FisherType.MC else None
+    owners = _owners(ctx, world)
+    specs, factors = _reduced_factors(RecordingContext.of(ctx, columns), owners, me)
+    bases: list[tuple[Tensor, Tensor]] = []
+    for spec, f, r in zip(specs, factors, owners, strict=True):
+        if f is not None:
+            # contiguous: eigh returns column-major eigenvectors; a collective sends raw memory
+            ql, qr = sym_eigh(f[0])[1].contiguous(), sym_eigh(f[1])[1].contiguous()
+        else:  # filled by the owner's broadcast
+            ql = torch.empty(spec.groups, spec.rows, spec.rows, dtype=ctx.dtype, device=ctx.device)
+            qr = torch.empty(spec.groups, spec.cols, spec.cols, dtype=ctx.dtype, device=ctx.device)
+        if ctx.group is not None:
+            src = shards._global(ctx.group, r)
+            dist.broadcast(ql, src=src, group=ctx.group)
+            dist.broadcast(qr, src=src, group=ctx.group)
+        bases.append((ql, qr))
+    del factors
+    sums, n_local = eigen_sums(ctx.engine, ctx.results(columns=columns), tuple(specs), bases)
+    n = all_reduce_count(n_local, ctx.group, ctx.device)
+    tensors: list[Tensor] = []
+    for i, (spec, (ql, qr), s) in enumerate(zip(specs, bases, sums, strict=True)):
+        s = ql.new_zeros(spec.groups, spec.rows, spec.cols) if s is None else s.contiguous()
+        if ctx.group is not None:
+            dst = shards._global(ctx.group, owners[i])
+            dist.reduce(s, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group)
+        if owners[i] == me:
+            tensors += [ql, qr, s / max(n, 1)]
+    bases.clear()  # the other ranks' layers' bases go here
+    owned = shards.layer_ranges(specs, owners, world)
+    kw = {"specs": _rebased(specs, owners, me)}
+    return _operator(ctx, tensors, EKFAC, kw, owned, layout, world, me)
+
+
+_BUILD = {
+    Structure.DIAG: _build_diag,
+    Structure.KFAC: _build_kfac,
+    Structure.EKFAC: _build_ekfac,
+}

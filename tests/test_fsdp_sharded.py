@@ -1,0 +1,247 @@
+"""Each rank holds its share: ``fl.sharding.fisher_sharded`` on an FSDP2 model, 2 gloo processes
+with an uneven half of the data each, gives the single-process Fisher of the unsharded model on
+all the data (float64, 1e-10) for diag, kfac and ekfac, through full vectors (products, solves,
+logdet, diagonal) and vectors sharded like the parameters; each rank keeps only its own share of
+the statistics (asserted on the sizes of the tensors the operator holds). In the same run:
+implicit products, the Laplace evidence and influence scores on the sharded model.
+
+All multi-process work is one run of the robust harness (tests/multiproc.py): two ranks, two
+models (every Linear sharded; one Linear sharded and the rest plain)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from multiproc import run_in_processes
+from torch import nn
+
+import fim_linops as fl
+from fim_linops.sharding import ShardedFisher, fisher_sharded
+
+pytest.importorskip("torch.distributed.fsdp")
+
+SHARDED = ["diag", "kfac", "ekfac"]
+DAMPING = 0.3
+MODES = ["fsdp_all", "fsdp_some"]
+
+
+def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    # odd sizes: FSDP's dim-0 shards are uneven (7 rows -> 4 + 3, 3 rows -> 2 + 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 3)
+    ).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    return model, x, y
+
+
+def _probes(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    n = sum(p.numel() for p in model.parameters())
+    v = torch.linspace(-1, 1, n, dtype=torch.float64)
+    return v, torch.stack([v, v.flip(0).sin()], dim=1)
+
+
+def _query(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[:3] * 0.5, (y[:3] + 1) % 3
+
+
+def _shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> list:
+    """Rank 0 reads 5 examples in 2 batches, rank 1 the other 7 in one."""
+    return [(x[:3], y[:3]), (x[3:5], y[3:5])] if rank == 0 else [(x[5:], y[5:])]
+
+
+def _wrap(model: nn.Module, mode: str) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    if mode == "fsdp_all":
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+    else:  # one group, no root: the other layers stay plain (replicated)
+        fully_shard(model[2])
+    return model
+
+
+def _local(model: nn.Module) -> list[torch.Tensor]:
+    return [getattr(p, "_local_tensor", p).detach().clone() for p in model.parameters()]
+
+
+def _operator_results(F: ShardedFisher, v: torch.Tensor, V: torch.Tensor) -> dict:
+    D = F.add_diagonal(DAMPING)
+    return {
+        "F@v": F @ v,
+        "F@V": F @ V,
+        "diag": F.diagonal(),
+        "solve": D.solve(V),
+        "logdet": D.logdet().reshape(1),
+        "trace": fl.trace(F).reshape(1),
+        "root": D.root_decomposition().root @ v,
+        "sharded F@v": F.matmul_sharded(F.shard(v)),
+        "sharded F@V": F.matmul_sharded(F.shard(V)),
+        "sharded solve": D.solve_sharded(F.shard(v)),
+        "shard of v": F.shard(v),
+        "unshard": F.unshard(F.shard(V)),
+        "held": torch.tensor([F.held_numel()]),
+    }
+
+
+def _worker(rank: int, world: int) -> dict:
+    out: dict = {}
+    for mode in MODES:
+        plain, x, y = _setup()
+        v, V = _probes(plain)
+        model = _wrap(copy.deepcopy(plain), mode)
+        before = _local(model)
+        data = _shard(x, y, rank)
+        for s in SHARDED:
+            F = fisher_sharded(model, data, structure=s)
+            for key, val in _operator_results(F, v, V).items():
+                out[f"{mode} {s} {key}"] = val
+        out[f"{mode} shards unchanged"] = all(
+            torch.equal(a, b) for a, b in zip(before, _local(model), strict=True)
+        )
+        if mode != "fsdp_all":  # Laplace and influence once (the fast part of the run)
+            continue
+        F = fl.fisher(model, data, structure="implicit")
+        out[f"{mode} implicit F@V"] = F @ V
+        for s in ("kfac", "ekfac", "diag"):
+            la = fl.laplace.Laplace(model, data, structure=s, prior_precision=0.5)
+            out[f"{mode} laplace {s} lml"] = la.log_marginal_likelihood().reshape(1)
+        q = _query(x, y)
+        out[f"{mode} influence ekfac"] = fl.influence(model, data, q, structure="ekfac")
+        out[f"{mode} self_influence kfac"] = fl.self_influence(model, data, structure="kfac")
+        S = fisher_sharded(model, data, structure="ekfac")
+        out[f"{mode} influence sharded ekfac"] = fl.influence(model, data, q, structure=S)
+        out[f"{mode} top sharded ekfac"] = fl.top_influences(model, data, q, k=2, structure=S)[0]
+        out[f"{mode} shards still unchanged"] = all(
+            torch.equal(a, b) for a, b in zip(before, _local(model), strict=True)
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_in_processes(_worker, world_size=2, timeout=180.0)
+
+
+@pytest.fixture(scope="module")
+def want() -> dict:
+    """The same quantities on one process: the unsharded model on all the data."""
+    plain, x, y = _setup()
+    v, V = _probes(plain)
+    want: dict = {}
+    for s in SHARDED:
+        F = fl.fisher(plain, (x, y), structure=s)
+        D = F.add_diagonal(DAMPING)
+        want[f"{s} F@v"], want[f"{s} F@V"], want[f"{s} diag"] = F @ v, F @ V, F.diagonal()
+        want[f"{s} solve"], want[f"{s} logdet"] = D.solve(V), D.logdet().reshape(1)
+        want[f"{s} trace"] = fl.trace(F).reshape(1)
+        want[f"{s} root"] = D.root_decomposition().root @ v
+        want[f"{s} unshard"] = V
+        want[f"{s} held"] = sum(t.numel() for t in F._args)  # all of F, for the shares
+        want[f"{s} full sharded F@v"], want[f"{s} full sharded F@V"] = F @ v, F @ V
+        want[f"{s} full sharded solve"] = D.solve(v)
+    want["implicit F@V"] = fl.fisher(plain, (x, y), structure="implicit") @ V
+    for s in ("kfac", "ekfac", "diag"):
+        la = fl.laplace.Laplace(plain, (x, y), structure=s, prior_precision=0.5)
+        want[f"laplace {s} lml"] = la.log_marginal_likelihood().reshape(1)
+    q = _query(x, y)
+    want["influence ekfac"] = fl.influence(plain, (x, y), q, structure="ekfac")
+    want["self_influence kfac"] = fl.self_influence(plain, (x, y), structure="kfac")
+    return want
+
+
+def _close(got, want, what: str) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=what)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sharded_operators_equal_the_unsharded_fisher_on_all_the_data(ranks, want, mode) -> None:
+    plain, _, _ = _setup()
+    v, V = _probes(plain)
+    for rank, got in enumerate(ranks):
+        assert got[f"{mode} shards unchanged"], rank
+        for s in SHARDED:
+            for key in ("F@v", "F@V", "diag", "solve", "logdet", "trace", "root", "unshard"):
+                _close(got[f"{mode} {s} {key}"], want[f"{s} {key}"], f"{mode} {s} {key} r{rank}")
+            # sharded vectors: this rank's entries of the full results
+            shard_v = got[f"{mode} {s} shard of v"]
+            idx = torch.cat([torch.arange(lo, hi) for lo, hi in _param_ranges(plain, rank)])
+            _close(shard_v, v[idx], f"{mode} {s} shard r{rank}")
+            for key in ("sharded F@v", "sharded F@V", "sharded solve"):
+                w = want[f"{s} full {key}"][idx]
+                _close(got[f"{mode} {s} {key}"], w, f"{mode} {s} {key} r{rank}")
+
+
+def _param_ranges(model: nn.Module, rank: int, world: int = 2) -> list[tuple[int, int]]:
+    """torch.chunk's dim-0 split, written out independently of fim_linops.sharding.shards."""
+    out, start = [], 0
+    for p in model.parameters():
+        rows = list(torch.arange(p.shape[0]).chunk(world))
+        row = p.numel() // p.shape[0]
+        if rank < len(rows) and len(rows[rank]):
+            out.append((start + int(rows[rank][0]) * row, start + (int(rows[rank][-1]) + 1) * row))
+        start += p.numel()
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_rank_keeps_only_its_share_of_the_statistics(ranks, want, mode) -> None:
+    plain, _, _ = _setup()
+    for s in SHARDED:
+        held = [int(r[f"{mode} {s} held"]) for r in ranks]
+        total = want[f"{s} held"]
+        assert sum(held) == total, (s, held, total)  # together exactly the unsharded statistics
+        assert all(0 < h < total for h in held), (s, held, total)  # each rank only a part
+    # diag: exactly the entries of the rank's own FSDP shards (4 + 3 rows, 2 + 1 rows ...)
+    for rank, r in enumerate(ranks):
+        mine = sum(hi - lo for lo, hi in _param_ranges(plain, rank))
+        assert int(r[f"{mode} diag held"]) == mine
+
+
+def test_laplace_and_influence_on_the_sharded_model(ranks, want) -> None:
+    mode = "fsdp_all"
+    cols = [slice(0, 5), slice(5, 12)]  # each rank scores its own training examples
+    for rank, got in enumerate(ranks):
+        assert got[f"{mode} shards still unchanged"], rank
+        for s in ("kfac", "ekfac", "diag"):
+            key = f"laplace {s} lml"
+            _close(got[f"{mode} {key}"], want[key], f"{mode} {key} r{rank}")
+        _close(got[f"{mode} implicit F@V"], want["implicit F@V"], f"{mode} implicit r{rank}")
+        inf = want["influence ekfac"][:, cols[rank]]
+        _close(got[f"{mode} influence ekfac"], inf, f"{mode} influence r{rank}")
+        _close(got[f"{mode} influence sharded ekfac"], inf, f"{mode} sharded influence r{rank}")
+        top = inf.topk(2, dim=1).values
+        _close(got[f"{mode} top sharded ekfac"], top, f"{mode} top r{rank}")
+        si = want["self_influence kfac"][cols[rank]]
+        _close(got[f"{mode} self_influence kfac"], si, f"{mode} self_influence r{rank}")
+
+
+# -- one process: the same function on a plain model, and its errors ---------------------------
+
+
+@pytest.mark.parametrize("structure", SHARDED)
+def test_one_process_sharded_build_is_the_plain_operator(structure) -> None:
+    plain, x, y = _setup()
+    v, V = _probes(plain)
+    F = fl.fisher(plain, (x, y), structure=structure)
+    S = fisher_sharded(plain, (x, y), structure=structure)
+    _close(S @ V, F @ V, "F@V")
+    _close(S.matmul_sharded(V), F @ V, "sharded = full on one process")
+    assert S.held_numel() == sum(t.numel() for t in F._args)
+
+
+def test_unsupported_structure_and_layers_raise_clear_errors() -> None:
+    plain, x, y = _setup()
+    with pytest.raises(ValueError, match="structure='diag', 'kfac' or 'ekfac'"):
+        fisher_sharded(plain, (x, y), structure="block_diag")
+    normed = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="needs Kronecker factors for every layer.*'1'"):
+        fisher_sharded(normed, (x, y), structure="kfac")
+    S = fisher_sharded(plain, (x, y), structure="kfac")
+    with pytest.raises(ValueError, match="self_influence .* ShardedFisher"):
+        fl.self_influence(plain, (x, y), structure=S)
