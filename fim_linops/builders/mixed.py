@@ -153,7 +153,9 @@ class MixPlan:
             for b in blocks:
                 name = b.module_name or "<model>"
                 if name not in info:
-                    info[name] = LayerInfo(name, type(b.module).__name__, b.numel, g.structure.value)
+                    info[name] = LayerInfo(
+                        name, type(b.module).__name__, b.numel, g.structure.value
+                    )
         layers = tuple(info[b.module_name or "<model>"] for b in self.layout.blocks)
         return Mixed(*parts, spans=tuple(spans), structures=tuple(structures), layers=layers)
 
