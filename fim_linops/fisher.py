@@ -26,7 +26,7 @@ from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
 from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
-from fim_linops.sharding import on_plain_model
+from fim_linops.sharding.gather import on_plain_model
 from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
 
