@@ -7,109 +7,25 @@ parameters.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from fim_linops.builders import BUILDERS, BuildContext
+from fim_linops.builders.guards import check_memory, check_strict
 from fim_linops.builders.mixed import plan_mix
-from fim_linops.distributed import resolve_group
-from fim_linops.engine import Engine, FisherType, prepare_model
-from fim_linops.engine.checks import UnruledLayers
-from fim_linops.engine.dropout import warn_active_dropout
-from fim_linops.engine.engine import HALF
+from fim_linops.engine import Engine, FisherType
+from fim_linops.frame import run_build
 from fim_linops.layout import ParamLayout
-from fim_linops.likelihoods import Likelihood, get_likelihood
-from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
-from fim_linops.naming import class_name
+from fim_linops.likelihoods import Likelihood
 from fim_linops.operators.base import FisherOperator
+from fim_linops.options import MAX_DENSE_BYTES, BuildOptions
 from fim_linops.sharding.gather import on_plain_model
-from fim_linops.state import preserved_state
 from fim_linops.structures import Structure
 
-#: default limit on the bytes of one dense (P x P) or block allocation before asking for consent
-MAX_DENSE_BYTES = DEFAULT_MAX_BYTES
-
-R = TypeVar("R")
-
-
-def _check_memory(
-    structure: Structure, layout: ParamLayout, dtype: torch.dtype, max_bytes: int | None
-) -> None:
-    """Dense storage is P x P, block-diagonal storage sum_b p_b x p_b: checked before the build.
-    The error names only the structures whose storage fits the same ``max_bytes``."""
-    if max_bytes is None or structure not in (Structure.DENSE, Structure.BLOCK_DIAG):
-        return
-    S = Structure
-    shape: tuple[int, ...]
-    others: tuple[Structure, ...]
-    if structure is S.DENSE:
-        what, shape = f"structure='dense' for P={layout.numel:,} parameters", (layout.numel,) * 2
-        others = (S.BLOCK_DIAG, S.KFAC, S.EKFAC, S.DIAG, S.IMPLICIT)
-    else:
-        largest = max(layout.blocks, key=lambda b: b.numel)
-        what = (
-            f"structure='block_diag' for P={layout.numel:,} parameters (largest block "
-            f"'{largest.module_name or '<model>'}', {largest.numel:,} parameters)"
-        )
-        shape = (sum(b.numel**2 for b in layout.blocks),)
-        others = (S.KFAC, S.EKFAC, S.DIAG, S.IMPLICIT)
-    fix = fitting_structures(layout, dtype, max_bytes, others, lowrank=True)
-    check_bytes(what, shape, dtype, max_bytes, fix)
-
-
-def _kfac_approx(value: str) -> str:
-    if value not in ("expand", "reduce"):
-        raise ValueError(f"unknown kfac_approx {value!r}; use 'expand' or 'reduce'")
-    return value
-
-
-def _check_kronecker(engine: Engine, structure: Structure, in_mix: bool = False) -> None:
-    """``strict=True``: raise when a layer has no Kronecker factors, naming each such layer and
-    why, with a per-layer mix that moves exactly those layers to an exact structure."""
-    from fim_linops.builders.everywhere import NO_FACTORS, NO_RULE, non_kronecker
-
-    bad = non_kronecker(engine)
-    if not bad:
-        return
-    listed = ", ".join(
-        f"'{b.module_name or '<model>'}' ({class_name(b.module)}: {why})" for b, why in bad
-    )
-    keys: list[str] = []
-    bad_names = {b.module_name for b, _ in bad}
-    for b, why in bad:  # a type that has no Kronecker rule anywhere in the model, else the name
-        t = type(b.module)
-        by_type = (
-            why in (NO_FACTORS, NO_RULE)
-            and t.__module__.startswith("torch.nn")
-            and all(x.module_name in bad_names for x in engine.layout.blocks if type(x.module) is t)
-        )
-        if by_type:
-            key = class_name(t)
-        else:  # the root module's own parameters: its class names it
-            key = f"'{b.module_name}'" if b.module_name else class_name(t)
-        if key not in keys:
-            keys.append(key)
-    mix = (
-        "{"
-        + "".join(f"{k}: 'block_diag', " for k in keys[:4])
-        + f"'default': '{structure.value}'}}"
-    )
-    lead = (
-        f"the per-layer mix's '{structure.value}' group"
-        if in_mix
-        else f"structure='{structure.value}' with strict=True"
-    )
-    drop = "" if in_mix else "drop strict=True (those layers then get exact blocks), "
-    raise ValueError(
-        f"{lead} has no Kronecker factors for module "
-        + listed
-        + f"; {drop}use a per-layer mix such as {mix}, or structure='block_diag', 'diag' or "
-        "'implicit'"
-    )
+__all__ = ["MAX_DENSE_BYTES", "build_fisher", "fisher", "fisher_one_pass"]
 
 
 @on_plain_model
@@ -169,173 +85,57 @@ def fisher(
     Returns:
         A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
     """
+    options = BuildOptions.of(
+        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
+        dtype=dtype, progress=progress, generator=generator, max_bytes=max_bytes,
+        process_group=process_group, kfac_approx=kfac_approx, strict=strict,
+    )  # fmt: skip
+    return build_fisher(model, data, structure, options)
+
+
+def build_fisher(
+    model: nn.Module, data: Any, structure: str | Structure | dict, options: BuildOptions
+) -> FisherOperator:
+    """:func:`fisher` on checked options: the structure's builder (a per-layer mix: one operator
+    per structure group, from one engine pass when every group allows it) run in the frame of
+    :func:`fim_linops.frame.run_build`. For callers on a plain (not FSDP/DDP-wrapped) model."""
     if isinstance(structure, dict):  # per-layer mix: one operator per structure group
-        plan = plan_mix(model, params, structure)
-        kw: dict[str, Any] = dict(
-            likelihood=likelihood, fisher_type=fisher_type, mc_samples=mc_samples, rank=rank,
-            device=device, dtype=dtype, progress=progress, generator=generator,
-            max_bytes=max_bytes, process_group=process_group, kfac_approx=kfac_approx,
-            strict=strict,
-        )  # fmt: skip
+        plan = plan_mix(model, options.params, structure)
         if len(plan.groups) == 1:
-            return fisher(model, data, structure=plan.groups[0].structure, params=params, **kw)
+            return build_fisher(model, data, plan.groups[0].structure, options)
         if plan.one_pass:  # one engine pass feeds every group
-            ops = fisher_one_pass(model, data, [(g.structure, g.params) for g in plan.groups], **kw)
+            groups = [(g.structure, g.params) for g in plan.groups]
+            ops = fisher_one_pass(model, data, groups, options)
         else:
             ops = [
-                fisher(model, data, structure=g.structure, params=g.params, **kw)
+                build_fisher(model, data, g.structure, options.but(params=g.params))
                 for g in plan.groups
             ]
         return plan.assemble(ops)
     struct = Structure.parse(structure)
 
     def prepare(
-        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ftype: FisherType
+        work: nn.Module, layout: ParamLayout, dt: torch.dtype
     ) -> Callable[[BuildContext], FisherOperator]:
-        _check_memory(struct, layout, dt, max_bytes)
+        check_memory(struct, layout, dt, options.max_bytes)
 
         def build(ctx: BuildContext) -> FisherOperator:
             engine = ctx.engine
-            if struct.kronecker and strict:
-                _check_kronecker(engine, struct)
+            if struct.kronecker and options.strict:
+                check_strict(engine, struct)
             elif struct.kronecker and (
                 engine.fallback or not all(r.rule.has_kfac for r in engine.ruled)
             ):
                 from fim_linops.builders.everywhere import build_everywhere
 
                 return build_everywhere(ctx, struct)  # exact blocks where no factors exist
-            if struct is Structure.KFAC and kfac_approx == "expand":  # rows as they come
+            if struct is Structure.KFAC and options.kfac_approx == "expand":  # rows as they come
                 engine.rows_free.update(id(rb.module) for rb in engine.ruled)
             return BUILDERS[struct](ctx)  # every Structure registers a builder
 
         return build
 
-    return _run(
-        model,
-        data,
-        params,
-        likelihood,
-        fisher_type,
-        mc_samples,
-        device,
-        dtype,
-        progress,
-        generator,
-        process_group,
-        kfac_approx,
-        rank,
-        prepare,
-        max_bytes,
-    )
-
-
-def _run(
-    model: nn.Module,
-    data: Any,
-    params: Any,
-    likelihood: str | Likelihood,
-    fisher_type: str | FisherType,
-    mc_samples: int,
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
-    progress: bool,
-    generator: torch.Generator | None,
-    process_group: Any,
-    kfac_approx: str,
-    rank: int | None,
-    prepare: Callable[
-        [nn.Module, ParamLayout, torch.dtype, Likelihood, FisherType],
-        Callable[[BuildContext], R],
-    ],
-    max_bytes: int | None = MAX_DENSE_BYTES,
-) -> R:
-    """The shared frame of a build: checked arguments, the model left as found, the working copy
-    (device/dtype), then ``prepare(work, layout, dtype, likelihood, fisher_type)`` (its checks;
-    it returns the builder), one engine over ``params`` and the builder run on its context."""
-    lik, ftype, layout = _validated(
-        model, params, likelihood, fisher_type, mc_samples, dtype, device, generator
-    )
-    warn_active_dropout(model, "the Fisher", stacklevel=4)  # user -> fisher -> _run -> here
-    with preserved_state(model):
-        dev_arg = torch.device(device) if device is not None else None
-        work, work_layout = prepare_model(model, layout, dev_arg, dtype)
-        dev = work_layout.entries[0].param.device
-        dt = work_layout.entries[0].param.dtype
-        if dt in HALF:  # the half model runs as it is; statistics and operator in float32
-            dt = torch.float32
-        build = prepare(work, work_layout, dt, lik, ftype)
-
-        def context(engine: Engine, data: Any) -> BuildContext:
-            return BuildContext(
-                engine,
-                data,
-                dev,
-                dt,
-                progress=progress,
-                rank=rank,
-                group=resolve_group(process_group),
-                options={"kfac_approx": _kfac_approx(kfac_approx)},
-            )
-
-        engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
-        engine.max_bytes = max_bytes
-        try:
-            return build(context(engine, data))
-        except UnruledLayers as raw:  # found in the first forward, before any statistic
-            engine = Engine(work, work_layout, lik, ftype, mc_samples, generator)
-            engine.max_bytes = max_bytes
-            engine.demote(raw.reasons)
-            if isinstance(data, Iterator):  # one-shot: the batch it already gave comes first
-                data = itertools.chain([raw.batch], data)
-            return build(context(engine, data))
-
-
-def _validated(
-    model: nn.Module,
-    params: Any,
-    likelihood: str | Likelihood,
-    fisher_type: str | FisherType,
-    mc_samples: int,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None = None,
-    generator: Any = None,
-) -> tuple[Likelihood, FisherType, ParamLayout]:
-    """The parsed likelihood and Fisher type and the layout, after the checks of the arguments."""
-    lik = get_likelihood(likelihood)
-    ftype = FisherType.parse(fisher_type)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    layout = ParamLayout.from_model(model, params)
-    dtypes = {e.param.dtype for e in layout.entries}
-    if len(dtypes) > 1:
-        raise ValueError(
-            "the selected parameters mix dtypes ("
-            + ", ".join(sorted(str(d) for d in dtypes))
-            + "); cast the model to one dtype, or pass dtype= (the model is then copied)"
-        )
-    _check_generator(generator, device, layout)
-    return lik, ftype, layout
-
-
-def _check_generator(
-    generator: Any, device: torch.device | str | None, layout: ParamLayout
-) -> None:
-    """``generator``: None or a ``torch.Generator`` on the device type of the computation."""
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator (or None), got {type(generator).__name__} "
-            f"{generator!r}; for a seed pass torch.Generator().manual_seed(seed)"
-        )
-    dev = torch.device(device) if device is not None else layout.entries[0].param.device
-    if generator.device.type != dev.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the Fisher is computed on {dev}; pass "
-            f"torch.Generator(device='{dev}').manual_seed(seed)"
-        )
+    return run_build(model, data, options, prepare)
 
 
 @on_plain_model
@@ -343,30 +143,21 @@ def fisher_one_pass(
     model: nn.Module,
     data: Any,
     groups: list[tuple[Structure, list[nn.Parameter]]],
-    likelihood: str | Likelihood = "categorical",
-    fisher_type: str | FisherType = "exact",
-    mc_samples: int = 1,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-    generator: torch.Generator | None = None,
-    max_bytes: int | None = MAX_DENSE_BYTES,
-    process_group: Any = None,
-    kfac_approx: str = "expand",
-    rank: int | None = None,
-    strict: bool = True,
+    options: BuildOptions,
 ) -> list[FisherOperator]:
     """One operator per (structure, parameters) group, every structure a one-pass one
     (``builders.one_pass.ONE_PASS``), all from one engine pass over the union of the groups (the
-    same checks and state guarantees as :func:`fisher`). A "kfac" group of a per-layer mix is
-    built like ``structure="kfac"``: its layers without Kronecker factors get exact blocks
-    (builders/everywhere.py), or, with ``strict=True``, are an error that names them."""
+    same checks and state guarantees as :func:`fisher`; ``options.params`` is replaced by that
+    union). A "kfac" group of a per-layer mix is built like ``structure="kfac"``: its layers
+    without Kronecker factors get exact blocks (builders/everywhere.py), or, with
+    ``options.strict``, are an error that names them."""
     from fim_linops.builders.one_pass import Group, build_one_pass
 
     union = [p for _, ps in groups for p in ps]
+    strict = options.strict
 
     def prepare(
-        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ftype: FisherType
+        work: nn.Module, layout: ParamLayout, dt: torch.dtype
     ) -> Callable[[BuildContext], list[FisherOperator]]:
         by_name = dict(work.named_parameters())
         plan = []
@@ -375,18 +166,20 @@ def fisher_one_pass(
             group_layout = ParamLayout.from_model(
                 work, params=[by_name[e.name] for e in layout.entries if e.name in names]
             )
-            _check_memory(struct, group_layout, dt, max_bytes)
+            check_memory(struct, group_layout, dt, options.max_bytes)
             if struct.kronecker and strict:  # the group's layers alone (construction only)
-                _check_kronecker(
-                    Engine(work, group_layout, lik, ftype, mc_samples), struct, in_mix=True
-                )
+                o = options
+                engine = Engine(work, group_layout, o.likelihood, o.fisher_type, o.mc_samples)
+                check_strict(engine, struct, in_mix=True)
             plan.append(Group(struct, group_layout))
 
         def build(ctx: BuildContext) -> list[FisherOperator]:
             from fim_linops.builders.everywhere import split_mix_groups
 
             flat, assemble = (plan, list) if strict else split_mix_groups(ctx.engine, plan)
-            if kfac_approx == "expand":  # the kfac groups' factors take the rows as they come
+            if (
+                options.kfac_approx == "expand"
+            ):  # the kfac groups' factors take the rows as they come
                 kron = {
                     b.module_name
                     for g in flat
@@ -400,20 +193,4 @@ def fisher_one_pass(
 
         return build
 
-    return _run(
-        model,
-        data,
-        union,
-        likelihood,
-        fisher_type,
-        mc_samples,
-        device,
-        dtype,
-        progress,
-        generator,
-        process_group,
-        kfac_approx,
-        rank,
-        prepare,
-        max_bytes,
-    )
+    return run_build(model, data, options.but(params=union), prepare)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 import fim_linops.ntk  # noqa: F401  (the module, even where fl.ntk is the function)
 from fim_linops.layout import ParamLayout
 from fim_linops.operators.ntk import gram_diagonal_of
+from fim_linops.options import BuildOptions
 from fim_linops.state import preserved_state
 
 fntk = sys.modules["fim_linops.ntk"]
@@ -93,7 +94,8 @@ class NTKKernel(gpytorch.kernels.Kernel):
 
     def _jac(self, x: Tensor):
         sel, _ = fntk._outputs(self._outputs)
-        return fntk._jacobian_op(self.model, self.layout, x, sel, self.batch_size)
+        options = BuildOptions.of(batch_size=self.batch_size)
+        return fntk._jacobian_op(self.model, self.layout, x, sel, options)
 
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params

@@ -35,10 +35,10 @@ from fim_linops.layout import ParamLayout
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES
 from fim_linops.operators.jacobian import Jacobian, Outputs
 from fim_linops.operators.ntk import NTK, gram_of
+from fim_linops.options import DEFAULT_BATCH_SIZE, BuildOptions
 from fim_linops.state import preserved_state
 
-#: default number of examples per forward/backward pass
-DEFAULT_BATCH_SIZE = 256
+__all__ = ["DEFAULT_BATCH_SIZE", "NTKStructure", "jacobian", "ntk", "split_inputs"]
 
 
 class NTKStructure(ParsedEnum):
@@ -88,14 +88,12 @@ def _n_outputs(model: nn.Module, x: Any, sel: Outputs) -> int:
 
 
 def _jacobian_op(
-    model: nn.Module,
-    layout: ParamLayout,
-    x: Any,
-    sel: Outputs,
-    size: int | None,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    model: nn.Module, layout: ParamLayout, x: Any, sel: Outputs, options: BuildOptions
 ) -> Jacobian:
-    batches = split_inputs(x, size)
+    """The Jacobian operator of ``sel``'s outputs at inputs ``x`` over ``layout``'s parameters, in
+    batches of ``options.batch_size`` examples, its ``to_dense()`` guarded by
+    ``options.max_bytes``."""
+    batches = split_inputs(x, options.batch_size)
     params = tuple(e.param.detach() for e in layout.entries)
     with preserved_state(model):
         c = _n_outputs(model, batches[0], sel)
@@ -106,7 +104,7 @@ def _jacobian_op(
         batches=batches,
         outputs=sel,
         n_outputs=c,
-        max_bytes=max_bytes,
+        max_bytes=options.max_bytes,
     )
 
 
@@ -133,9 +131,10 @@ def jacobian(
     ``J.to_dense()`` goes through the layer rules.
     """
     sel, _ = _outputs(outputs)
-    layout = ParamLayout.from_model(model, params)
+    options = BuildOptions.of(params=params, batch_size=batch_size, max_bytes=max_bytes)
+    layout = ParamLayout.from_model(model, options.params)
     warn_active_dropout(model, "the Jacobian")
-    return _jacobian_op(model, layout, x, sel, batch_size, max_bytes)
+    return _jacobian_op(model, layout, x, sel, options)
 
 
 def ntk(
@@ -167,10 +166,11 @@ def ntk(
     """
     struct = NTKStructure.parse(structure)
     sel, trace = _outputs(outputs)
-    layout = ParamLayout.from_model(model, params)
+    options = BuildOptions.of(params=params, batch_size=batch_size, max_bytes=max_bytes)
+    layout = ParamLayout.from_model(model, options.params)
     warn_active_dropout(model, "the NTK")
-    j1 = _jacobian_op(model, layout, x1, sel, batch_size, max_bytes)
-    j2 = None if x2 is None else _jacobian_op(model, layout, x2, sel, batch_size, max_bytes)
+    j1 = _jacobian_op(model, layout, x1, sel, options)
+    j2 = None if x2 is None else _jacobian_op(model, layout, x2, sel, options)
     if struct is NTKStructure.IMPLICIT:
         return NTK(j1, j2, trace=trace)
     if struct is NTKStructure.DENSE:

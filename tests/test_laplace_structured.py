@@ -12,11 +12,11 @@ import pytest
 import torch
 from reference import per_example_jacobians
 
-import fim_linops.laplace.posterior  # noqa: F401
+import fim_linops.laplace.predictive  # noqa: F401  (the module that runs the predictive)
 from fim_linops.laplace import Laplace
 from fim_linops.layout import ParamLayout
 
-posterior = sys.modules["fim_linops.laplace.posterior"]
+predictive = sys.modules["fim_linops.laplace.predictive"]
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # float64 references
@@ -61,7 +61,7 @@ def test_structured_predictive_equals_dense_j_sigma_jt(name, structure, prior, m
     def no_jacobian(*args, **kwargs):
         raise AssertionError("the structured predictive formed a Jacobian")
 
-    monkeypatch.setattr(posterior, "jacobian_rows", no_jacobian)
+    monkeypatch.setattr(predictive, "jacobian_rows", no_jacobian)
     mean, cov = la.predictive(x)
     per_example = torch.stack([ref[i * c : (i + 1) * c, i * c : (i + 1) * c] for i in range(n)])
     torch.testing.assert_close(cov, per_example, rtol=1e-9, atol=1e-11)
@@ -74,9 +74,9 @@ def test_structured_predictive_equals_dense_j_sigma_jt(name, structure, prior, m
 def test_structured_predictive_takes_the_structured_route_and_dense_does_not(monkeypatch):
     model, x, y = _model("mlp")
     calls = []
-    real = posterior.jacobian_rows
+    real = predictive.jacobian_rows
     monkeypatch.setattr(
-        posterior, "jacobian_rows", lambda *a, **k: calls.append(1) or real(*a, **k)
+        predictive, "jacobian_rows", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     Laplace(model, (x, y), structure="kfac").predictive(x)
     assert calls == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -13,13 +13,16 @@ from fim_linops.engine import BatchResult, Engine
 from fim_linops.engine.ruled import RuledBlock
 from fim_linops.operators.base import FisherOperator
 from fim_linops.operators.kron import KronSpec
+from fim_linops.options import BuildOptions
 from fim_linops.statistics import Sums
 from fim_linops.structures import Structure
 
 
 @dataclass
 class BuildContext:
-    """What a builder needs: the engine (model, layout, likelihood, columns), the data and options.
+    """What a builder needs: the engine (model, layout, likelihood, columns), the data, where and
+    in which precision the statistics live, and the build's :class:`BuildOptions` (``progress``,
+    ``rank``, ``kfac_approx``, ...).
 
     ``results()`` runs the data through the engine (one forward and one batched backward per batch)
     and may be called more than once (e.g. EKFAC's second pass)."""
@@ -28,10 +31,16 @@ class BuildContext:
     data: Any
     device: torch.device
     dtype: torch.dtype
-    progress: bool = False
-    rank: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: BuildOptions
     group: Any = None  # torch.distributed process group, None in a single process
+
+    @property
+    def progress(self) -> bool:
+        return self.options.progress
+
+    @property
+    def rank(self) -> int | None:
+        return self.options.rank
 
     def reduce(self, sums: Sums) -> Sums:
         """All-reduce the sums and the example count over the process group (once per build)."""

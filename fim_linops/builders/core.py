@@ -55,7 +55,7 @@ def build_dense(ctx: BuildContext) -> Dense:
 
 @register(Structure.KFAC)
 def build_kfac(ctx: BuildContext) -> KFAC:
-    reduce = ctx.options.get("kfac_approx", "expand") == "reduce"
+    reduce = ctx.options.kfac_approx == "reduce"
     sums = statistics.kfac_sums(ctx.engine, ctx.results(), reduce=reduce)
     return kfac_from_sums(ctx, ctx.engine, sums)
 

@@ -148,7 +148,7 @@ def build_everywhere(ctx: BuildContext, structure: Structure) -> FisherOperator:
     p = plan(engine, structure)
     kron = p.groups.pop(structure, [])
     exact = list(p.groups.items())  # block_diag and/or diag
-    expand = ctx.options.get("kfac_approx", "expand") == "expand"
+    expand = ctx.options.kfac_approx == "expand"
     if structure is Structure.KFAC and expand:  # the factors need the rows only (checks.py)
         engine.rows_free.update(id(b.module) for b in kron)
     columns: list[Tensor] | None = [] if engine.fisher_type is FisherType.MC else None

@@ -56,7 +56,7 @@ class Group:
 
 def build_one_pass(ctx: BuildContext, groups: list[Group]) -> list[FisherOperator]:
     """One operator per group (in the group's coordinates) from one pass of ``ctx.engine``."""
-    reduce = ctx.options.get("kfac_approx", "expand") == "reduce"
+    reduce = ctx.options.kfac_approx == "reduce"
     views = [EngineView(ctx.engine, g.layout) for g in groups]
     plans = [_plan(g.structure, reduce) for g in groups]
     totals: list[Sums | None] = [None] * len(groups)

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from fim_linops.builders import BuildContext
 from fim_linops.data import _is_mapping_batch, _looks_like_one_batch
 from fim_linops.engine import FisherType
-from fim_linops.fisher import _run
+from fim_linops.frame import run_build
 from fim_linops.layout import ParamLayout
-from fim_linops.likelihoods import Likelihood
+from fim_linops.options import MAX_DENSE_BYTES, BuildOptions
 
 R = TypeVar("R")
 
@@ -34,23 +34,22 @@ def stream_gradients(
     model: nn.Module,
     data: Any,
     consume: Consumer[R],
-    likelihood: str | Likelihood = "categorical",
-    params: Any = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-    kfac_approx: str = "expand",
+    options: BuildOptions,
     progress_label: str = "influence",
 ) -> tuple[list[R], int]:
     """``consume`` applied to every chunk of per-example gradients of ``data`` in order; returns
-    the list of its results and the number P of parameters of the layout. ``progress``: a tqdm
+    the list of its results and the number P of parameters of the layout. Of ``options`` this
+    pass reads the likelihood, ``params``, ``device``, ``dtype``, ``kfac_approx`` and
+    ``max_bytes`` (its Fisher type is "empirical", one column per example); ``progress``: a tqdm
     bar over the batches labelled ``progress_label``.
 
     The model is left exactly as found (the same frame as :func:`fim_linops.fisher`); a restart of
     the pass (layers found to need torch.func on the first batch) starts the list afresh."""
 
+    progress = options.progress
+
     def prepare(
-        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ft: FisherType
+        work: nn.Module, layout: ParamLayout, dt: torch.dtype
     ) -> Callable[[BuildContext], tuple[list[R], int]]:
         def build(ctx: BuildContext) -> tuple[list[R], int]:
             p = ctx.engine.layout.numel
@@ -73,22 +72,17 @@ def stream_gradients(
 
         return build
 
-    return _run(
-        model,
-        data,
-        params,
-        likelihood,
-        FisherType.EMPIRICAL,
-        1,
-        device,
-        dtype,
-        False,  # the engine's own bar says "fisher": this pass has its own bar
-        None,
-        None,
-        kfac_approx,
-        None,
-        prepare,
+    # the engine's own bar says "fisher": this pass has its own bar
+    empirical = options.but(
+        fisher_type=FisherType.EMPIRICAL,
+        mc_samples=1,
+        progress=False,
+        generator=None,
+        process_group=None,
+        rank=None,
+        max_bytes=MAX_DENSE_BYTES,
     )
+    return run_build(model, data, empirical, prepare)
 
 
 def _bar(data: Any, label: str) -> Any:
@@ -102,25 +96,10 @@ def _bar(data: Any, label: str) -> Any:
     return tqdm(total=total, desc=label, unit="batch")
 
 
-def gradient_matrix(
-    model: nn.Module,
-    data: Any,
-    likelihood: str | Likelihood = "categorical",
-    params: Any = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    kfac_approx: str = "expand",
-) -> Tensor:
+def gradient_matrix(model: nn.Module, data: Any, options: BuildOptions) -> Tensor:
     """The per-example gradients (N, P) of a small set of examples (the queries)."""
     parts, p = stream_gradients(
-        model,
-        data,
-        lambda blocks: torch.cat(blocks, dim=-1),
-        likelihood,
-        params,
-        device,
-        dtype,
-        kfac_approx=kfac_approx,
+        model, data, lambda blocks: torch.cat(blocks, dim=-1), options.but(progress=False)
     )
     if not parts:
         raise ValueError("the query data holds no examples; pass at least one (x, y) batch")

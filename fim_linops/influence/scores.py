@@ -38,6 +38,7 @@ from fim_linops.influence.precondition import Solve, check_damping, damped_solve
 from fim_linops.influence.queries import Queries
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
+from fim_linops.options import BuildOptions
 from fim_linops.sharding.gather import on_plain_model
 from fim_linops.structures import Structure
 
@@ -46,17 +47,15 @@ def _operator(
     model: nn.Module,
     train: Any,
     structure: Any,
-    likelihood: str | Likelihood,
-    params: Any,
     damping: float,
-    fisher_kwargs: dict[str, Any],
+    options: BuildOptions,
     cg_tol: float | None,
 ) -> tuple[Solve, int]:
     """The solve with (F + damping I) and P; F built from ``train`` unless given."""
-    from fim_linops.fisher import fisher
+    from fim_linops.fisher import build_fisher
 
     damping = check_damping(damping)
-    p = ParamLayout.from_model(model, params).numel
+    p = ParamLayout.from_model(model, options.params).numel
     if isinstance(structure, LinearOperator | Tensor):
         op = structure
         if tuple(op.shape) != (p, p):
@@ -65,7 +64,7 @@ def _operator(
                 f"by params= have P={p}: build it with the same params= (and model)"
             )
     elif isinstance(structure, str | Structure | dict):
-        op = fisher(model, train, likelihood, structure, params=params, **fisher_kwargs)  # type: ignore[arg-type]  # fisher() takes a per-layer mix dict too
+        op = build_fisher(model, train, structure, options)
     else:
         raise TypeError(
             f"structure must be a structure name ('ekfac', 'kfac', 'dense', ...), a per-layer mix "
@@ -74,43 +73,11 @@ def _operator(
     return damped_solve(op, damping, cg_tol), p
 
 
-def _fisher_kwargs(
-    fisher_type: str,
-    mc_samples: int,
-    rank: int | None,
-    device: Any,
-    dtype: torch.dtype | None,
-    progress: bool,
-    generator: torch.Generator | None,
-    process_group: Any,
-    kfac_approx: str,
-) -> dict[str, Any]:
-    return {
-        "fisher_type": fisher_type,
-        "mc_samples": mc_samples,
-        "rank": rank,
-        "device": device,
-        "dtype": dtype,
-        "progress": progress,
-        "generator": generator,
-        "process_group": process_group,
-        "kfac_approx": kfac_approx,
-    }
-
-
 def _preconditioned_queries(
-    model: nn.Module,
-    query: Any,
-    solve: Solve,
-    likelihood: str | Likelihood,
-    params: Any,
-    device: Any,
-    dtype: torch.dtype | None,
-    kfac_approx: str,
-    query_rank: int | None,
+    model: nn.Module, query: Any, solve: Solve, options: BuildOptions, query_rank: int | None
 ) -> Queries:
     """Q = (F + damping I)^-1 Gq^T, (P, n_query), compressed to rank ``query_rank`` if given."""
-    gq = gradient_matrix(model, query, likelihood, params, device, dtype, kfac_approx)
+    gq = gradient_matrix(model, query, options)
     return Queries.of(solve(gq.T.contiguous()), query_rank)
 
 
@@ -166,32 +133,14 @@ def influence(
         (n_query, n_train) tensor; with torch.distributed, this rank's shard of the training
         examples (columns in the order of the local data).
     """
-    kw = _fisher_kwargs(
-        fisher_type,
-        mc_samples,
-        rank,
-        device,
-        dtype,
-        progress,
-        generator,
-        process_group,
-        kfac_approx,
-    )
-    solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
-    q = _preconditioned_queries(
-        model, query, solve, likelihood, params, device, dtype, kfac_approx, query_rank
-    )
-    parts, _ = stream_gradients(
-        model,
-        train,
-        q.scores,
-        likelihood,
-        params,
-        device,
-        dtype,
-        progress,
-        kfac_approx,
-    )
+    options = BuildOptions.of(
+        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
+        dtype=dtype, progress=progress, generator=generator, process_group=process_group,
+        kfac_approx=kfac_approx,
+    )  # fmt: skip
+    solve, _ = _operator(model, train, structure, damping, options, cg_tol)
+    q = _preconditioned_queries(model, query, solve, options, query_rank)
+    parts, _ = stream_gradients(model, train, q.scores, options)
     if not parts:
         return q.left.new_zeros(q.n_query, 0)
     return torch.cat(parts).T
@@ -234,26 +183,18 @@ def self_influence(
             "solves of a ShardedFisher are collectives (all ranks at once); pass a structure "
             "name (e.g. structure='ekfac': every rank then holds the whole operator)"
         )
-    kw = _fisher_kwargs(
-        fisher_type,
-        mc_samples,
-        rank,
-        device,
-        dtype,
-        progress,
-        generator,
-        process_group,
-        kfac_approx,
-    )
-    solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
+    options = BuildOptions.of(
+        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
+        dtype=dtype, progress=progress, generator=generator, process_group=process_group,
+        kfac_approx=kfac_approx,
+    )  # fmt: skip
+    solve, _ = _operator(model, train, structure, damping, options, cg_tol)
 
     def diag(blocks: list[Tensor]) -> Tensor:
         g = torch.cat(blocks, dim=-1)  # (n_chunk, P)
         return (g.T * solve(g.T.contiguous())).sum(0)  # s[n] = sum_p g[n, p] (F_d^-1 g^T)[p, n]
 
-    parts, _ = stream_gradients(
-        model, train, diag, likelihood, params, device, dtype, progress, kfac_approx
-    )
+    parts, _ = stream_gradients(model, train, diag, options)
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
@@ -294,21 +235,13 @@ def top_influences(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    kw = _fisher_kwargs(
-        fisher_type,
-        mc_samples,
-        rank,
-        device,
-        dtype,
-        progress,
-        generator,
-        process_group,
-        kfac_approx,
-    )
-    solve, _ = _operator(model, train, structure, likelihood, params, damping, kw, cg_tol)
-    q = _preconditioned_queries(
-        model, query, solve, likelihood, params, device, dtype, kfac_approx, query_rank
-    )
+    options = BuildOptions.of(
+        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
+        dtype=dtype, progress=progress, generator=generator, process_group=process_group,
+        kfac_approx=kfac_approx,
+    )  # fmt: skip
+    solve, _ = _operator(model, train, structure, damping, options, cg_tol)
+    q = _preconditioned_queries(model, query, solve, options, query_rank)
     state: dict[str, Tensor] = {
         "values": q.left.new_zeros(q.n_query, 0),
         "indices": torch.zeros(q.n_query, 0, dtype=torch.long, device=q.left.device),
@@ -329,7 +262,7 @@ def top_influences(
 
     # (a restart of the pass, layers found to need torch.func, happens in the first batch's
     # forward, before any chunk reaches merge)
-    stream_gradients(model, train, merge, likelihood, params, device, dtype, progress, kfac_approx)
+    stream_gradients(model, train, merge, options)
     if seen[0] < k:
         raise ValueError(f"k={k} exceeds the number of training examples ({seen[0]})")
     return state["values"], state["indices"]

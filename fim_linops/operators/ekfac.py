@@ -14,15 +14,19 @@ and eigh are exact (eigenvalues s + damping), damping included.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from fim_linops.operators.base import EigenOperator, pinv_scale
-from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.operators.kron import KronBasis
+from fim_linops.operators.kron_blocks import KronBlocks
 
 
-class EKFAC(EigenOperator):
+class EKFAC(KronBlocks, EigenOperator):
     r"""Eigenvalue-corrected Kronecker-factored Fisher.
 
     Args:
@@ -33,29 +37,11 @@ class EKFAC(EigenOperator):
     """
 
     structure = "ekfac"
+    per_spec, scaled_slot, needs = 3, 2, "(q_left, q_right, scales)"
 
-    def __init__(
-        self, *tensors: Tensor, specs: tuple[KronSpec, ...], damping: Tensor | None = None
-    ):
-        if len(tensors) != 3 * len(specs):
-            raise ValueError("EKFAC needs (q_left, q_right, scales) per block spec")
-        if damping is None:
-            damping = torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
-        super().__init__(*tensors, specs=tuple(specs), damping=damping)
-        self.tensors = tensors
-        self.specs = tuple(specs)
-
-    def _numel(self) -> int:
-        return self.specs[-1].stop
-
-    def triples(self):
+    def triples(self) -> Iterator[Any]:
         """(spec, q_left, q_right, scales) per block."""
-        for i, spec in enumerate(self.specs):
-            yield spec, *self.tensors[3 * i : 3 * i + 3]
-
-    def _scaled(self, c: Tensor) -> EKFAC:
-        t = [x * c if i % 3 == 2 else x for i, x in enumerate(self.tensors)]
-        return EKFAC(*t, specs=self.specs, damping=self.damping * c)
+        return self.blocks()
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
         return self._eig_apply_shift(rhs, lambda lam: lam, damped=False)

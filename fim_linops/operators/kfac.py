@@ -14,39 +14,32 @@ lambda_L[i] lambda_R[j] (+ damping).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from fim_linops.operators.base import EigenOperator, pinv_scale, sym_eigh
-from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.operators.kron import KronBasis
+from fim_linops.operators.kron_blocks import KronBlocks
 
 
-class KFAC(EigenOperator):
+class KFAC(KronBlocks, EigenOperator):
+    """Args: per block, in ``specs`` order, ``left`` (groups, rows, rows) and ``right`` (groups,
+    cols, cols); ``specs`` the Kronecker block layout; ``damping`` the scalar delta of F + delta I
+    (construction, P and scaling: :class:`KronBlocks`)."""
+
     structure = "kfac"
 
-    def __init__(
-        self, *factors: Tensor, specs: tuple[KronSpec, ...], damping: Tensor | None = None
-    ):
-        if len(factors) != 2 * len(specs):
-            raise ValueError("KFAC needs a (left, right) factor pair per block spec")
-        if damping is None:
-            damping = torch.zeros((), dtype=factors[0].dtype, device=factors[0].device)
-        super().__init__(*factors, specs=tuple(specs), damping=damping)
-        self.factors = factors
-        self.specs = tuple(specs)
+    @property
+    def factors(self) -> tuple[Tensor, ...]:
+        return self.tensors
 
-    def _numel(self) -> int:
-        return self.specs[-1].stop
-
-    def pairs(self):
+    def pairs(self) -> Iterator[Any]:
         """(spec, left (groups, rows, rows), right (groups, cols, cols)) per block."""
-        for i, spec in enumerate(self.specs):
-            yield spec, self.factors[2 * i], self.factors[2 * i + 1]
-
-    def _scaled(self, c: Tensor) -> KFAC:
-        f = [t * c if i % 2 == 0 else t for i, t in enumerate(self.factors)]
-        return KFAC(*f, specs=self.specs, damping=self.damping * c)
+        return self.blocks()
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
         outs = []

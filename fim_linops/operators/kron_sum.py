@@ -21,6 +21,9 @@ log-determinant and root are not available in closed form (a clear error says so
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
@@ -31,7 +34,8 @@ from fim_linops.operators.base import (
     pinv_scale,
     sym_eigh,
 )
-from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.operators.kron import KronBasis
+from fim_linops.operators.kron_blocks import KronBlocks
 from fim_linops.solvers import cg
 
 
@@ -46,7 +50,7 @@ def _symmetric(m: Tensor) -> bool:
     )
 
 
-class KronSum(ExactSolveMixin, FisherOperator):
+class KronSum(KronBlocks, ExactSolveMixin, FisherOperator):
     r"""Block-diagonal sum of Kronecker products per layer.
 
     Args:
@@ -56,33 +60,19 @@ class KronSum(ExactSolveMixin, FisherOperator):
     """
 
     structure = "kron_sum"
+    needs = "(left, right) stacks"
 
-    def __init__(
-        self, *factors: Tensor, specs: tuple[KronSpec, ...], damping: Tensor | None = None
-    ):
-        if len(factors) != 2 * len(specs):
-            raise ValueError("KronSum needs (left, right) stacks per block spec")
-        if damping is None:
-            damping = torch.zeros((), dtype=factors[0].dtype, device=factors[0].device)
-        super().__init__(*factors, specs=tuple(specs), damping=damping)
-        self.factors = factors
-        self.specs = tuple(specs)
+    @property
+    def factors(self) -> tuple[Tensor, ...]:
+        return self.tensors
 
-    def _numel(self) -> int:
-        return self.specs[-1].stop
-
-    def pairs(self):
+    def pairs(self) -> Iterator[Any]:
         """(spec, left (r, g, rows, rows), right (r, g, cols, cols)) per block."""
-        for i, spec in enumerate(self.specs):
-            yield spec, self.factors[2 * i], self.factors[2 * i + 1]
+        return self.blocks()
 
     @property
     def ranks(self) -> tuple[int, ...]:
         return tuple(left.shape[0] for _, left, _ in self.pairs())
-
-    def _scaled(self, c: Tensor) -> KronSum:
-        f = [t * c if i % 2 == 0 else t for i, t in enumerate(self.factors)]
-        return KronSum(*f, specs=self.specs, damping=self.damping * c)
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
         outs = []

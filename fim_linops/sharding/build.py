@@ -95,7 +95,8 @@ def fisher_sharded(
         (products, solves, logdet, diagonal, roots: collectives), plus ``matmul_sharded`` /
         ``solve_sharded`` on vectors sharded like the parameters and ``held_numel()``.
     """
-    from fim_linops.fisher import _run
+    from fim_linops.frame import run_build
+    from fim_linops.options import BuildOptions
 
     struct = Structure.parse(structure)
     if struct not in SUPPORTED:
@@ -107,32 +108,19 @@ def fisher_sharded(
     world, me = shards.world_and_rank(group)
     _check_local_shards(model, world, me)
 
-    def prepare(
-        work: nn.Module, layout: ParamLayout, dt: torch.dtype, lik: Likelihood, ftype: FisherType
-    ):
+    def prepare(work: nn.Module, layout: ParamLayout, dt: torch.dtype):
         def build(ctx: BuildContext) -> ShardedFisher:
             return _BUILD[struct](ctx, layout, world, me)
 
         return build
 
+    options = BuildOptions.of(
+        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, dtype=dtype,
+        progress=progress, generator=generator, max_bytes=None, process_group=group,
+        kfac_approx=kfac_approx,
+    )  # fmt: skip
     with gathered(model) as plain:
-        return _run(
-            plain,
-            data,
-            params,
-            likelihood,
-            fisher_type,
-            mc_samples,
-            device,
-            dtype,
-            progress,
-            generator,
-            group,
-            kfac_approx,
-            None,
-            prepare,
-            None,
-        )
+        return run_build(plain, data, options, prepare)
 
 
 def _operator(
@@ -184,7 +172,7 @@ def _reduced_factors(
     """The KFAC factors (left, right), normalised as ``fl.fisher`` does, reduced to each layer's
     owner; None on the other ranks (their partial sums are dropped)."""
     engine = ctx.engine
-    reduce = ctx.options.get("kfac_approx", "expand") == "reduce"
+    reduce = ctx.options.kfac_approx == "reduce"
     sums = statistics.kfac_sums(engine, ctx.results(), reduce=reduce)
     stats = fill_kron_stats(engine, sums.extra.pop("stats"), ctx.dtype, ctx.device)
     rows = torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device)
@@ -228,7 +216,7 @@ def _owners(ctx: BuildContext, world: int) -> tuple[int, ...]:
 
 def _build_kfac(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
     _check_kronecker(ctx.engine, Structure.KFAC)
-    if ctx.options.get("kfac_approx", "expand") == "expand":  # as fl.fisher: rows as they come
+    if ctx.options.kfac_approx == "expand":  # as fl.fisher: rows as they come
         ctx.engine.rows_free.update(id(rb.module) for rb in ctx.engine.ruled)
     owners = _owners(ctx, world)
     specs, factors = _reduced_factors(ctx, owners, me)
