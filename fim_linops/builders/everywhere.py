@@ -34,7 +34,7 @@ from fim_linops.engine import BatchResult, Engine, FisherType
 from fim_linops.engine.view import EngineView
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.operators.base import FisherOperator
-from fim_linops.operators.mixed import LayerInfo, Mixed, Spans
+from fim_linops.operators.mixed import LayerInfo, Mixed, spans_of
 from fim_linops.structures import Structure
 
 NO_FACTORS = "no Kronecker factorisation"
@@ -124,17 +124,6 @@ def plan(engine: Engine, structure: Structure) -> Plan:
             )
         )
     return Plan(groups, tuple(layers))
-
-
-def spans_of(blocks: list[LayerBlock]) -> Spans:
-    """The blocks' slices of the public vector, merged where they touch."""
-    out: list[list[int]] = []
-    for b in blocks:
-        if out and out[-1][1] == b.start:
-            out[-1][1] = b.stop
-        else:
-            out.append([b.start, b.stop])
-    return tuple((lo, hi) for lo, hi in out)
 
 
 def _layout(engine: Engine, blocks: list[LayerBlock]) -> ParamLayout:

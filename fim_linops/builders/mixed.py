@@ -29,7 +29,7 @@ from fim_linops.builders.one_pass import ONE_PASS
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.naming import class_name
 from fim_linops.operators.base import FisherOperator
-from fim_linops.operators.mixed import LayerInfo, Mixed, Spans
+from fim_linops.operators.mixed import LayerInfo, Mixed, Spans, spans_of
 from fim_linops.structures import Structure
 
 
@@ -67,17 +67,6 @@ def _check_keys(mapping: Mapping[Any, Any]) -> None:
                 f"per-layer structure keys are module types, module instances, module names or "
                 f"'default', got {key!r}"
             )
-
-
-def _spans(blocks: list[LayerBlock]) -> Spans:
-    """Merge the blocks' slices where they touch."""
-    out: list[list[int]] = []
-    for b in blocks:
-        if out and out[-1][1] == b.start:
-            out[-1][1] = b.stop
-        else:
-            out.append([b.start, b.stop])
-    return tuple((lo, hi) for lo, hi in out)
 
 
 def _to_global(local: Spans, blocks: list[LayerBlock]) -> Spans:
@@ -148,7 +137,7 @@ class MixPlan:
                 info.update((i.name, i) for i in op.layers)
             else:
                 parts.append(op)
-                spans.append(_spans(blocks))
+                spans.append(spans_of(blocks))
                 structures.append(g.structure.value)
             for b in blocks:
                 name = b.module_name or "<model>"

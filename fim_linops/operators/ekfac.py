@@ -18,15 +18,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from fim_linops.operators.base import EigenOperator, pinv_scale
-from fim_linops.operators.kron import KronBasis
-from fim_linops.operators.kron_blocks import KronBlocks
+from fim_linops.operators.kron_blocks import KronEigenOperator
 
 
-class EKFAC(KronBlocks, EigenOperator):
+class EKFAC(KronEigenOperator):
     r"""Eigenvalue-corrected Kronecker-factored Fisher.
 
     Args:
@@ -81,20 +78,5 @@ class EKFAC(KronBlocks, EigenOperator):
         """Per block, the damped eigenvalues in the public order of the block, (p,)."""
         return [spec.from_mat((s + self.damping)[None])[:, 0] for spec, _, _, s in self.triples()]
 
-    def _eigenvalues(self) -> Tensor:
-        return torch.cat(self._block_eigenvalues())
-
-    def _basis(self, scales: list[Tensor]) -> LinearOperator:
-        tensors: list[Tensor] = []
-        for (_, ql, qr, _), sc in zip(self.triples(), scales, strict=True):
-            tensors += [ql, qr, sc]
-        return KronBasis(*tensors, specs=self.specs)
-
-    def _eigenvectors(self) -> LinearOperator:
-        return self._basis([torch.ones_like(lam) for lam in self._block_eigenvalues()])
-
-    def _root_tensor(self) -> LinearOperator:
-        return self._basis([lam.clamp_min(0).sqrt() for lam in self._block_eigenvalues()])
-
-    def _root_inv_tensor(self) -> LinearOperator:
-        return self._basis([pinv_scale(lam, -0.5) for lam in self._block_eigenvalues()])
+    def _eigenbases(self) -> list[tuple[Tensor, Tensor]]:
+        return [(ql, qr) for _, ql, qr, _ in self.triples()]

@@ -31,6 +31,7 @@ from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
+from fim_linops.operators.jacobian import zero_padding_rows
 from fim_linops.sharding.gather import on_gathered_model
 
 #: bytes of per-example gradient chunks kept for the Frobenius norm before recomputing them
@@ -116,18 +117,7 @@ class Implicit(FisherOperator):
         """name -> (M, *shape) tangents; rows of Embedding ``padding_idx`` are zeroed, since
         reverse mode defines their gradient as zero while forward mode would propagate them."""
         tangents = self.layout.unflatten(rhs.T.to(self._run_dtype))
-        modules = dict(self.model.named_modules())
-        for e in self.layout.entries:
-            module = modules.get(e.module_name)
-            if (
-                isinstance(module, nn.Embedding)
-                and module.padding_idx is not None
-                and e.local_name == "weight"
-            ):
-                t = tangents[e.name].clone()
-                t[:, module.padding_idx] = 0
-                tangents[e.name] = t
-        return tangents
+        return zero_padding_rows(self.model, self.layout, tangents)
 
     @on_gathered_model
     def _matvec_forward_ad(self, rhs: Tensor) -> Tensor:

@@ -18,18 +18,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from fim_linops.operators.base import EigenOperator, pinv_scale, sym_eigh
-from fim_linops.operators.kron import KronBasis
-from fim_linops.operators.kron_blocks import KronBlocks
+from fim_linops.operators.base import sym_eigh
+from fim_linops.operators.kron_blocks import KronEigenOperator, trace_of_pairs
 
 
-class KFAC(KronBlocks, EigenOperator):
+class KFAC(KronEigenOperator):
     """Args: per block, in ``specs`` order, ``left`` (groups, rows, rows) and ``right`` (groups,
     cols, cols); ``specs`` the Kronecker block layout; ``damping`` the scalar delta of F + delta I
-    (construction, P and scaling: :class:`KronBlocks`)."""
+    (construction, P and scaling: :class:`KronBlocks`; roots: :class:`KronEigenOperator`)."""
 
     structure = "kfac"
 
@@ -59,12 +57,7 @@ class KFAC(KronBlocks, EigenOperator):
         return torch.cat(outs)
 
     def _trace_undamped(self) -> Tensor:
-        return sum(
-            (
-                left.diagonal(dim1=-2, dim2=-1).sum(-1) * right.diagonal(dim1=-2, dim2=-1).sum(-1)
-            ).sum()
-            for _, left, right in self.pairs()
-        )
+        return trace_of_pairs(self.pairs())
 
     def _frobenius_sq_undamped(self) -> Tensor:
         return sum(
@@ -104,20 +97,5 @@ class KFAC(KronBlocks, EigenOperator):
             outs.append(spec.from_mat(ql @ y @ qr.transpose(-1, -2)))
         return torch.cat(outs, dim=0)
 
-    def _eigenvalues(self) -> Tensor:
-        return torch.cat(self._block_eigenvalues())
-
-    def _basis(self, scales: list[Tensor]) -> LinearOperator:
-        tensors = []
-        for (_, ql, _, qr), s in zip(self._eigs(), scales, strict=True):
-            tensors += [ql, qr, s]
-        return KronBasis(*tensors, specs=self.specs)
-
-    def _eigenvectors(self) -> LinearOperator:
-        return self._basis([torch.ones_like(lam) for lam in self._block_eigenvalues()])
-
-    def _root_tensor(self) -> LinearOperator:
-        return self._basis([lam.clamp_min(0).sqrt() for lam in self._block_eigenvalues()])
-
-    def _root_inv_tensor(self) -> LinearOperator:
-        return self._basis([pinv_scale(lam, -0.5) for lam in self._block_eigenvalues()])
+    def _eigenbases(self) -> list[tuple[Tensor, Tensor]]:
+        return [(ql, qr) for _, ql, _, qr in self._eigs()]

@@ -7,6 +7,11 @@ plus a scalar damping delta (the operator is F + delta I). The tensors are the c
 positional arguments (so ``.to()``, ``.double()``, autograd and pickling work as for any
 LinearOperator); P is the last spec's stop. Scaling the operator by c scales one tensor of each
 block (``scaled_slot``: a left factor, or EKFAC's scales) and the damping.
+
+KFAC and EKFAC also share their eigenvectors: per block Q_L kron Q_R (orthogonal, groups apart),
+with damped eigenvalues lambda (groups, rows, cols) in that basis (KFAC: lambda_L[i] lambda_R[j]
++ delta; EKFAC: the refitted scales + delta), so that eigenvectors, roots and inverse roots are
+:class:`KronBasis` operators of (Q_L, Q_R, a scale per eigenvalue) (:class:`KronEigenOperator`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fim_linops.operators.kron import KronSpec
+from fim_linops.operators.base import EigenOperator, pinv_scale
+from fim_linops.operators.kron import KronBasis, KronSpec
 
 
 class KronBlocks:
@@ -57,3 +63,43 @@ class KronBlocks:
         k, slot = self.per_spec, self.scaled_slot
         t = [x * c if i % k == slot else x for i, x in enumerate(self.tensors)]
         return type(self)(*t, specs=self.specs, damping=self.damping * c)
+
+
+def trace_of_pairs(pairs: Iterator[tuple[Any, Tensor, Tensor]]) -> Tensor:
+    """sum over the blocks (and the leading term/group dims) of tr(L) tr(R): the trace of
+    sum L kron R, for (spec, left (..., rows, rows), right (..., cols, cols)) per block."""
+    return sum(
+        (left.diagonal(dim1=-2, dim2=-1).sum(-1) * right.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
+        for _, left, right in pairs
+    )  # type: ignore[return-value]  # a Tensor for one block or more
+
+
+class KronEigenOperator(KronBlocks, EigenOperator):
+    """A :class:`KronBlocks` operator with eigenvectors Q_L kron Q_R per block: subclasses give
+    ``_eigenbases()`` (Q_L (groups, rows, rows), Q_R (groups, cols, cols)) and
+    ``_block_eigenvalues()`` (per block the damped eigenvalues (p,) in the block's public order);
+    the eigenvalues, eigenvectors, root and inverse root follow."""
+
+    def _eigenbases(self) -> list[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def _block_eigenvalues(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _eigenvalues(self) -> Tensor:
+        return torch.cat(self._block_eigenvalues())
+
+    def _basis(self, scales: list[Tensor]) -> KronBasis:
+        tensors: list[Tensor] = []
+        for (ql, qr), sc in zip(self._eigenbases(), scales, strict=True):
+            tensors += [ql, qr, sc]
+        return KronBasis(*tensors, specs=self.specs)
+
+    def _eigenvectors(self) -> KronBasis:
+        return self._basis([torch.ones_like(lam) for lam in self._block_eigenvalues()])
+
+    def _root_tensor(self) -> KronBasis:
+        return self._basis([lam.clamp_min(0).sqrt() for lam in self._block_eigenvalues()])
+
+    def _root_inv_tensor(self) -> KronBasis:
+        return self._basis([pinv_scale(lam, -0.5) for lam in self._block_eigenvalues()])

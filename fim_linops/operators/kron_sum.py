@@ -35,7 +35,7 @@ from fim_linops.operators.base import (
     sym_eigh,
 )
 from fim_linops.operators.kron import KronBasis
-from fim_linops.operators.kron_blocks import KronBlocks
+from fim_linops.operators.kron_blocks import KronBlocks, trace_of_pairs
 from fim_linops.solvers import cg
 
 
@@ -90,12 +90,7 @@ class KronSum(KronBlocks, ExactSolveMixin, FisherOperator):
         return torch.cat(outs)
 
     def _trace_undamped(self) -> Tensor:
-        return sum(
-            (
-                left.diagonal(dim1=-2, dim2=-1).sum(-1) * right.diagonal(dim1=-2, dim2=-1).sum(-1)
-            ).sum()
-            for _, left, right in self.pairs()
-        )
+        return trace_of_pairs(self.pairs())
 
     def _frobenius_sq_undamped(self) -> Tensor:
         # ||sum_s L_s kron R_s||^2 = sum_{s,t} <L_s, L_t> <R_s, R_t>  (s, t: terms, g: group)

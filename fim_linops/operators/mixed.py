@@ -10,15 +10,28 @@ group structures allow. Roots are block-diagonal with the columns ordered by gro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 from linear_operator.operators import LinearOperator, RootLinearOperator
 from torch import Tensor
 
+from fim_linops.layout import LayerBlock
 from fim_linops.operators.base import ExactSolveMixin, FisherOperator, as_columns, from_columns
 
 Spans = tuple[tuple[int, int], ...]
+
+
+def spans_of(blocks: Iterable[LayerBlock]) -> Spans:
+    """The blocks' slices [start, stop) of the public vector, merged where they touch."""
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][1] == b.start:
+            out[-1][1] = b.stop
+        else:
+            out.append([b.start, b.stop])
+    return tuple((lo, hi) for lo, hi in out)
 
 
 class LayerInfo(NamedTuple):
