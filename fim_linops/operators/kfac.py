@@ -25,9 +25,14 @@ from fim_linops.operators.kron_blocks import KronEigenOperator, trace_of_pairs
 
 
 class KFAC(KronEigenOperator):
-    """Args: per block, in ``specs`` order, ``left`` (groups, rows, rows) and ``right`` (groups,
-    cols, cols); ``specs`` the Kronecker block layout; ``damping`` the scalar delta of F + delta I
-    (construction, P and scaling: :class:`KronBlocks`; roots: :class:`KronEigenOperator`)."""
+    """Kronecker-factored Fisher (the module docstring gives the math and the costs).
+
+    Args:
+        tensors: per block, in ``specs`` order, ``left`` (groups, rows, rows) and ``right``
+            (groups, cols, cols).
+        specs: the Kronecker block layout (:class:`KronSpec`).
+        damping: scalar delta; the operator is F + delta I.
+    """
 
     structure = "kfac"
 

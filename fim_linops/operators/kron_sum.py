@@ -54,7 +54,7 @@ class KronSum(KronBlocks, ExactSolveMixin, FisherOperator):
     r"""Block-diagonal sum of Kronecker products per layer.
 
     Args:
-        factors: per spec, ``left`` (r, groups, rows, rows) and ``right`` (r, groups, cols, cols).
+        tensors: per spec, ``left`` (r, groups, rows, rows) and ``right`` (r, groups, cols, cols).
         specs: the Kronecker block layout.
         damping: scalar delta.
     """
