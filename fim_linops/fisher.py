@@ -384,7 +384,12 @@ def fisher_one_pass(
 
         def build(ctx: BuildContext) -> list[FisherOperator]:
             from fim_linops.builders.everywhere import split_mix_groups
+            from fim_linops.engine.view import EngineView
 
+            if strict:  # again on the build's engine: the first batch may have demoted layers
+                for g in plan:
+                    if g.structure.kronecker:
+                        _check_kronecker(EngineView(ctx.engine, g.layout), g.structure, True)
             flat, assemble = (plan, list) if strict else split_mix_groups(ctx.engine, plan)
             if kfac_approx == "expand":  # the kfac groups' factors take the rows as they come
                 kron = {
