@@ -21,6 +21,7 @@ from fim_linops.engine import Engine, FisherType, prepare_model
 from fim_linops.engine.checks import UnruledLayers
 from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.engine.engine import HALF
+from fim_linops.engine.view import EngineView
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes, fitting_structures
@@ -384,12 +385,10 @@ def fisher_one_pass(
 
         def build(ctx: BuildContext) -> list[FisherOperator]:
             from fim_linops.builders.everywhere import split_mix_groups
-            from fim_linops.engine.view import EngineView
 
             if strict:  # again on the build's engine: the first batch may have demoted layers
-                for g in plan:
-                    if g.structure.kronecker:
-                        _check_kronecker(EngineView(ctx.engine, g.layout), g.structure, True)
+                for g in (g for g in plan if g.structure.kronecker):
+                    _check_kronecker(EngineView(ctx.engine, g.layout), g.structure, True)
             flat, assemble = (plan, list) if strict else split_mix_groups(ctx.engine, plan)
             if kfac_approx == "expand":  # the kfac groups' factors take the rows as they come
                 kron = {

@@ -224,7 +224,9 @@ def _one_example(engine: Checked, x: Any, n: int) -> dict[int, str]:
         return {}
 
 
-def check_example_major(engine: Checked, f: Tensor, calls: dict[int, list[Call]], index: int) -> None:
+def check_example_major(
+    engine: Checked, f: Tensor, calls: dict[int, list[Call]], index: int
+) -> None:
     """Raise when a call of a ruled module in batch ``index`` (output ``f``, n examples, after the
     checked first one) does not have the n examples along its first dim, or, for a module of
     ``rows_free`` not yet judged on two or more examples, has a row shared by two of them

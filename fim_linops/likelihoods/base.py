@@ -17,7 +17,6 @@ Each likelihood provides
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Mapping
 
 import torch

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from fim_linops import statistics
 from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec
 from fim_linops.builders.core import fill_kron_stats
-from fim_linops.builders.everywhere import non_kronecker
 from fim_linops.builders.ekfac import eigen_sums
+from fim_linops.builders.everywhere import non_kronecker
 from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine, FisherType
 from fim_linops.layout import ParamLayout
