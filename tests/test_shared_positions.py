@@ -192,6 +192,28 @@ def test_sharded_kfac_names_the_shared_layer_and_why() -> None:
     torch.testing.assert_close(S.diagonal(), ref.diagonal(), rtol=1e-10, atol=1e-12)
 
 
+def test_hugging_face_gpt2_position_embedding_is_exact_and_batching_invariant() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 11, (4, 6))
+    lik = fl.Categorical(shift_labels=True)
+    batch = {"input_ids": ids, "labels": ids}
+    halves = [{"input_ids": ids[s], "labels": ids[s]} for s in (slice(0, 2), slice(2, 4))]
+    one = _fisher(model, batch, "kfac", likelihood=lik)
+    assert "shared by the examples" in {i.name: i.reason for i in one.layers}["transformer.wpe"]
+    two = _fisher(model, halves, "kfac", likelihood=lik)
+    torch.testing.assert_close(two.to_dense(), one.to_dense(), rtol=1e-10, atol=1e-12)
+    block = next(b for b in ParamLayout.from_model(model).blocks if b.module_name.endswith("wpe"))
+    s = slice(block.start, block.stop)
+    dense = _fisher(model, batch, "dense", likelihood=lik).to_dense()
+    torch.testing.assert_close(one.to_dense()[s, s], dense[s, s], rtol=1e-10, atol=1e-12)
+
+
 # -- likelihood reprs ------------------------------------------------------------------------------
 def test_likelihood_reprs_show_only_meaningful_options() -> None:
     assert repr(fl.Gaussian()) == "Gaussian()"

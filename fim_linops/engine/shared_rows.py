@@ -27,9 +27,8 @@ from torch import Tensor
 #: why a module whose calls are shared by the examples cannot take its rows as they come
 SHARED_ROWS = (
     "its calls are shared by the examples of a batch (an input without the examples' dim, such "
-    "as the positions arange(T) of a position embedding, broadcast over the batch): the gradient "
-    "w.r.t. such a call's output sums over the examples, so Kronecker factors of its rows would "
-    "mix the examples"
+    "as a position embedding's arange(T)): their output gradients sum over the examples, so "
+    "Kronecker factors of their rows would mix the examples"
 )
 
 
