@@ -173,7 +173,10 @@ def _rows_verdicts(
     suspects = {
         k: [c.output for c in calls[k]]
         for k, why in found.items()
-        if why == NOT_EXAMPLE_MAJOR and k in engine.rows_free and k in calls
+        if why == NOT_EXAMPLE_MAJOR
+        and k in engine.rows_free
+        and k in calls
+        and all(c.output.ndim > 0 for c in calls[k])  # a scalar output has no rows
     }
     if not suspects:
         return found
