@@ -17,6 +17,7 @@ from fim_linops.builders import BUILDERS, BuildContext
 from fim_linops.builders.guards import check_memory, check_strict
 from fim_linops.builders.mixed import plan_mix
 from fim_linops.engine import Engine, FisherType
+from fim_linops.engine.view import EngineView
 from fim_linops.frame import run_build
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
@@ -176,6 +177,9 @@ def fisher_one_pass(
         def build(ctx: BuildContext) -> list[FisherOperator]:
             from fim_linops.builders.everywhere import split_mix_groups
 
+            if strict:  # again on the build's engine: the first batch may have demoted layers
+                for g in (g for g in plan if g.structure.kronecker):
+                    check_strict(EngineView(ctx.engine, g.layout), g.structure, True)
             flat, assemble = (plan, list) if strict else split_mix_groups(ctx.engine, plan)
             if (
                 options.kfac_approx == "expand"

@@ -20,6 +20,13 @@ layer restarts with it on torch.func (:class:`UnruledLayers`). Callers that hold
 (:func:`probe_checks`): a call shared by all examples keeps first dim 1 for any N, so one example
 alone cannot show it. A later batch whose calls do not have its examples along dim 0 (possible
 only when the checked first batch had one example) raises (:func:`check_example_major`).
+
+The modules in ``rows_free`` (KFAC "expand" factors, sums over the rows of the calls) need less:
+rows that each belong to one example, in any layout. Those whose calls fail the first-dim check
+are judged by :func:`~fim_linops.engine.shared_rows.shared_rows` on the batch (n >= 2 examples):
+kept when no row is shared by two examples (a (B, 2, D) input reshaped into (2B, D) rows), sent to
+torch.func (an exact block) when one is (a position embedding called on arange(T)). A batch of one
+example cannot share a row; the first later batch of two or more then judges them.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from fim_linops.engine.capture import Call, Capture, capturing
 from fim_linops.engine.paths import CallNodes, scan_graph
 from fim_linops.engine.ruled import RuledBlock
 from fim_linops.engine.rules.base import LayerRule, ruled_type
+from fim_linops.engine.shared_rows import SHARED_ROWS, shared_rows
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import tensor_output
 from fim_linops.naming import class_name
@@ -56,8 +64,9 @@ class Checked(Protocol):
     """What the checks read of a build (an :class:`~fim_linops.engine.engine.Engine` or a view
     of one): the model and its layout, the ruled layers, ``index`` (module id -> position in
     ``ruled``), ``hooked`` (module id -> (module, rule), the modules whose calls are captured)
-    and ``rows_free`` (ids of the modules whose statistics take their calls' rows as they come,
-    so that the example-major check skips them)."""
+    ``rows_free`` (ids of the modules whose statistics take their calls' rows as they come: the
+    example-major check asks only that no row be shared by two examples) and ``rows_checked``
+    (the ids of ``rows_free`` found without shared rows on a batch of two or more examples)."""
 
     @property
     def model(self) -> nn.Module: ...
@@ -76,6 +85,9 @@ class Checked(Protocol):
 
     @property
     def rows_free(self) -> Set[int]: ...
+
+    @property
+    def rows_checked(self) -> set[int]: ...
 
 
 class UnruledLayers(Exception):
@@ -140,13 +152,40 @@ def unruly(engine: Checked, f: Tensor, calls: dict[int, list[Call]], n: int) -> 
         for rb in engine.ruled
         if any(id(e.param) in scan.outside for e in rb.block.entries)
     }
-    rows_free = engine.rows_free
     for key, cs in calls.items():
-        if key in found or key in rows_free:
-            continue
-        if any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs):
+        if key not in found and not _example_major(cs, n):
             found[key] = NOT_EXAMPLE_MAJOR
     return found
+
+
+def _example_major(cs: list[Call], n: int) -> bool:
+    return all(c.output.ndim > 0 and c.output.shape[0] == n for c in cs)
+
+
+def _rows_verdicts(
+    engine: Checked, f: Tensor, calls: dict[int, list[Call]], found: dict[int, str]
+) -> dict[int, str]:
+    """``found`` with the ``rows_free`` modules whose only fault is :data:`NOT_EXAMPLE_MAJOR`
+    judged on their rows in this forward (``f``, n examples): kept (dropped from ``found``) when
+    no row is shared by two examples, else :data:`SHARED_ROWS`. Kept ones are added to
+    ``rows_checked`` when n >= 2 (a forward of one example cannot share a row: they are judged
+    again on the first later batch of two or more)."""
+    suspects = {
+        k: [c.output for c in calls[k]]
+        for k, why in found.items()
+        if why == NOT_EXAMPLE_MAJOR
+        and k in engine.rows_free
+        and k in calls
+        and all(c.output.ndim > 0 for c in calls[k])  # a scalar output has no rows
+    }
+    if not suspects:
+        return found
+    shared = shared_rows(f, suspects)
+    n = f.shape[0] if f.ndim else 1
+    if n >= 2:
+        engine.rows_checked.update(suspects.keys() - shared)
+    return {k: SHARED_ROWS if k in shared else why for k, why in found.items()
+            if k in shared or k not in suspects}  # fmt: skip
 
 
 def first_batch_checks(engine: Checked, x: Any, f: Tensor, cap: Capture) -> dict[int, str]:
@@ -156,7 +195,8 @@ def first_batch_checks(engine: Checked, x: Any, f: Tensor, cap: Capture) -> dict
     n = f.shape[0]
     found = unruly(engine, f, cap.calls, n)
     with cap.paused():
-        return _one_example(engine, x, n) | forward_mismatch(engine, x) | found
+        found = _one_example(engine, x, n) | forward_mismatch(engine, x) | found
+    return _rows_verdicts(engine, f, cap.calls, found)
 
 
 def probe_checks(engine: Checked, x: Any) -> dict[int, str]:
@@ -171,7 +211,8 @@ def probe_checks(engine: Checked, x: Any) -> dict[int, str]:
             return {}
         n = f.shape[0]
         found = unruly(engine, f, calls, n)
-    return _one_example(engine, x, n) | forward_mismatch(engine, x) | found
+        found = _one_example(engine, x, n) | forward_mismatch(engine, x) | found
+        return _rows_verdicts(engine, f, calls, found)
 
 
 def _one_example(engine: Checked, x: Any, n: int) -> dict[int, str]:
@@ -186,25 +227,43 @@ def _one_example(engine: Checked, x: Any, n: int) -> dict[int, str]:
         return {}
 
 
-def check_example_major(engine: Checked, n: int, calls: dict[int, list[Call]], index: int) -> None:
-    """Raise when a call of a ruled module in batch ``index`` (n examples, after the checked
-    first one) does not have the n examples along its first dim. The first batch's checks cannot
-    see a call shared by all examples when that batch has one example; a later, larger batch
-    would then get a wrong (or mis-shaped) statistic from the rule. O(calls), no forward."""
-    bad = [
-        engine.ruled[engine.index[key]]
-        for key, cs in calls.items()
-        if any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs)
-    ]
+def check_example_major(
+    engine: Checked, f: Tensor, calls: dict[int, list[Call]], index: int
+) -> None:
+    """Raise when a call of a ruled module in batch ``index`` (output ``f``, n examples, after the
+    checked first one) does not have the n examples along its first dim, or, for a module of
+    ``rows_free`` not yet judged on two or more examples, has a row shared by two of them
+    (:func:`~fim_linops.engine.shared_rows.shared_rows`, once per module). The first batch's
+    checks cannot see a call shared by all examples when that batch has one example; a later,
+    larger batch would then get a wrong (or mis-shaped) statistic from the rule. O(calls), no
+    forward, but for that one judgement."""
+    n = f.shape[0]
+    bad = {key: NOT_EXAMPLE_MAJOR for key, cs in calls.items() if not _example_major(cs, n)}
+    free = {k: why for k, why in bad.items() if k in engine.rows_free}
+    if free:
+        if n < 2:  # one example: no row is shared
+            verdicts: dict[int, str] = {}
+        else:
+            unjudged = {k: why for k, why in free.items() if k not in engine.rows_checked}
+            verdicts = _rows_verdicts(engine, f, calls, unjudged)
+        bad = {k: why for k, why in bad.items() if k not in free} | verdicts
     if not bad:
         return
-    names = ", ".join(f"'{rb.block.module_name}' ({class_name(rb.module)})" for rb in bad)
+    names = ", ".join(
+        f"'{rb.block.module_name}' ({class_name(rb.module)})"
+        for rb in (engine.ruled[engine.index[key]] for key in bad)
+    )
+    what = (
+        "are shared by the examples (an input without the examples' dim, such as the positions "
+        "arange(T) of a position embedding), which a first batch of one example cannot show"
+        if SHARED_ROWS in bad.values()
+        else "do not have the examples along their first dim (a time-major (T, N, D) sequence, "
+        "examples flattened into (N*T, D), or an input shared by all examples), which the checks "
+        "of the first batch, of one example, cannot show"
+    )
     raise ValueError(
-        f"batch {index} ({n} examples): the calls of module {names} do not have the examples "
-        "along their first dim (a time-major (T, N, D) sequence, examples flattened into "
-        "(N*T, D), or an input shared by all examples), which the checks of the first batch, "
-        "of one example, cannot show; put a batch of two or more examples first (the module "
-        "then goes through torch.func)"
+        f"batch {index} ({n} examples): the calls of module {names} {what}; put a batch of two "
+        "or more examples first (the module then goes through torch.func)"
     )
 
 

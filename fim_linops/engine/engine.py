@@ -192,6 +192,8 @@ class Engine:
         #: ruled modules (ids) whose statistics only need the rows of their calls as they come
         #: (KFAC "expand" factors): the first-batch check of example-major calls skips them
         self.rows_free: set[int] = set()
+        #: the ids of ``rows_free`` whose calls' rows were found per-example (checks.py)
+        self.rows_checked: set[int] = set()
         self._safe = False  # becomes True once an in-place op is seen on a kept tensor
         self._walked = False  # whether a forward's graph was checked for raw uses (paths.py)
         self._split()
@@ -361,7 +363,7 @@ class Engine:
                 if found:
                     raise checks.UnruledLayers(found, x, y)
             else:
-                checks.check_example_major(self, f.shape[0], cap.calls, index)
+                checks.check_example_major(self, f, cap.calls, index)
                 if len(cap.calls) < len(self.ruled):
                     checks.check_uncalled(self, f, cap.calls.keys(), index)
             v = (self.columns(f, y, index, x) if columns is None else columns[index]).to(f.dtype)

@@ -28,8 +28,13 @@ from fim_linops.naming import class_name
 
 
 def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
-    """model(x) at ``params``; attention by its math kernel (:mod:`.attention`), since every
-    caller differentiates this forward by forward mode or under vmap."""
+    """model(x) at ``params``, the model's other parameters as constants (detached: a result
+    differentiated w.r.t. ``params`` must not track the other parameters, which would put every
+    statistic built from it on the autograd graph); attention by its math kernel
+    (:mod:`.attention`), since every caller differentiates this forward by forward mode or under
+    vmap."""
+    fixed = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    params = {**{n: t for n, t in fixed.items() if n not in params}, **params}
     with math_attention():
         if isinstance(x, dict):
             return functional_call(model, params, (), x)

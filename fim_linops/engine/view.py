@@ -31,6 +31,7 @@ class EngineView(Engine):
         self.mc_samples = engine.mc_samples
         self.generator = engine.generator
         self.rows_free = engine.rows_free
+        self.rows_checked = engine.rows_checked
         by_name = {b.module_name: bi for bi, b in enumerate(engine.layout.blocks)}
         self.ruled: list[RuledBlock] = []
         self.fallback: list[LayerBlock] = []

@@ -34,13 +34,7 @@ def check_damping(damping: Any) -> float:
 
 
 def damped_solve(op: LinearOperator | Tensor, damping: float, cg_tol: float | None = None) -> Solve:
-    """B (P, M) -> (op + damping I)^-1 B, exactly where the structure allows, else by CG; the
-    result detached (an operator whose tensors track gradients must not put a graph on scores)."""
-    solve = _damped_solve(op, damping, cg_tol)
-    return lambda b: solve(b).detach()
-
-
-def _damped_solve(op: LinearOperator | Tensor, damping: float, cg_tol: float | None) -> Solve:
+    """B (P, M) -> (op + damping I)^-1 B, exactly where the structure allows, else by CG."""
     if isinstance(op, FisherOperator):
         damped = op.add_diagonal(damping)
         if isinstance(damped, ExactSolveMixin) and cg_tol is None:

@@ -16,6 +16,7 @@ Each likelihood provides
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -163,9 +164,12 @@ class Likelihood:
         return f"{type(self).__name__}()"
 
     def _options(self) -> str:
-        """The per-position options that differ from their defaults, for __repr__."""
+        """The per-position options that differ from their defaults, for __repr__:
+        ``ignore_index`` only for the likelihoods whose constructor takes it (a Gaussian drops
+        the positions whose targets hold a NaN instead)."""
         parts = []
-        if self.ignore_index != -100:
+        takes = "ignore_index" in inspect.signature(type(self).__init__).parameters
+        if takes and self.ignore_index != -100:
             parts.append(f"ignore_index={self.ignore_index}")
         if self.positions is not Positions.SUM:
             parts.append(f"positions='{self.positions.value}'")

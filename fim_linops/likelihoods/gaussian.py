@@ -88,5 +88,7 @@ class Gaussian(Likelihood):
         return v / self.sigma**2
 
     def __repr__(self) -> str:
+        default = not isinstance(self.sigma, Tensor) and self.sigma == 1.0
+        parts = [] if default else [f"sigma={self.sigma}"]
         opts = self._options()
-        return f"Gaussian(sigma={self.sigma}" + (f", {opts})" if opts else ")")
+        return f"Gaussian({', '.join(parts + [opts] if opts else parts)})"

@@ -27,6 +27,7 @@ from fim_linops import statistics
 from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec
 from fim_linops.builders.core import fill_kron_stats
 from fim_linops.builders.ekfac import eigen_sums
+from fim_linops.builders.everywhere import non_kronecker
 from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine, FisherType
 from fim_linops.layout import ParamLayout
@@ -156,12 +157,11 @@ def _build_diag(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> 
 
 
 def _check_kronecker(engine: Engine, struct: Structure) -> None:
-    bad = [b.module_name or "<model>" for b in engine.fallback]
-    bad += [rb.block.module_name or "<model>" for rb in engine.ruled if not rb.rule.has_kfac]
+    bad = [f"'{b.module_name or '<model>'}' ({why})" for b, why in non_kronecker(engine)]
     if bad:
         raise ValueError(
             f"fisher_sharded(structure='{struct.value}') needs Kronecker factors for every "
-            f"layer, but {', '.join(repr(b) for b in bad)} have none; use structure='diag', or "
+            f"layer, but {', '.join(bad)} have none; use structure='diag', or "
             f"fl.fisher(structure='{struct.value}') (replicated, exact blocks for those layers)"
         )
 
