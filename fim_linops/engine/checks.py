@@ -190,11 +190,14 @@ def check_example_major(engine: Checked, n: int, calls: dict[int, list[Call]], i
     """Raise when a call of a ruled module in batch ``index`` (n examples, after the checked
     first one) does not have the n examples along its first dim. The first batch's checks cannot
     see a call shared by all examples when that batch has one example; a later, larger batch
-    would then get a wrong (or mis-shaped) statistic from the rule. O(calls), no forward."""
+    would then get a wrong (or mis-shaped) statistic from the rule. O(calls), no forward.
+    Modules whose statistics take the rows as they come (``engine.rows_free``, KFAC "expand"),
+    which the first batch did not check either, are not checked."""
     bad = [
         engine.ruled[engine.index[key]]
         for key, cs in calls.items()
-        if any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs)
+        if key not in engine.rows_free
+        and any(c.output.ndim == 0 or c.output.shape[0] != n for c in cs)
     ]
     if not bad:
         return
