@@ -216,4 +216,5 @@ def test_peak_memory_of_the_exact_fisher_stays_bounded_as_the_vocabulary_grows()
     in 16 MiB chunks the peak barely moves from V = 500 to V = 4000."""
     small, large = _peak(500), _peak(4000)
     assert large["columns_mb"] > 900
-    assert large["peak_mb"] < 150 and large["peak_mb"] - small["peak_mb"] < 100, (small, large)
+    assert large["peak_mb"] - small["peak_mb"] < 80, (small, large)  # measured: 20 MB
+    assert large["peak_mb"] < large["columns_mb"] / 4, large
