@@ -89,13 +89,20 @@ def streams_roots(likelihood: Likelihood) -> bool:
 
 
 def column_step(
-    outputs: list[Tensor], cols: Columns, f: Tensor, max_bytes: int | None, warned: bool
+    outputs: list[Tensor],
+    cols: Columns,
+    f: Tensor,
+    max_bytes: int | None,
+    warned: bool,
+    per_example: int = 0,
 ) -> int:
-    """Columns per backward pass so that the pass's working memory (about one copy of the
-    captured outputs and one of the output per column) fits ``max_bytes`` (None: all at once).
+    """Columns per backward pass so that the pass's working memory fits ``max_bytes`` (None: all
+    at once): per column about one copy of the captured outputs and one of the output, plus
+    ``per_example`` numbers (the torch.func parameters, whose per-example gradients (K, n, p)
+    are always formed, for at least one example at a time).
     Warns (unless ``warned``) when this takes several passes, and raises when it would take more
     than :data:`MAX_PASSES`; both say how many and suggest ``fisher_type='mc'``."""
-    per_column = (sum(o.numel() for o in outputs) + f.numel()) * f.element_size()
+    per_column = (sum(o.numel() for o in outputs) + f.numel() + per_example) * f.element_size()
     if max_bytes is None:
         return max(cols.k, 1)
     step = max(1, min(cols.k, max_bytes // max(per_column, 1)))

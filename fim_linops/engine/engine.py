@@ -348,7 +348,8 @@ class Engine:
         k = p.cols.k
         step = k
         if p.calls and need_grads:
-            step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes)
+            p_func = sum(b.numel for b in self.fallback)
+            step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes, p_func)
             self._warned_passes = self._warned_passes or step < k
         half = p.f.dtype in HALF
         for lo in range(0, k, step):
