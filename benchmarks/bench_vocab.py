@@ -72,7 +72,7 @@ class CharGPT(nn.Module):
 
 def make(vocab: int, layers: int, n: int = 8, t: int = 16) -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
-    model = CharGPT(vocab, layers=layers).eval()
+    model = CharGPT(vocab, layers=layers, context=t).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (n, t), generator=g)
     labels = torch.randint(0, vocab, (n, t), generator=g)
@@ -81,7 +81,14 @@ def make(vocab: int, layers: int, n: int = 8, t: int = 16) -> tuple[nn.Module, T
 
 
 def timed(fn, repeats: int) -> tuple[float, int]:
-    """Median seconds over ``repeats`` runs after one warm-up, and the peak bytes of one run."""
+    """Median seconds over ``repeats`` runs after one warm-up, and the peak bytes of one run;
+    with ``repeats=1``, one run gives both (no warm-up)."""
+    if repeats == 1:
+        with peak_memory(torch.device("cpu")) as mem:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        return dt, mem["peak"]
     fn()
     times = []
     for _ in range(repeats):
@@ -93,11 +100,22 @@ def timed(fn, repeats: int) -> tuple[float, int]:
     return statistics.median(times), mem["peak"]
 
 
-def part_vocab(vocabs: list[int], layers: int, repeats: int) -> None:
+def part_vocab(
+    vocabs: list[int],
+    layers: int,
+    repeats: int,
+    n: int = 8,
+    t: int = 16,
+    big: int = 8000,
+    max_bytes: int = 8 * 2**30,
+) -> None:
+    """The table; the exact Fisher runs once (no warm-up) from V = ``big`` on, its columns in
+    chunks within ``max_bytes``."""
+    print(f"{n} sequences of {t} positions, max_bytes={max_bytes:,}")
     print("| V | structure | exact (s) | MC, 1 sample (s) | exact / MC | exact peak | MC peak |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for v in vocabs:
-        model, ids, labels = make(v, layers)
+        model, ids, labels = make(v, layers, n, t)
         for s in ("diag", "kfac"):
             row = {}
             for ft in ("exact", "mc"):
@@ -106,9 +124,16 @@ def part_vocab(vocabs: list[int], layers: int, repeats: int) -> None:
                 def build(ft=ft, s=s, gen=gen, model=model, data=(ids, labels)):
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # the exact Fisher's many-passes warning
-                        return fl.fisher(model, data, structure=s, fisher_type=ft, generator=gen)
+                        return fl.fisher(
+                            model,
+                            data,
+                            structure=s,
+                            fisher_type=ft,
+                            generator=gen,
+                            max_bytes=max_bytes,
+                        )
 
-                row[ft] = timed(build, 1 if (ft == "exact" and v >= 8000) else repeats)
+                row[ft] = timed(build, 1 if (ft == "exact" and v >= big) else repeats)
             (te, me), (tm, mm) = row["exact"], row["mc"]
             print(
                 f"| {v:,} | {s} | {te:.3g} | {tm:.3g} | {te / tm:.0f}x | "
@@ -156,11 +181,27 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="+", default=[65, 1000, 8000])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sequences", type=int, default=8, help="sequences (one batch)")
+    ap.add_argument("--context", type=int, default=16, help="positions per sequence")
+    ap.add_argument(
+        "--big", type=int, default=8000, help="from this V on, the exact Fisher runs once"
+    )
+    ap.add_argument(
+        "--max-bytes", type=int, default=8 * 2**30, help="fl.fisher(max_bytes=): column chunks"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads\n")
     if args.part in ("vocab", "both"):
-        part_vocab(args.vocab, args.layers, args.repeats)
+        part_vocab(
+            args.vocab,
+            args.layers,
+            args.repeats,
+            args.sequences,
+            args.context,
+            args.big,
+            args.max_bytes,
+        )
         print()
     if args.part in ("bf16", "both"):
         part_bf16(args.layers)

@@ -68,7 +68,8 @@ def fisher(
         dtype: in which precision to compute (the model is copied if needed).
         progress: tqdm progress bar over the batches.
         max_bytes: memory guard for dense and block-diagonal storage (bytes; None: no limit);
-            over it, :class:`fim_linops.MemoryLimitError` names a structure that fits.
+            over it, :class:`fim_linops.MemoryLimitError` names a structure that fits; also the
+            budget of each chunk of the exact Fisher's columns (docs/language_models.md).
         kfac_approx: for layers applied at several positions (sequences, convolutions),
             "expand" (positions as extra examples) or "reduce" (inputs averaged and output
             gradients summed over positions per example), Eschenhagen et al. 2023. "expand"

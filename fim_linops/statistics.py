@@ -121,7 +121,7 @@ def kfac_sums(
         for i, rb in enumerate(engine.ruled):
             for a, g in res.calls.get(i, []):  # in place: the factors are owned by this loop
                 stats[i] = rb.rule.add_kfac(
-                    stats[i], rb.module, a, g, rb.block.local_names, reduce=reduce
+                    stats[i], rb.module, a, g, rb.block.local_names, reduce, with_a=res.first
                 )
         out.n += res.count
         del res  # release this batch before the engine makes the next

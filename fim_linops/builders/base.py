@@ -49,8 +49,10 @@ class BuildContext:
         return sums
 
     def results(self, columns: list | None = None) -> Generator[BatchResult, None, None]:
+        """The batches' results, one per chunk of their columns (``Engine.run(stream=True)``:
+        every statistic is a sum over the columns)."""
         return self.engine.run(
-            self.data, self.device, self.dtype, progress=self.progress, columns=columns
+            self.data, self.device, self.dtype, progress=self.progress, columns=columns, stream=True
         )
 
 
@@ -85,8 +87,11 @@ class RecordingContext(BuildContext):
 
     def results(self, columns: list | None = None) -> Generator[BatchResult, None, None]:
         for res in super().results(columns):
-            if self.store is not None:
-                self.store.append(res.v)
+            if self.store is not None:  # one entry per batch: its chunks' columns joined
+                if res.first:
+                    self.store.append(res.v)
+                else:
+                    self.store[-1] = torch.cat([self.store[-1], res.v])
             yield res
 
 

@@ -20,7 +20,6 @@ import inspect
 import math
 import warnings
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,10 +28,18 @@ from torch import Tensor, nn
 from fim_linops import positions
 from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
-from fim_linops.engine.capture import Call, capturing
+from fim_linops.engine.capture import capturing
+from fim_linops.engine.columns import (
+    Columns,
+    GivenColumns,
+    RootColumns,
+    backward_chunk,
+    column_step,
+    streams_roots,
+)
+from fim_linops.engine.result import BatchResult, Pending, join
 from fim_linops.engine.ruled import RuledBlock
 from fim_linops.engine.rules import rule_for
-from fim_linops.engine.rules.base import chunk_size
 from fim_linops.enums import ParsedEnum
 from fim_linops.layout import LayerBlock, ParamLayout
 from fim_linops.likelihoods import Likelihood
@@ -60,65 +67,6 @@ class FisherType(ParsedEnum):
             "'exact' (closed-form expectation, = GGN), 'mc' (sampled labels, mc_samples=...) or "
             "'empirical' (the data's labels)"
         )
-
-
-@dataclass
-class BatchResult:
-    """What one batch produced: example count, the calls (a, g) per ruled block, and a closure for
-    per-example gradients of the torch.func blocks."""
-
-    n: int
-    k: int
-    calls: dict[int, list[tuple[Tensor, Tensor]]]  # index into engine.ruled -> [(a, g)]
-    x: Any
-    v: Tensor  # (K, N, C) back-propagated columns
-    engine: Engine
-    #: what the batch adds to the normaliser: its examples (positions="sum") or its kept
-    #: positions (positions="mean")
-    count: int = -1
-
-    def __post_init__(self) -> None:
-        if self.count < 0:
-            self.count = self.n
-
-    def block_grads(self, i: int, lo: int, hi: int) -> Tensor:
-        """Per-example gradients (K, hi-lo, p) of ruled block i for examples lo:hi."""
-        rb = self.engine.ruled[i]
-        out = None
-        for a, g in self.calls.get(i, []):
-            part = rb.rule.grads(rb.module, a[lo:hi], g[:, lo:hi], rb.block.local_names)
-            out = part if out is None else out + part
-        if out is None:  # the layer was not reached by the output: zero gradient
-            out = torch.zeros(
-                self.k, hi - lo, rb.block.numel, dtype=self.v.dtype, device=self.v.device
-            )
-        return out
-
-    def fallback_grads(self, lo: int, hi: int) -> dict[str, Tensor]:
-        """Per-example gradients name -> (K, hi-lo, *shape) of the torch.func parameters."""
-        return self.engine.functional_grads(self.x, self.v, lo, hi)
-
-    def all_block_grads(self, lo: int, hi: int) -> list[Tensor]:
-        """Per-example gradients (K, hi-lo, p_b) of every layout block, in the public order."""
-        fb = self.fallback_grads(lo, hi) if self.engine.fallback else {}
-        out = []
-        for bi, block in enumerate(self.engine.layout.blocks):
-            kind, idx = self.engine.block_kind[bi]
-            if kind == "ruled":
-                out.append(self.block_grads(idx, lo, hi))
-            else:
-                out.append(
-                    torch.cat(
-                        [fb[e.name].reshape(self.k, hi - lo, -1) for e in block.entries], dim=-1
-                    )
-                )
-        return out
-
-    def chunks(self, p: int) -> Iterator[tuple[int, int]]:
-        """Example ranges so that (K, n, p) tensors stay within the memory budget."""
-        step = chunk_size(self.k, self.n, p, self.v.element_size())
-        for lo in range(0, self.n, step):
-            yield lo, min(self.n, lo + step)
 
 
 def _params_used_by_several_modules(model: nn.Module) -> set[int]:
@@ -262,13 +210,20 @@ class Engine:
     def columns(self, f: Tensor, y: Tensor | None, batch_index: int, x: Any = None) -> Tensor:
         """Back-propagated columns V (K, N, C) for the (flat) output f (N, C); per-position outputs
         get per-position columns with the dropped positions zeroed (:mod:`fim_linops.positions`)."""
+        cols = self.column_source(f, y, batch_index, x)
+        return cols.chunk(0, cols.k)
+
+    def column_source(
+        self, f: Tensor, y: Tensor | None, batch_index: int, x: Any = None
+    ) -> Columns:
+        """The batch's columns (:meth:`columns`), made a range at a time for the exact Fisher
+        (:class:`~fim_linops.engine.columns.RootColumns`)."""
         lik = self.likelihood
         mask = self.mask(f, y, x)
         if self.fisher_type is FisherType.EXACT:
-            if not lik.sequence and mask is None:
-                return lik.hessian_sqrt(f).permute(2, 0, 1)
-            s = lik.root_rows(f)
-            return positions.block_columns(s, mask, 0, s.shape[1])
+            if not lik.sequence and mask is None and not streams_roots(lik):
+                return GivenColumns(lik.hessian_sqrt(f).permute(2, 0, 1))
+            return RootColumns(lik, f, mask)
         if self.fisher_type is FisherType.MC:
             v = lik.sampled_grad_output(f, self.mc_samples, generator=self.generator)
             v = v if self.mc_samples == 1 else v / math.sqrt(self.mc_samples)
@@ -281,7 +236,7 @@ class Engine:
             v = lik.grad_output(f, self._check_target(f, y, values=False))[None]  # see output()
         if mask is not None:
             v = v * positions.flat_mask(mask, f.shape[1] // mask.shape[1]).to(v.dtype)
-        return v
+        return GivenColumns(v)
 
     def mask(self, f: Tensor, y: Tensor | None, x: Any = None) -> Tensor | None:
         """(N, T) kept positions: from the labels (ignore_index, NaN targets), else from a mapping
@@ -326,8 +281,12 @@ class Engine:
         progress: bool = False,
         need_grads: bool = True,
         columns: list[Tensor] | None = None,
+        stream: bool = False,
     ) -> Generator[BatchResult, None, None]:
-        """One forward and one batched backward per batch; yields a :class:`BatchResult`."""
+        """One forward per batch and its columns back-propagated in chunks within ``max_bytes``;
+        yields one :class:`BatchResult` per batch, or with ``stream`` one per column chunk (the
+        statistics are sums over the columns: each chunk is added and freed before the next one
+        is made, so memory stays within one chunk whatever the number of columns)."""
         if self.model_dtype in HALF:  # a half model takes half inputs; statistics in float32
             dtype = self.model_dtype
         batches = iter_batches(data, device, dtype, need_targets=True)
@@ -336,23 +295,24 @@ class Engine:
 
             batches = tqdm(batches, desc="fisher", unit="batch")
         for index, (x, y) in enumerate(batches):
-            result = self._batch(x, y, index, columns, need_grads, safe=self._safe)
-            if result is None:  # an in-place op rewrote a kept tensor: redo with private copies
+            pending = self._forward(x, y, index, columns, safe=self._safe)
+            if pending is None:  # an in-place op rewrote a kept tensor: redo with private copies
                 self._safe = True
-                result = self._batch(x, y, index, columns, need_grads, safe=True)
-                assert result is not None  # the safe mode never needs a retry
-            yield result
-            del result  # one batch's (a, g) alive at a time, not two
+                pending = self._forward(x, y, index, columns, safe=True)
+                assert pending is not None  # the safe mode never needs a retry
+            parts = self._results(pending, need_grads)
+            del pending
+            if stream:
+                yield from parts
+            else:
+                yield join(list(parts))
+            del parts  # one batch's (a, g) alive at a time, not two
 
-    def _batch(
-        self,
-        x: Any,
-        y: Tensor | None,
-        index: int,
-        columns: list[Tensor] | None,
-        need_grads: bool,
-        safe: bool,
-    ) -> BatchResult | None:
+    def _forward(
+        self, x: Any, y: Tensor | None, index: int, columns: list[Tensor] | None, safe: bool
+    ) -> Pending | None:
+        """The batch's forward with the hooks on (None when an in-place op rewrote a kept
+        tensor), its first-batch checks, calls and columns."""
         with capturing(self.hooked, safe=safe) as cap:
             f = self.output(x, y, index)
             if cap.modified():
@@ -366,70 +326,49 @@ class Engine:
                 checks.check_example_major(self, f, cap.calls, index)
                 if len(cap.calls) < len(self.ruled):
                     checks.check_uncalled(self, f, cap.calls.keys(), index)
-            v = (self.columns(f, y, index, x) if columns is None else columns[index]).to(f.dtype)
+            cols = (
+                self.column_source(f, y, index, x)
+                if columns is None
+                else GivenColumns(columns[index].to(f.dtype))
+            )
             count = self.count(f, self.mask(f, y, x))
-            keys = list(cap.calls)
-            flat: list[tuple[int, Call]] = [(key, c) for key in keys for c in cap.calls[key]]
-            grads: tuple = ()
-            outputs = [c.output for _, c in flat]
-            if flat and need_grads and v.shape[0] == 1:  # one column (mc, empirical): no vmap
-                one = torch.autograd.grad(f, outputs, grad_outputs=v[0], allow_unused=True)
-                grads = tuple(None if g is None else g[None] for g in one)
-            elif flat and need_grads:
-                grads = self._chunked_grads(f, outputs, v)
-            calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
-            half = v.dtype in HALF
-            for (key, c), g in zip(flat, grads, strict=False):
-                if g is None:
-                    g = torch.zeros(v.shape[0], *c.output.shape, dtype=v.dtype, device=v.device)
-                a = (
-                    c.a.float() if half and c.a.is_floating_point() else c.a
-                )  # float32 stats; ids stay ints
-                calls.setdefault(self.index[key], []).append(
-                    (a, g.detach().float() if half else g.detach())
+            half = f.dtype in HALF
+            calls = [
+                (
+                    self.index[key],
+                    c.a.float() if half and c.a.is_floating_point() else c.a,
+                    c.output,
                 )
-            vd = v.detach().float() if half else v.detach()
-        return BatchResult(f.shape[0], v.shape[0], calls, x, vd, self, count)
+                for key in list(cap.calls)
+                for c in cap.calls[key]
+            ]  # float32 statistics for a half model; token ids stay ints
+        return Pending(f, x, calls, cols, count)
 
-    def _chunked_grads(self, f: Tensor, outputs: list[Tensor], v: Tensor) -> tuple:
-        """J_out^T V for the K columns of V, back-propagated in chunks of columns whose working
-        memory (about one copy of the captured outputs per column) fits ``self.max_bytes``;
-        warns once when this takes several backward passes."""
-        per_column = (
-            sum(o.numel() for o in outputs) * v.element_size() + v[0].numel() * v.element_size()
-        )
-        budget = self.max_bytes if self.max_bytes is not None else v.shape[0] * per_column
-        step = max(1, min(v.shape[0], budget // max(per_column, 1)))
-        if step >= v.shape[0]:
-            return torch.autograd.grad(
-                f, outputs, grad_outputs=v, is_grads_batched=True, allow_unused=True
-            )
-        passes = -(-v.shape[0] // step)
-        if not self._warned_passes:
-            self._warned_passes = True
-            warnings.warn(
-                f"the exact Fisher back-propagates {v.shape[0]} columns per batch (C - 1 per kept "
-                f"position); they take {passes} backward passes of {step} columns within "
-                f"max_bytes={self.max_bytes}. fisher_type='mc' needs one column per sample, "
-                "whatever the vocabulary size",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        parts = [
-            torch.autograd.grad(
-                f,
-                outputs,
-                grad_outputs=v[lo : lo + step],
-                is_grads_batched=True,
-                allow_unused=True,
-                retain_graph=True,
-            )
-            for lo in range(0, v.shape[0], step)
-        ]
-        return tuple(
-            None if chunk[0] is None else torch.cat(list(chunk))
-            for chunk in zip(*parts, strict=True)
-        )
+    def _results(self, p: Pending, need_grads: bool) -> Iterator[BatchResult]:
+        """The batch's :class:`BatchResult` per chunk of its columns."""
+        outputs = [o for _, _, o in p.calls]
+        k = p.cols.k
+        step = k
+        if p.calls and need_grads:
+            p_func = sum(b.numel for b in self.fallback)
+            step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes, p_func)
+            self._warned_passes = self._warned_passes or step < k
+        half = p.f.dtype in HALF
+        for lo in range(0, k, step):
+            hi = min(k, lo + step)
+            v = p.cols.chunk(lo, hi).to(p.f.dtype)
+            grads: tuple = ()
+            if p.calls and need_grads:
+                grads = backward_chunk(p.f, outputs, v, last=hi == k)
+            calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            for (i, a, out), g in zip(p.calls, grads, strict=False):
+                if g is None:
+                    g = torch.zeros(hi - lo, *out.shape, dtype=v.dtype, device=v.device)
+                calls.setdefault(i, []).append((a, g.detach().float() if half else g.detach()))
+            vd = v.detach().float() if half else v.detach()
+            n = p.f.shape[0]
+            yield BatchResult(n, hi - lo, calls, p.x, vd, self, p.count if lo == 0 else 0, lo == 0)
+            del calls, grads, v, vd
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:
         """Per-example gradients of the torch.func blocks, in float32 for a half model."""

@@ -141,6 +141,18 @@ class Likelihood:
             "outputs need one"
         )
 
+    def root_width(self, c: int) -> int:
+        """K0, the number of root columns per position for C outputs per position."""
+        return self._root(torch.zeros(1, c)).shape[-1]
+
+    def root_columns(self, rows: Tensor, k: Tensor) -> Tensor:
+        """Column k[r] of the root S_r (C, K0) of each output row: rows (R, C), k (R,) long ->
+        (R, C). By default from the full roots (R, C, K0); a likelihood whose K0 grows with C
+        (Categorical) forms only the asked columns, so that the engine's exact columns of
+        vocabulary-size outputs never hold a (C, K0) root per row."""
+        s = self._root(rows)
+        return s.gather(-1, k[:, None, None].expand(-1, s.shape[1], 1))[..., 0]
+
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         """S (N, T*C, T*K0), block diagonal over positions (dense per example: for small T*C;
         the engine makes the columns per position range, :func:`positions.block_columns`)."""

@@ -163,6 +163,26 @@ class Categorical(Likelihood):
         # S[n, c, k] = S0[n, c, k] - S0[n, c, last] coef[n, k]
         return s0[:, :, :-1] - s0[:, :, -1:] * coef[:, None, :]
 
+    def root_width(self, c: int) -> int:
+        return c - 1 if c > 1 else 1
+
+    def root_columns(self, rows: Tensor, k: Tensor) -> Tensor:
+        """Column k[r] of :meth:`_root` for each row, (R, C), in O(R C): the same arithmetic as
+        the full root, S[:, k] = S0[:, k] - S0[:, last] coef_k with S0[:, j] = sqrt(p_j)
+        (e_j - p), never the (R, C, C - 1) root itself."""
+        p = torch.softmax(rows.detach(), dim=-1)  # (R, C)
+        sq = p.sqrt()
+        c = rows.shape[-1]
+        r = torch.arange(rows.shape[0], device=rows.device)
+        col = (torch.zeros_like(p).index_put_((r, k), p.new_ones(())) - p) * sq[r, k][:, None]
+        if c == 1:
+            return col
+        last = torch.zeros_like(p)
+        last[:, -1] = 1
+        s0_last = (last - p) * sq[:, -1:]  # S0[:, last]
+        coef = 2 * sq[r, k] / (2 + 2 * sq[:, -1])  # 2 w_k / |w|^2
+        return col - s0_last * coef[:, None]
+
     def hessian_matmul(self, f: Tensor, v: Tensor) -> Tensor:
         """H v per position for v (..., N, T*C)."""
         p = torch.softmax(self._rows(f.detach()), dim=-1)

@@ -100,24 +100,33 @@ class LayerRule:
         g: Tensor,
         names: tuple[str, ...],
         reduce: bool = False,
+        with_a: bool = True,
     ) -> KronStats:
         """``acc`` (zero sums when None, on the first call) plus this call's Kronecker factor
         sums, in place: :meth:`accumulate_kfac` for the expand convention, the sums of
-        :meth:`kfac` added for reduce."""
+        :meth:`kfac` added for reduce. ``with_a=False`` adds the gradient factor only (a later
+        chunk of the same batch's columns: its inputs are already in A)."""
         if acc is None:
             acc = self.zero_kron_stats(module, names, g.dtype, g.device)
         if reduce:
-            _add_stats(acc, self.kfac(module, a, g, names, reduce=True))
+            _add_stats(acc, self.kfac(module, a, g, names, reduce=True), with_a)
         else:
-            self.accumulate_kfac(acc, module, a, g, names)
+            self.accumulate_kfac(acc, module, a, g, names, with_a)
         return acc
 
     def accumulate_kfac(
-        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+        self,
+        acc: KronStats,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        with_a: bool = True,
     ) -> None:
-        """Add this call's factor sums ("expand") into ``acc``; by default the sums of
-        :meth:`kfac`, overridden by rules that can skip the per-call factor tensors."""
-        _add_stats(acc, self.kfac(module, a, g, names))
+        """Add this call's factor sums ("expand") into ``acc`` (the gradient factor only unless
+        ``with_a``); by default the sums of :meth:`kfac`, overridden by rules that can skip the
+        per-call factor tensors."""
+        _add_stats(acc, self.kfac(module, a, g, names), with_a)
 
     def zero_kron_stats(
         self, module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device
@@ -166,10 +175,14 @@ class LayerRule:
         return self.grads(module, a, g, names).square().sum(-1)
 
 
-def _add_stats(acc: KronStats, s: KronStats) -> None:
-    acc.left_sum += s.left_sum
-    acc.right_sum += s.right_sum
-    acc.a_rows += s.a_rows
+def _add_stats(acc: KronStats, s: KronStats, with_a: bool = True) -> None:
+    """``acc += s``; the input side (A and its row count) only ``with_a``."""
+    if with_a or not acc.left_is_a:
+        acc.left_sum += s.left_sum
+    if with_a or acc.left_is_a:
+        acc.right_sum += s.right_sum
+    if with_a:
+        acc.a_rows += s.a_rows
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}

@@ -135,7 +135,13 @@ class ConvRule(LayerRule):
         )
 
     def accumulate_kfac(
-        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+        self,
+        acc: KronStats,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        with_a: bool = True,
     ) -> None:
         g5 = self._g(module, g)
         groups = _conv(module).groups
@@ -143,8 +149,9 @@ class ConvRule(LayerRule):
         for col in range(g5.shape[0]):  # columns, not examples: a cache-sized copy each
             gf = g5[col].permute(1, 0, 3, 2).reshape(groups, -1, g5.shape[3])  # (r, n*l, o)
             acc.left_sum += gf.transpose(1, 2) @ gf  # (rules/base.py, ACCUMULATE)
-        add_gram_with_ones(acc.right_sum, u, "weight" in names, "bias" in names)
-        acc.a_rows += u.shape[1]
+        if with_a:
+            add_gram_with_ones(acc.right_sum, u, "weight" in names, "bias" in names)
+            acc.a_rows += u.shape[1]
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         j = _conv(module).weight.shape[1:].numel()

@@ -58,13 +58,20 @@ class HFConv1DRule(LayerRule):
         )
 
     def accumulate_kfac(
-        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+        self,
+        acc: KronStats,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        with_a: bool = True,
     ) -> None:
         af = a.reshape(-1, a.shape[-1])  # (n*t, i)
         gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
-        add_gram_with_ones(acc.left_sum[0], af, "weight" in names, "bias" in names)
+        if with_a:
+            add_gram_with_ones(acc.left_sum[0], af, "weight" in names, "bias" in names)
+            acc.a_rows += af.shape[0]
         acc.right_sum[0] += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
-        acc.a_rows += af.shape[0]
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         n_in, n_out = cast(Tensor, module.weight).shape

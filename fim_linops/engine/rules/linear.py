@@ -136,13 +136,20 @@ class LinearRule(LayerRule):
         )
 
     def accumulate_kfac(
-        self, acc: KronStats, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
+        self,
+        acc: KronStats,
+        module: nn.Module,
+        a: Tensor,
+        g: Tensor,
+        names: tuple[str, ...],
+        with_a: bool = True,
     ) -> None:
         af = a.reshape(-1, a.shape[-1])  # (n*t, i)
         gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
         acc.left_sum[0] += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
-        add_gram_with_ones(acc.right_sum[0], af, "weight" in names, "bias" in names)
-        acc.a_rows += af.shape[0]
+        if with_a:
+            add_gram_with_ones(acc.right_sum[0], af, "weight" in names, "bias" in names)
+            acc.a_rows += af.shape[0]
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         cols = (_lin(module).in_features if "weight" in names else 0) + (

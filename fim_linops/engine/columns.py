@@ -1,0 +1,142 @@
+r"""The back-propagated columns of one batch, made and back-propagated a range at a time.
+
+Shapes: N examples, T positions, C outputs per position (the engine's flat output is (N, T*C)),
+K0 root columns per position, K columns in all.
+
+The exact Fisher of per-position outputs has K = T*K0 columns (K0 = C - 1 for a categorical
+output), each as large as the output: V alone would take K*N*T*C numbers, T^2 C^2 N (a (8, 16,
+8,000) output: 512 GB in float32). :class:`RootColumns` therefore makes any range of columns on
+demand, from the output rows (column j = t*K0 + k is m_nt S_nt[:, k] at position t, zero
+elsewhere), and the engine back-propagates them in chunks whose working memory fits
+``max_bytes`` (:func:`column_step`), handing each chunk's statistics over before the next one
+(``Engine.run(stream=True)``): memory is bounded by one chunk, whatever T and C.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from fim_linops.likelihoods import Likelihood
+
+#: back-propagated chunks per batch above which the exact Fisher refuses to start: even a tiny
+#: model's backward takes a millisecond, so this is at least a quarter of an hour per batch
+MAX_PASSES = 1_000_000
+
+
+class Columns:
+    """K columns V (K, N, C) of one batch, a range at a time."""
+
+    k: int
+    #: K0 and T, for messages (one position, K columns, for given columns)
+    per_position: int
+    positions: int
+
+    def chunk(self, lo: int, hi: int) -> Tensor:  # pragma: no cover - abstract
+        """V[lo:hi], (hi - lo, N, C)."""
+        raise NotImplementedError
+
+
+class GivenColumns(Columns):
+    """Columns already formed (MC samples, the empirical gradient, recorded columns, small
+    exact roots)."""
+
+    def __init__(self, v: Tensor):
+        self.v = v
+        self.k = self.per_position = v.shape[0]
+        self.positions = 1
+
+    def chunk(self, lo: int, hi: int) -> Tensor:
+        return self.v[lo:hi]
+
+
+class RootColumns(Columns):
+    r"""The exact Fisher's columns of the block-diagonal output-Hessian root:
+    V[t*K0 + k, n, t'*C + c] = delta_{t t'} m_nt S_nt[c, k] (S_nt S_nt^T = H_nt, m the position
+    mask), made for any range of j = t*K0 + k without forming the roots of other columns."""
+
+    def __init__(self, likelihood: Likelihood, f: Tensor, mask: Tensor | None):
+        """``f`` (N, T*C) the flat output, ``mask`` (N, T) kept positions or None."""
+        self.likelihood = likelihood
+        n = f.shape[0]
+        self.rows = likelihood._rows(f.detach()).reshape(n, -1, likelihood.width or f.shape[1])
+        self.positions, self.c = self.rows.shape[1], self.rows.shape[2]
+        self.per_position = likelihood.root_width(self.c)
+        self.k = self.positions * self.per_position
+        self.mask = mask
+
+    def chunk(self, lo: int, hi: int) -> Tensor:
+        # j: column, n: example, t: its position, k: its root column, c: output
+        n, t_all, c = self.rows.shape
+        j = torch.arange(lo, hi, device=self.rows.device)
+        t, k = j // self.per_position, j % self.per_position
+        rows = self.rows[:, t].transpose(0, 1).reshape(-1, c)  # (J*N, C): row (j, n)
+        cols = self.likelihood.root_columns(rows, k.repeat_interleave(n)).reshape(-1, n, c)
+        if self.mask is not None:
+            cols = cols * self.mask[:, t].T[:, :, None].to(cols.dtype)
+        v = torch.zeros(hi - lo, n, t_all, c, dtype=cols.dtype, device=cols.device)
+        v[torch.arange(hi - lo, device=v.device), :, t] = cols  # v[j, n, t_j, c]
+        return v.reshape(hi - lo, n, t_all * c)
+
+
+def streams_roots(likelihood: Likelihood) -> bool:
+    """Whether the likelihood's exact columns come from per-row roots (``_root``, so
+    :class:`RootColumns` applies) rather than from a user-defined ``hessian_sqrt`` only."""
+    cls = type(likelihood)
+    return cls._root is not Likelihood._root and cls.hessian_sqrt is Likelihood.hessian_sqrt
+
+
+def column_step(
+    outputs: list[Tensor],
+    cols: Columns,
+    f: Tensor,
+    max_bytes: int | None,
+    warned: bool,
+    per_example: int = 0,
+) -> int:
+    """Columns per backward pass so that the pass's working memory fits ``max_bytes`` (None: all
+    at once): per column about one copy of the captured outputs and one of the output, plus
+    ``per_example`` numbers (the torch.func parameters, whose per-example gradients (K, n, p)
+    are always formed, for at least one example at a time).
+    Warns (unless ``warned``) when this takes several passes, and raises when it would take more
+    than :data:`MAX_PASSES`; both say how many and suggest ``fisher_type='mc'``."""
+    per_column = (sum(o.numel() for o in outputs) + f.numel() + per_example) * f.element_size()
+    if max_bytes is None:
+        return max(cols.k, 1)
+    step = max(1, min(cols.k, max_bytes // max(per_column, 1)))
+    passes = -(-cols.k // step)
+    if passes <= 1:
+        return step
+    what = (
+        f"the exact Fisher back-propagates {cols.k:,} columns per batch ({cols.positions:,} "
+        f"positions x {cols.per_position:,} root columns, C - 1 for a categorical output of C "
+        f"classes), each of {per_column:,} bytes of working memory: {passes:,} backward passes "
+        f"of {step:,} columns per batch within max_bytes={max_bytes:,}"
+    )
+    mc = (
+        "fisher_type='mc' back-propagates one column per sample whatever the vocabulary size "
+        "(mc_samples=...)"
+    )
+    if passes > MAX_PASSES:
+        raise ValueError(
+            f"{what}, over {MAX_PASSES:,}. Use {mc}; or structure='implicit' (exact products "
+            "without columns); or fewer positions per batch or a larger max_bytes"
+        )
+    if not warned:
+        warnings.warn(f"{what}. {mc}", RuntimeWarning, stacklevel=5)
+    return step
+
+
+def backward_chunk(f: Tensor, outputs: list[Tensor], v: Tensor, last: bool) -> tuple:
+    """J_out^T V for the columns V (J, N, C): one gradient (J, *o.shape) per captured output
+    (None where the output does not reach f); the graph is kept unless ``last``."""
+    if v.shape[0] == 1:  # one column: no batching
+        one = torch.autograd.grad(
+            f, outputs, grad_outputs=v[0], allow_unused=True, retain_graph=not last
+        )
+        return tuple(None if g is None else g[None] for g in one)
+    return torch.autograd.grad(
+        f, outputs, grad_outputs=v, is_grads_batched=True, allow_unused=True, retain_graph=not last
+    )
