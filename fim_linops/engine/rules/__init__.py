@@ -1,7 +1,7 @@
 """Layer rules, one file per family, registered by module type."""
 
 from fim_linops.engine.rules import (  # noqa: F401
-    attention,
+    mha,
     conv,
     embedding,
     hf_conv1d,
