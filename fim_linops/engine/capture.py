@@ -135,7 +135,7 @@ def capturing(
         for module in reroute:
             fn = CAPTURE_FORWARDS[ruled_type_of(module)]
             swapped.append((module, module.__dict__.get("forward", _ABSENT)))
-            module.forward = partial(fn, module, make_record(module))
+            object.__setattr__(module, "forward", partial(fn, module, make_record(module)))
         for key, (module, rule) in modules.items():
             if any(module is m for m in reroute):
                 continue  # its capture forward records its calls
@@ -148,7 +148,7 @@ def capturing(
             if previous is _ABSENT:
                 del module.forward
             else:
-                module.forward = previous
+                object.__setattr__(module, "forward", previous)
         capture.clear()
 
 
