@@ -328,3 +328,47 @@ def test_the_model_is_left_as_found() -> None:
     before = net.mha.forward
     _build(net, x, "kfac")
     assert "forward" not in net.mha.__dict__ and net.mha.forward == before
+
+
+class Encoder(nn.Module):
+    """Embedding -> nn.TransformerEncoderLayer (causal mask, eval mode: its fast path is not taken
+    while gradients are needed) -> mean -> Linear head; tokens (N, T) -> logits (N, 3)."""
+
+    def __init__(self, vocab: int = 6, d: int = 4, t: int = 3):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 3)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(t))
+        with torch.no_grad():
+            self.layer.self_attn.in_proj_bias.normal_()
+            self.layer.norm1.weight.normal_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.layer(self.tok(tokens), src_mask=self.causal, is_causal=True)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("structure", ["kfac", "block_diag"])
+def test_transformer_encoder_layer_attention_is_kronecker_and_its_exact_blocks_are_exact(
+    structure: str,
+) -> None:
+    torch.manual_seed(7)
+    net = Encoder().eval()
+    x = torch.randint(0, 6, (4, 3))
+    F = _build(net, x, structure)
+    ref = exact_fisher(net, x, "categorical")
+    sl = _blocks(net)
+    if structure == "kfac":
+        by = {i.name: i for i in F.layers}
+        for name in ("tok", "layer.self_attn", "layer.self_attn.out_proj", "layer.linear1"):
+            assert by[name].structure == "kfac", name
+        assert by["layer.norm1"].structure == "block_diag"
+        assert "self_attn " in F.describe() and "self_attn.out_proj" in F.describe()
+        exact = ("layer.norm1", "layer.norm2")
+    else:  # the captured projections give the exact per-example gradients
+        exact = ("layer.self_attn", "layer.self_attn.out_proj", "layer.norm1")
+    dense = F.to_dense()
+    for name in exact:
+        torch.testing.assert_close(dense[sl[name], sl[name]], ref[sl[name], sl[name]])
+    assert not net.training and "forward" not in net.layer.self_attn.__dict__
