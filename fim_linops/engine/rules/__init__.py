@@ -2,6 +2,7 @@
 
 from fim_linops.engine.rules import (  # noqa: F401
     conv,
+    conv_transpose,
     embedding,
     hf_conv1d,
     linear,

@@ -145,6 +145,11 @@ class LayerRule:
         row-major in the public order as they are (HF Conv1D: M = [W; b^T]) says (True, False)."""
         return "weight" in names, "bias" in names
 
+    def kron_kernel(self, module: nn.Module) -> int:
+        """0, or the kernel size of a transposed convolution, whose weight (groups * in, rows,
+        kernel) is not row-major in the matrix view (operators/kron.py, ``KronSpec.kernel``)."""
+        return 0
+
     # -- NTK (Gram) blocks: q, k back-propagated columns of each side, n, m examples ------------
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
         """Whether :meth:`gram` from (a, g) is cheaper than a product of per-example gradients
