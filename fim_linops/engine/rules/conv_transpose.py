@@ -45,7 +45,7 @@ def transposed_patches(module: ConvT, x: Tensor, out_size: tuple[int, ...]) -> T
     pad = cast("tuple[int, ...]", module.padding)
     if any(s > 1 for s in stride):  # zero-upsample: stride - 1 zeros between entries
         up = x.new_zeros(n, c, *((m - 1) * s + 1 for m, s in zip(size, stride, strict=True)))
-        up[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
+        up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = x
         x = up
     before = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, pad, strict=True)]
     after = [
