@@ -372,3 +372,15 @@ def test_transformer_encoder_layer_attention_is_kronecker_and_its_exact_blocks_a
     for name in exact:
         torch.testing.assert_close(dense[sl[name], sl[name]], ref[sl[name], sl[name]])
     assert not net.training and "forward" not in net.layer.self_attn.__dict__
+
+
+def test_ntk_blocks_through_the_rules_equal_the_jacobian_products() -> None:
+    from reference import per_example_jacobians
+
+    torch.manual_seed(9)
+    net = AttnNet(mode="qkv", t=2, s=3, batch_first=False)
+    x1, x2 = _input(net, 3), _input(net, 2)
+    j1, j2 = per_example_jacobians(net, x1), per_example_jacobians(net, x2)
+    want = torch.einsum("ncp,mdp->ncmd", j1, j2).reshape(9, 6)
+    got = fl.ntk(net, x1, x2, structure="dense").to_dense()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
