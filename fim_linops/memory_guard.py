@@ -67,7 +67,7 @@ def _kron_elements(block: LayerBlock) -> int:
     """Entries of the block's Kronecker factors, groups (rows^2 + cols^2), where the layer has a
     Kronecker rule; else of an exact (p_b, p_b) block."""
     rule = rule_for(block.module)
-    if rule is None or not rule.has_kfac or not set(block.local_names) <= {"weight", "bias"}:
+    if rule is None or not rule.has_kfac or not set(block.local_names) <= set(rule.param_names):
         return block.numel**2
     groups, rows, cols = rule.kron_shape(block.module, block.local_names)
     return groups * (rows * rows + cols * cols)

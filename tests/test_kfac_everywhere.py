@@ -182,15 +182,15 @@ def test_transformer_layers_are_described_with_their_reasons() -> None:
     assert by["q"].structure == by["head"].structure == "kfac"
     assert by["ln1"].structure == "block_diag" and "no Kronecker factorisation" in by["ln1"].reason
     assert by["<model>"].structure == "block_diag" and by["<model>"].reason == "no Kronecker rule"
-    # MultiheadAttention: in_proj_* are its own raw parameters; out_proj's weights are used by
-    # F.multi_head_attention_forward, never through out_proj's forward (torch.func, exact)
-    assert by["mha"].structure == "block_diag"
-    assert by["mha.out_proj"].structure == "block_diag"
-    assert "inside F.multi_head_attention_forward" in by["mha.out_proj"].reason
+    # MultiheadAttention: in_proj (three Kronecker blocks, q, k, v) and out_proj (nn.Linear's
+    # rule) through the module's capture forward (engine/rules/mha.py)
+    assert by["mha"].structure == "kfac" and by["mha.out_proj"].structure == "kfac"
 
 
-@pytest.mark.parametrize("structure", ["kfac", "diag", "block_diag"])
-def test_multihead_attention_out_proj_goes_to_torch_func_without_a_warning(structure) -> None:
+@pytest.mark.parametrize("structure", ["diag", "block_diag", "dense"])
+def test_multihead_attention_blocks_are_exact_through_their_rules_without_a_warning(
+    structure,
+) -> None:
     import warnings
 
     model, x, y = transformer()
@@ -198,11 +198,12 @@ def test_multihead_attention_out_proj_goes_to_torch_func_without_a_warning(struc
         warnings.simplefilter("error")  # no demotion warning, no restart of the build
         F = fl.fisher(model, (x, y), structure=structure)
     ref = exact_fisher(model, x, "categorical")
-    b = {b.module_name: b for b in ParamLayout.from_model(model).blocks}["mha.out_proj"]
-    sl = slice(b.start, b.stop)
-    got = F.to_dense()[sl, sl]
-    want = ref[sl, sl] if structure != "diag" else torch.diag(ref[sl, sl].diagonal())
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    blocks = {b.module_name: b for b in ParamLayout.from_model(model).blocks}
+    for name in ("mha", "mha.out_proj"):
+        sl = slice(blocks[name].start, blocks[name].stop)
+        got = F.to_dense()[sl, sl]
+        want = ref[sl, sl] if structure != "diag" else torch.diag(ref[sl, sl].diagonal())
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_large_layers_without_factors_get_their_exact_diagonal(monkeypatch) -> None:

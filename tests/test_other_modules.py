@@ -1,6 +1,6 @@
 """Modules without a layer rule (torch.func path) and the rarer options of ruled ones, against the
-dense float64 torch.func reference: nn.MultiheadAttention (its out_proj is a Linear subclass,
-so also torch.func), nn.Bilinear, nn.ConvTranspose2d, nn.Conv3d, BatchNorm1d in eval mode,
+dense float64 torch.func reference: nn.MultiheadAttention (captured through its capture forward),
+nn.Bilinear, nn.ConvTranspose2d, nn.Conv3d, BatchNorm1d in eval mode,
 circular and replicate padding, 'same' padding with an even kernel, strides per dimension."""
 
 from __future__ import annotations

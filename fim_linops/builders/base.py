@@ -70,6 +70,7 @@ def kron_spec(rb: RuledBlock, left_is_a: bool = False) -> KronSpec:
         has_weight=flags[0],
         has_bias=flags[1],
         left_is_a=left_is_a,
+        kernel=rb.rule.kron_kernel(rb.module),
     )
 
 

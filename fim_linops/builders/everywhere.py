@@ -69,7 +69,7 @@ def non_kronecker(engine: Engine) -> list[tuple[LayerBlock, str]]:
         elif _shared(engine, block):
             why[id(block)] = "a parameter shared with another module"
         elif rule_names_other(block):
-            why[id(block)] = "parameters other than weight and bias (no Kronecker rule)"
+            why[id(block)] = other_names_reason(block)
         else:
             why[id(block)] = unsupported_reason(block) or NO_RULE
     return [(b, why[id(b)]) for b in engine.layout.blocks if id(b) in why]
@@ -79,9 +79,18 @@ def rule_names_other(block: LayerBlock) -> bool:
     """A ruled module type holding other parameters (e.g. raw parameters registered on it)."""
     from fim_linops.engine.rules import rule_for
 
-    return rule_for(block.module) is not None and any(
-        n not in ("weight", "bias") for n in block.local_names
-    )
+    rule = rule_for(block.module)
+    return rule is not None and any(n not in rule.param_names for n in block.local_names)
+
+
+def other_names_reason(block: LayerBlock) -> str:
+    """Why a ruled module type holding parameters its rule does not cover has no factors."""
+    from fim_linops.engine.rules import rule_for
+
+    rule = rule_for(block.module)
+    covered = rule.param_names if rule is not None else ("weight", "bias")
+    others = [n for n in block.local_names if n not in covered]
+    return f"parameters other than {' and '.join(covered)} ({', '.join(others)}): no Kronecker rule"
 
 
 def unsupported_reason(block: LayerBlock) -> str:

@@ -110,7 +110,7 @@ def side_forward(engine: Checked, x: Any) -> Iterator[tuple[Any, dict[int, list[
     with (
         torch.random.fork_rng(devices=cuda),
         torch.enable_grad(),
-        capturing(engine.hooked, features=False) as cap,
+        capturing(engine.hooked, features=False, reroute=getattr(engine, "reroute", ())) as cap,
     ):
         yield _logits(call_model(engine.model, x)), cap.calls
 

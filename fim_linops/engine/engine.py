@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from fim_linops import positions
 from fim_linops.data import call_model, check_finite, iter_batches
 from fim_linops.engine import checks, functional
-from fim_linops.engine.capture import capturing
+from fim_linops.engine.capture import capturing, rerouted
 from fim_linops.engine.columns import (
     Columns,
     GivenColumns,
@@ -164,7 +164,7 @@ class Engine:
                 rule is not None
                 and not uses_shared
                 and id(block.module) not in self.demoted
-                and all(n in ("weight", "bias") for n in block.local_names)
+                and all(n in rule.param_names for n in block.local_names)
             ):
                 self.block_kind[bi] = ("ruled", len(self.ruled))
                 self.ruled.append(RuledBlock(block, block.module, rule))
@@ -173,6 +173,8 @@ class Engine:
                 self.fallback.append(block)
         # modules that use a shared parameter but own none of the selected ones must not be hooked
         self.hooked = {id(rb.module): (rb.module, rb.rule) for rb in self.ruled}
+        #: modules whose forward is replaced by their capture forward while capturing
+        self.reroute = rerouted(self.model, self.hooked)
         self.index = {id(rb.module): i for i, rb in enumerate(self.ruled)}
         self._func = functional.FunctionalModel(
             self.model, [e for b in self.fallback for e in b.entries]
@@ -313,7 +315,7 @@ class Engine:
     ) -> Pending | None:
         """The batch's forward with the hooks on (None when an in-place op rewrote a kept
         tensor), its first-batch checks, calls and columns."""
-        with capturing(self.hooked, safe=safe) as cap:
+        with capturing(self.hooked, safe=safe, reroute=self.reroute) as cap:
             f = self.output(x, y, index)
             if cap.modified():
                 return None

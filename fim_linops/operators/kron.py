@@ -2,7 +2,10 @@ r"""Kronecker block bookkeeping shared by KFAC-like operators.
 
 A Kronecker block acts on the row-major matrix view M (groups, rows, cols) of a layer's
 parameters: for Linear/Conv, rows are output channels (per group) and cols the inputs (patch
-entries) followed by a bias column, M = [W | b]; for Embedding, M = W (vocabulary x features).
+entries) followed by a bias column, M = [W | b]; for Embedding, M = W (vocabulary x features);
+for a transposed convolution (``kernel`` > 0) the weight is stored (groups * in, rows, kernel)
+and M[r, o, i * kernel + j] = W[r * in + i, o, j] (input channel, then kernel offset, on the
+columns, as for a convolution).
 The public vector order (weight row-major, then bias) is a fixed permutation of vec(M); ``to_mat``
 and ``from_mat`` apply it by reshapes and a concatenation, never a permutation matrix.
 """
@@ -29,6 +32,7 @@ class KronSpec:
     has_weight: bool = True
     has_bias: bool = False
     left_is_a: bool = False  # Embedding: the left factor is the input covariance
+    kernel: int = 0  # > 0: a transposed convolution's weight (groups * in, rows, kernel)
 
     @property
     def w_cols(self) -> int:
@@ -41,7 +45,11 @@ class KronSpec:
         parts = []
         offset = 0
         if self.has_weight and self.w_cols:
-            parts.append(x[: out_rows * self.w_cols].reshape(out_rows, self.w_cols, m))
+            w = x[: out_rows * self.w_cols]
+            if self.kernel:  # (groups, in, rows, kernel) -> (groups, rows, in, kernel)
+                c_in = self.w_cols // self.kernel
+                w = w.reshape(self.groups, c_in, self.rows, self.kernel, m).transpose(1, 2)
+            parts.append(w.reshape(out_rows, self.w_cols, m))
             offset = out_rows * self.w_cols
         if self.has_bias:
             parts.append(x[offset:].reshape(out_rows, 1, m))
@@ -55,7 +63,11 @@ class KronSpec:
         full = mat.permute(1, 2, 3, 0).reshape(out_rows, self.cols, m)
         parts = []
         if self.has_weight and self.w_cols:
-            parts.append(full[:, : self.w_cols].reshape(-1, m))
+            w = full[:, : self.w_cols]
+            if self.kernel:  # (groups, rows, in, kernel) -> (groups, in, rows, kernel)
+                c_in = self.w_cols // self.kernel
+                w = w.reshape(self.groups, self.rows, c_in, self.kernel, m).transpose(1, 2)
+            parts.append(w.reshape(-1, m))
         if self.has_bias:
             parts.append(full[:, self.w_cols :].reshape(-1, m))
         return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]

@@ -12,7 +12,9 @@ in the module's named_parameters order, the public order).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +45,8 @@ class LayerRule:
     has_kfac: bool = False
     #: whether the left Kronecker factor is the input covariance A (Embedding: W is (V, D))
     kron_left_is_a: bool = False
+    #: the module's own parameters the rule covers (a module holding others goes to torch.func)
+    param_names: tuple[str, ...] = ("weight", "bias")
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this module instance can use the rule (e.g. BatchNorm only in eval mode)."""
@@ -150,6 +154,11 @@ class LayerRule:
         row-major in the public order as they are (HF Conv1D: M = [W; b^T]) says (True, False)."""
         return "weight" in names, "bias" in names
 
+    def kron_kernel(self, module: nn.Module) -> int:
+        """0, or the kernel size of a transposed convolution, whose weight (groups * in, rows,
+        kernel) is not row-major in the matrix view (operators/kron.py, ``KronSpec.kernel``)."""
+        return 0
+
     # -- NTK (Gram) blocks: q, k back-propagated columns of each side, n, m examples ------------
     def gram_from_ag(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> bool:
         """Whether :meth:`gram` from (a, g) is cheaper than a product of per-example gradients
@@ -186,6 +195,11 @@ def _add_stats(acc: KronStats, s: KronStats, with_a: bool = True) -> None:
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}
+#: capture forwards, by module type: modules whose forward applies their own (or a submodule's)
+#: parameters where no hook can see them get, while the engine captures, a forward that computes
+#: the same function through hookable calls. Signature ``fn(module, record, *args, **kwargs)``,
+#: ``record`` as in engine/capture.py (None when the module's own calls are not captured)
+CAPTURE_FORWARDS: dict[type[nn.Module], Callable[..., Any]] = {}
 #: rules for classes of optional packages, by (module path, class name): resolved into RULES the
 #: first time a lookup finds that package already imported (``sys.modules``), so registering
 #: them never imports the package (a model holding such a layer has imported it)

@@ -43,7 +43,19 @@ def patches(module: Conv, x: Tensor) -> Tensor:
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     if any(pad):
         x = F.pad(x, pad, mode=mode)
-    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    return windows(x, conv.kernel_size, conv.stride, conv.dilation, conv.groups)
+
+
+def windows(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    flip: bool = False,
+) -> Tensor:
+    """Patches (N, groups, L, J) of the (already padded) input x (N, C, *size), as
+    :func:`patches`; ``flip``: kernel offset o of each dim takes the window at k - 1 - o."""
     n, c, *size = x.shape
     outs = [
         (s - d * (k - 1) - 1) // st + 1
@@ -52,6 +64,8 @@ def patches(module: Conv, x: Tensor) -> Tensor:
     out = torch.empty(n, *outs, c, math.prod(kernel), dtype=x.dtype, device=x.device)
     # kernel offsets (row-major, as in the weight), not examples
     for i, offsets in enumerate(itertools.product(*(range(k) for k in kernel))):
+        if flip:
+            offsets = tuple(k - 1 - o for k, o in zip(kernel, offsets, strict=True))
         window = x[
             (slice(None), slice(None))
             + tuple(
@@ -60,7 +74,7 @@ def patches(module: Conv, x: Tensor) -> Tensor:
             )
         ]  # (N, C, *out)
         out[..., i].copy_(window.movedim(1, -1))
-    u = out.reshape(n, math.prod(outs), conv.groups, -1)  # (N, L, groups, J), a view
+    u = out.reshape(n, math.prod(outs), groups, -1)  # (N, L, groups, J), a view
     return u.transpose(1, 2)  # (N, groups, L, J), a view
 
 
