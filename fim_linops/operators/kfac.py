@@ -19,7 +19,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from fim_linops.operators.base import EigenOperator, pinv_scale, sym_eigh
-from fim_linops.operators.kron import KronBasis, KronSpec
+from fim_linops.operators.kron import KronBasis, KronSpec, kron_diagonal, kron_matmul
 
 
 class KFAC(EigenOperator):
@@ -49,21 +49,21 @@ class KFAC(EigenOperator):
         return KFAC(*f, specs=self.specs, damping=self.damping * c)
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
-        outs = []
-        for spec, left, right in self.pairs():
-            x = spec.to_mat(rhs[spec.start : spec.stop])  # (m, groups, rows, cols)
-            outs.append(spec.from_mat(left @ x @ right))
+        outs = [
+            kron_matmul(spec, left, right, rhs[spec.start : spec.stop])
+            for spec, left, right in self.pairs()
+        ]
         return torch.cat(outs, dim=0)
 
     def _diagonal_undamped(self) -> Tensor:
-        outs = []
-        for spec, left, right in self.pairs():
-            d = (
-                left.diagonal(dim1=-2, dim2=-1)[:, :, None]
-                * right.diagonal(dim1=-2, dim2=-1)[:, None, :]
-            )
-            outs.append(spec.from_mat(d[None])[:, 0])
-        return torch.cat(outs)
+        return torch.cat(
+            [
+                kron_diagonal(
+                    spec, left.diagonal(dim1=-2, dim2=-1), right.diagonal(dim1=-2, dim2=-1)
+                )
+                for spec, left, right in self.pairs()
+            ]
+        )
 
     def _trace_undamped(self) -> Tensor:
         return sum(
