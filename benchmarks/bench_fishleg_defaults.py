@@ -34,7 +34,7 @@ from torch.func import functional_call, jacrev
 import fim_linops as fl
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_fishleg as ae  # noqa: E402
+import fishleg_ae as ae  # noqa: E402
 
 DT = torch.float64
 CONFIGS = {

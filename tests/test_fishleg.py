@@ -21,6 +21,7 @@ from fim_linops.fishleg import (
     KronQ,
     KronSumQ,
     fisher_vector_product,
+    kfac_factors,
 )
 from fim_linops.fishleg.parameterisation import block_operator
 
@@ -341,9 +342,12 @@ def test_kfac_init_is_the_damped_inverse_where_a_is_the_identity() -> None:
     assert err < 1e-10, float(err)
 
 
-def test_kfac_init_minimises_the_expected_auxiliary_loss_over_kronecker_products() -> None:
+def test_kfac_init_minimises_the_expected_auxiliary_loss_below_the_damped_inverse() -> None:
     """Where (G kron A + gamma I)^-1 is not Kronecker (A and G both anisotropic), Q starts at the
-    minimiser of E_u A = 1/2 tr(Q F_gamma Q) - tr(Q) over Kronecker Q: perturbing R or L raises it."""
+    minimiser of E_u A = 1/2 tr(Q F_gamma Q) - tr(Q) over the Kronecker Q with Q <= F_gamma^-1:
+    the eigenvalues of Q F_gamma are at most 1 (the bound is active: the largest is 1), and any
+    perturbation of R or L, scaled down to meet the bound, raises E_u A. (The unbounded fit
+    exceeds F_gamma^-1 here: its largest eigenvalue of Q F_gamma is above 1.)"""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(32, 3, generator=g, dtype=DT) @ torch.randn(3, 3, generator=g, dtype=DT)
     model = nn.Linear(3, 4).double()
@@ -356,18 +360,38 @@ def test_kfac_init_minimises_the_expected_auxiliary_loss_over_kronecker_products
     opt = FishLeg(model, "categorical", (x, torch.zeros(32, dtype=torch.long)), damping=gamma)
     spec, lam = opt.specs[0], {k: v.detach() for k, v in opt.lambdas[0].items()}
 
-    def expected_loss(lam: dict) -> torch.Tensor:
-        Q = block_operator(spec, lam).to_dense()
+    def q_of(lam: dict) -> torch.Tensor:
+        return block_operator(spec, lam).to_dense()
+
+    def expected_loss(Q: torch.Tensor) -> torch.Tensor:
         return 0.5 * torch.trace(Q @ Fg @ Q) - torch.trace(Q)
 
-    best = expected_loss(lam)
+    def top(Q: torch.Tensor) -> torch.Tensor:  # largest eigenvalue of Q F_gamma
+        root = torch.linalg.cholesky(Fg)
+        return torch.linalg.eigvalsh(root.T @ Q @ root).max()
+
+    Q0 = q_of(lam)
+    best = expected_loss(Q0)
     eye = torch.eye(F.shape[0], dtype=DT)
-    err = torch.linalg.norm(block_operator(spec, lam).to_dense() @ Fg - eye) / eye.norm()
+    err = torch.linalg.norm(Q0 @ Fg - eye) / eye.norm()
     assert 1e-3 < err < 0.5  # not exact here, but close
+    assert abs(float(top(Q0)) - 1) < 1e-10
     for _ in range(20):
         for k in ("R", "L"):
             d = 1e-3 * torch.randn(lam[k].shape, generator=g, dtype=DT)
-            assert expected_loss({**lam, k: lam[k] + d}) > best
+            Q = q_of({**lam, k: lam[k] + d})
+            Q = Q / top(Q).clamp_min(1)
+            assert expected_loss(Q) > best
+    # the unbounded weighted fit (the previous rule) overshoots F_gamma^-1 on this layer
+    A, G = kfac_factors(model, fl.get_likelihood("categorical"), x, {"": (model, True)})[""]
+    a, ua = torch.linalg.eigh(A)
+    gg, ug = torch.linalg.eigh(G)
+    w = gg.clamp_min(0)[:, None] * a.clamp_min(0)[None, :] + gamma
+    l, r = 1.0 / w.mean(0), torch.ones_like(gg)
+    for _ in range(50):
+        r = l.sum() / (w @ (l * l))
+        l = r.sum() / (w.mT @ (r * r))
+    assert float((w * r[:, None] * l[None, :]).max()) > 1.01
 
 
 def test_default_preset_learns_the_damped_inverse_and_the_reference_preset_does_not() -> None:

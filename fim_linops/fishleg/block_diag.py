@@ -11,7 +11,7 @@ import torch
 from linear_operator.operators import LinearOperator, RootLinearOperator
 from torch import Tensor
 
-from fim_linops.fishleg.layer_view import as_columns, from_columns
+from fim_linops.operators.base import as_columns, from_columns
 
 
 class BlockDiagonal(LinearOperator):

@@ -12,6 +12,11 @@ and each step applies them to the gradient of the layer in its matrix view U = [
 (rows = out, cols = in' + has_bias; :func:`apply_block`): Q g = K U M (``kron``), d * (K (d * U) M)
 (``kron_diag``), K1 U M1 + K2 U M2 (``kron_sum``): two matrix products per Kronecker term instead of
 the four of R^T (R U) L L^T, and no flattening of the gradient into one vector of size P.
+
+The factors are those of :func:`fim_linops.fishleg.kron.squares` and K U M is the KFAC product of
+:func:`fim_linops.operators.kron.kron_matmul`, taken here on the parameters' own matrix view
+([W | b] from the parameter tensors, one concatenation) instead of a flat block slice: this is the
+per-step hot path, and the flat route would copy the gradient twice more (flatten, then to_mat).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fim_linops.fishleg.kron import squares
 from fim_linops.fishleg.parameterisation import BlockSpec
 
 
@@ -28,13 +34,8 @@ def cache_block(spec: BlockSpec, lam: dict[str, Tensor]) -> tuple[Tensor, ...]:
     if spec.kind == "diag":
         return (lam["s"] * lam["s"],)
     if spec.kind == "kron_sum":
-        return (
-            lam["R1"].mT @ lam["R1"],
-            lam["L1"] @ lam["L1"].mT,
-            lam["R2"].mT @ lam["R2"],
-            lam["L2"] @ lam["L2"].mT,
-        )
-    factors = (lam["R"].mT @ lam["R"], lam["L"] @ lam["L"].mT)
+        return squares(lam["R1"], lam["L1"]) + squares(lam["R2"], lam["L2"])
+    factors = squares(lam["R"], lam["L"])
     return factors + (lam["d"],) if spec.kind == "kron_diag" else factors
 
 

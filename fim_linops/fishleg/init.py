@@ -25,6 +25,7 @@ from torch.nn.functional import unfold
 
 from fim_linops.fishleg.fvp import run_model
 from fim_linops.likelihoods import Likelihood
+from fim_linops.operators.base import sym_eigh
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -131,35 +132,40 @@ def kfac_init_factors(
 ) -> tuple[Tensor, Tensor]:
     r"""R, L (symmetric) of the Kronecker Q = R^T R kron L L^T that ``init="kfac"`` starts at.
 
-    With A = U_A diag(a) U_A^T, G = U_G diag(g) U_G^T (float64 eigendecompositions), the damped
-    KFAC block in the eigenbasis U_G kron U_A is diagonal, F_gamma = diag(w), w_oc = g_o a_c + gamma
-    (o: output row, c: input column). Q is sought in the same basis, R^T R = U_G diag(r) U_G^T,
-    L L^T = U_A diag(l) U_A^T, so Q = diag(r_o l_c), and (r, l) minimise FishLeg's own expected
-    auxiliary loss for isotropic probes,
+    With A = U_A diag(a) U_A^T, G = U_G diag(g) U_G^T (float64 eigendecompositions by
+    :func:`fim_linops.operators.base.sym_eigh`), the damped KFAC block in the eigenbasis
+    U_G kron U_A is diagonal, F_gamma = diag(w), w_oc = g_o a_c + gamma (o: output row, c: input
+    column). Q is sought in the same basis, R^T R = U_G diag(r) U_G^T, L L^T = U_A diag(l) U_A^T,
+    so Q = diag(r_o l_c), and (r, l) minimise FishLeg's own expected auxiliary loss for isotropic
+    probes among the Q that never exceed the damped KFAC inverse,
 
         E_u A = 1/2 tr(Q F_gamma Q) - tr(Q) = 1/2 sum_oc w_oc (r_o l_c - 1 / w_oc)^2 + const,
+        subject to r_o l_c w_oc <= 1 for every (o, c)   (Q <= F_gamma^-1 in that basis),
 
-    a weighted rank-one fit of 1 / w, solved by alternating exact minimisations
-    r_o = sum_c l_c / sum_c w_oc l_c^2 and l_c = sum_o r_o / sum_o w_oc r_o^2 (each lowers the
-    loss; ``iters`` rounds). Where (G kron A + gamma I)^-1 is itself a Kronecker product (gamma = 0,
-    or A or G a multiple of I: e.g. any nn.Linear under a Gaussian likelihood, G = I) 1 / w has
-    rank one and Q = (F_KFAC + gamma I)^-1 exactly (after one round); otherwise Q is the best
-    Kronecker approximation in that basis and norm. Zero curvature with gamma = 0 is floored at
-    1e-12 of the largest w. The scale is split so that r and l have the same mean.
+    by alternating exact minimisations, each a one-dimensional quadratic clipped to its bound:
+    r_o = min(sum_c l_c / sum_c w_oc l_c^2, min_c 1 / (w_oc l_c)), then the same for l_c (each
+    lowers the loss and stays feasible; ``iters`` rounds from the feasible l = 1 / max_o w_oc).
+    Where (G kron A + gamma I)^-1 is itself a Kronecker product (gamma = 0, or A or G a multiple of
+    I: e.g. any nn.Linear under a Gaussian likelihood, G = I) 1 / w has rank one, the bound is met
+    with equality and Q = (F_KFAC + gamma I)^-1 exactly (after one round). Elsewhere the bound keeps
+    Q from overshooting the stiff directions: the unbounded fit weighs each direction's relative
+    error by 1 / w_oc, so it trades an excess of up to 2-9x the inverse curvature in the stiffest
+    directions for accuracy in the flat ones (measured on the auto-encoder benchmark), and a
+    parameter step lr Q g then overshoots along them. (The factored Tikhonov damping of KFAC,
+    (G + d_G I)^-1 kron (A + d_A I)^-1 with d_A d_G = gamma, is also below F_gamma^-1 but not exact
+    in the Kronecker case.) Zero curvature with gamma = 0 is floored at 1e-12 of the largest w.
+    The scale is split so that r and l have the same mean.
     """
-    a, ua = torch.linalg.eigh(_symmetric(A.double()))
-    g, ug = torch.linalg.eigh(_symmetric(G.double()))
-    w = g.clamp_min(0)[:, None] * a.clamp_min(0)[None, :] + damping  # (rows, cols)
+    a, ua = sym_eigh(A.double())  # eigenvalues clamped at 0
+    g, ug = sym_eigh(G.double())
+    w = g[:, None] * a[None, :] + damping  # (rows, cols)
     w = w.clamp_min(1e-12 * float(w.max().clamp_min(1e-300)))
-    l = 1.0 / w.mean(0)  # (cols,)
+    inv_w = 1.0 / w
+    l = inv_w.min(0).values  # (cols,): feasible with r = 1
     r = torch.ones_like(g)
     for _ in range(iters):
-        r = l.sum() / (w @ (l * l))
-        l = r.sum() / (w.mT @ (r * r))
+        r = torch.minimum(l.sum() / (w @ (l * l)), (inv_w / l[None, :]).min(1).values)
+        l = torch.minimum(r.sum() / (w.mT @ (r * r)), (inv_w / r[:, None]).min(0).values)
     s = (l.mean() / r.mean()).sqrt()
     R, L = _sym_sqrt(ug, r * s), _sym_sqrt(ua, l / s)
     return R.to(G.dtype), L.to(A.dtype)
-
-
-def _symmetric(m: Tensor) -> Tensor:
-    return (m + m.mT) / 2

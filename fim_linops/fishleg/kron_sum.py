@@ -6,7 +6,10 @@ Over the row-major matrix view U = [W | b] (rows = out, cols = in + has_bias):
     Q vec(U) = vec(R1^T R1 U L1 L1^T + R2^T R2 U L2 L2^T),
 
 PSD for any factors; a product with k columns costs twice a Kronecker product. Exact root of
-shape (M, 2M): S = [S1 | S2] with S_i = P^T (R_i^T kron L_i), so S S^T = Q.
+shape (M, 2M): S = [S1 | S2] with S_i = P^T (R_i^T kron L_i), so S S^T = Q. Each term is a
+:mod:`fim_linops.fishleg.kron` term (the KFAC product of :mod:`fim_linops.operators.kron` on its
+squared factors); it stays apart from :class:`~fim_linops.operators.kron_sum.KronSum` for the same
+reason (lambda = the roots, differentiated through by the auxiliary loss).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import torch
 from linear_operator.operators import LinearOperator, RootLinearOperator
 from torch import Tensor
 
-from fim_linops.fishleg.kron import kron_diagonal, kron_qv, kron_root_mv, kron_root_tmv
-from fim_linops.fishleg.layer_view import as_columns, from_columns
+from fim_linops.fishleg.kron import kron_qv, kron_root_mv, kron_root_tmv, q_diagonal
+from fim_linops.fishleg.layer_view import DenseByProducts, block_layout
+from fim_linops.operators.base import as_columns, from_columns
 
 
-class KronSumRoot(LinearOperator):
+class KronSumRoot(DenseByProducts):
     r"""S = [S1 | S2] of shape (M, 2M) (``transposed=True``: S^T, (2M, M)), S_i = P^T (R_i^T kron L_i)."""
 
     def __init__(
@@ -35,38 +39,32 @@ class KronSumRoot(LinearOperator):
         super().__init__(R1, L1, R2, L2, has_bias=has_bias, transposed=transposed)
         self.factors = (R1, L1, R2, L2)
         self.has_bias, self.transposed = has_bias, transposed
+        self.spec = block_layout(R1.shape[0], L1.shape[0], has_bias)
         self._ones = torch.ones(R1.shape[0], L1.shape[0], dtype=R1.dtype, device=R1.device)
 
     def _size(self) -> torch.Size:
-        m = self.factors[0].shape[0] * self.factors[1].shape[0]
+        m = self.spec.stop
         return torch.Size([2 * m, m]) if self.transposed else torch.Size([m, 2 * m])
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         cols, shape, vector = as_columns(rhs)
         R1, L1, R2, L2 = self.factors
-        m = R1.shape[0] * L1.shape[0]
+        m, ones, spec = self.spec.stop, self._ones, self.spec
         if self.transposed:  # (2M, M): stack S1^T y over S2^T y
             out = torch.cat(
-                [
-                    kron_root_tmv(cols, R1, L1, self._ones, self.has_bias),
-                    kron_root_tmv(cols, R2, L2, self._ones, self.has_bias),
-                ]
+                [kron_root_tmv(cols, R1, L1, ones, spec), kron_root_tmv(cols, R2, L2, ones, spec)]
             )
         else:  # (M, 2M): S1 x[:M] + S2 x[M:]
-            out = kron_root_mv(cols[:m], R1, L1, self._ones, self.has_bias) + kron_root_mv(
-                cols[m:], R2, L2, self._ones, self.has_bias
+            out = kron_root_mv(cols[:m], R1, L1, ones, spec) + kron_root_mv(
+                cols[m:], R2, L2, ones, spec
             )
         return from_columns(out, shape, vector)
 
     def _transpose_nonbatch(self) -> LinearOperator:
         return KronSumRoot(*self.factors, has_bias=self.has_bias, transposed=not self.transposed)
 
-    def to_dense(self) -> Tensor:
-        eye = torch.eye(self.shape[-1], dtype=self.dtype, device=self.device)
-        return self._matmul(eye)
 
-
-class KronSumQ(LinearOperator):
+class KronSumQ(DenseByProducts):
     r"""Q = R1^T R1 kron L1 L1^T + R2^T R2 kron L2 L2^T over row-major [W | b] of one layer.
 
     Args:
@@ -81,17 +79,15 @@ class KronSumQ(LinearOperator):
         super().__init__(R1, L1, R2, L2, has_bias=has_bias)
         self.factors = (R1, L1, R2, L2)
         self.has_bias = has_bias
+        self.spec = block_layout(R1.shape[0], L1.shape[0], has_bias)
 
     def _size(self) -> torch.Size:
-        m = self.factors[0].shape[0] * self.factors[1].shape[0]
-        return torch.Size([m, m])
+        return torch.Size([self.spec.stop, self.spec.stop])
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         cols, shape, vector = as_columns(rhs)
         R1, L1, R2, L2 = self.factors
-        out = kron_qv(cols, R1, L1, None, self.has_bias) + kron_qv(
-            cols, R2, L2, None, self.has_bias
-        )
+        out = kron_qv(cols, R1, L1, None, self.spec) + kron_qv(cols, R2, L2, None, self.spec)
         return from_columns(out, shape, vector)
 
     def _transpose_nonbatch(self) -> LinearOperator:
@@ -99,13 +95,7 @@ class KronSumQ(LinearOperator):
 
     def _diagonal(self) -> Tensor:
         R1, L1, R2, L2 = self.factors
-        return kron_diagonal(R1, L1, None, self.has_bias) + kron_diagonal(
-            R2, L2, None, self.has_bias
-        )
-
-    def to_dense(self) -> Tensor:
-        eye = torch.eye(self.shape[-1], dtype=self.dtype, device=self.device)
-        return self._matmul(eye)
+        return q_diagonal(R1, L1, None, self.spec) + q_diagonal(R2, L2, None, self.spec)
 
     def root_decomposition(self, method: str | None = None) -> RootLinearOperator:
         """Exact root S = [S1 | S2] of shape (M, 2M) with S S^T = Q."""

@@ -70,10 +70,11 @@ class FishLeg(torch.optim.Optimizer):
         update_aux_every: auxiliary update period in steps after warm-up (5 / 10).
         aux_steps: Adam steps per auxiliary update, each with a fresh probe and batch (1).
         warmup: number of initial steps that only train lambda (0).
-        init: ``"kfac"`` (default): each Kronecker block starts at the best Kronecker approximation
-            of (F_KFAC + damping I)^-1 of the first aux batch, exact where that is a Kronecker
-            product (damping 0, or A or G a multiple of I, e.g. a Linear layer under a Gaussian
-            likelihood; :func:`fim_linops.fishleg.init.kfac_init_factors`), diagonal blocks at
+        init: ``"kfac"`` (default): each Kronecker block starts at the Kronecker Q nearest, in
+            FishLeg's own auxiliary loss, to (F_KFAC + damping I)^-1 of the first aux batch without
+            exceeding it: exactly that inverse where it is a Kronecker product (damping 0, or A or
+            G a multiple of I, e.g. a Linear layer under a Gaussian likelihood; see
+            :func:`fim_linops.fishleg.init.kfac_init_factors`), diagonal blocks at
             init_scale * I; ``"scale"`` (reference): Q = init_scale * I, so the first steps are SGD
             with step lr * init_scale (the library's ``scale``, 1.0).
         fisher: ``"exact"`` GGN products (ours, default) or ``"sampled"`` (one label per example).
@@ -91,16 +92,15 @@ class FishLeg(torch.optim.Optimizer):
 
     Tuning. The paper's experiments (its JAX code) use lr 0.05, Q initialised at
     (nu_sgd / lr) I = 0.2 I, damping 1e-3, aux_lr 1e-4 with an update every 10 steps, momentum 0.9
-    on the gradient and an L2 term 1e-5, for tens of thousands of steps. Over a few thousand steps
-    aux_lr 1e-4 hardly moves lambda (Adam moves each entry by about aux_lr per update); on the deep
-    auto-encoder of ``benchmarks/bench_fishleg.py`` (2,000 steps) ``init="kfac"``, lr 0.3,
-    damping 1, aux_lr 3e-3 and ``update_aux_every=50`` worked best of the settings tried (see
-    ``benchmarks/fishleg_results/README.md``); damping 0.3 diverged there.
+    on the gradient and an L2 term 1e-5, for tens of thousands of steps. On the deep auto-encoder
+    of ``benchmarks/bench_fishleg.py`` (2,000 steps) ``init="kfac"``, lr 0.05, damping 0.15,
+    aux_lr 3e-3 and ``update_aux_every=50`` worked best of the settings tried (see
+    ``benchmarks/fishleg_results/README.md``); lr / damping (the step along flat directions) of
+    0.5 or more diverged or stalled there.
 
-    Cost per step: the parameter step applies the cached squared factors (R^T R, L L^T, formed
-    once per auxiliary update) to each layer's gradient, two matrix products per layer; an
-    auxiliary update adds one Fisher-vector product on an ``aux_data`` batch (about three forward
-    passes) and a backward pass through Q(lambda).
+    Cost per step: two matrix products per layer with the squared factors cached per auxiliary
+    update; an auxiliary update adds one Fisher-vector product on an ``aux_data`` batch (about
+    three forward passes) and a backward pass through Q(lambda).
 
     Attributes:
         inverse_fisher: block-diagonal LinearOperator (P, P) ~ (F + damping I)^-1, in the order of
@@ -213,12 +213,8 @@ class FishLeg(torch.optim.Optimizer):
     # -- auxiliary data and probes ------------------------------------------------------------------
     def _gradient(self) -> Tensor:
         """The flat gradient (P,) from ``.grad`` (zeros where a parameter has none)."""
-        return torch.cat(
-            [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                for p in self.layout.params
-            ]
-        ).detach()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.layout.params]
+        return torch.cat([g.reshape(-1) for g in grads]).detach()
 
     def _probe(self, g: Tensor, aux_u: str, aux_mix: float) -> Tensor:
         """u (P,), unit norm: normalised gradient, Gaussian probe, or their mix."""
@@ -226,10 +222,8 @@ class FishLeg(torch.optim.Optimizer):
         z = z / z.norm()
         if aux_u == "random":
             return z
-        gn = g.norm()
-        g_hat = torch.where(
-            gn > 0, g / gn.clamp_min(torch.finfo(g.dtype).tiny), z
-        )  # no grad: a probe
+        gn = g.norm()  # g_hat = g / |g| (z where g = 0)
+        g_hat = torch.where(gn > 0, g / gn.clamp_min(torch.finfo(g.dtype).tiny), z)
         if aux_u == "gradient":
             return g_hat
         u = (1 - aux_mix) ** 0.5 * g_hat + aux_mix**0.5 * z

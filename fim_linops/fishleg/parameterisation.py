@@ -78,9 +78,9 @@ def init_lambda(
     damping: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """Initial lambda of one block: Q = scale * I, or the damped inverse KFAC (G + d_G)^-1 kron
-    (A + d_A)^-1 when ``kfac=(A, G)`` is given (Kronecker blocks only). Tensors follow ``like``'s
-    dtype and device."""
+    """Initial lambda of one block: Q = scale * I, or, when ``kfac=(A, G)`` is given (Kronecker
+    blocks only), the Kronecker approximation of (G kron A + damping I)^-1 of
+    :func:`fim_linops.fishleg.init.kfac_init_factors`. Tensors follow ``like``'s dtype and device."""
     dt, dev = like.dtype, like.device
     if spec.kind == "diag":
         return {"s": torch.full((spec.numel,), scale**0.5, dtype=dt, device=dev)}

@@ -1,14 +1,15 @@
 r"""FishLeg's hyper-parameter presets and the checks of every hyper-parameter.
 
 ``preset="default"`` (ours) is chosen so that Q(lambda) learns (F + damping I)^-1 within a few
-hundred auxiliary updates: Q starts at the damped KFAC inverse of the first auxiliary batch
-(exact where the Fisher is a Kronecker product, see :func:`fim_linops.fishleg.init.kfac_init_factors`),
-and lambda moves by Adam at aux_lr 3e-3 every ``update_aux_every`` steps. ``preset="reference"``
-gives the reference library's (mtkresearch/FishLeg) hyper-parameters: Q = I at start, aux_lr 1e-4,
-an auxiliary update every 10 steps, lr 0.05, damping 0.5. With them Q hardly moves over a few
-thousand steps (Adam moves each entry of lambda by about aux_lr per update): on a linear-Gaussian
-model, 1,000 epochs of 8 steps leave |Q F_gamma - I| / |I| at 1.2 to 1.7. Measurements in
-``benchmarks/README.md`` (``python benchmarks/bench_fishleg.py --defaults``).
+hundred auxiliary updates: Q starts at the Kronecker approximation of the damped KFAC inverse of
+the first auxiliary batch that never exceeds it (exact where the Fisher is a Kronecker product, see
+:func:`fim_linops.fishleg.init.kfac_init_factors`), and lambda moves by Adam at aux_lr 3e-3 every
+``update_aux_every`` steps. ``preset="reference"`` gives the reference library's
+(mtkresearch/FishLeg) hyper-parameters: Q = I at start, aux_lr 1e-4, an auxiliary update every 10
+steps, lr 0.05, damping 0.5. With them Q hardly moves over a few thousand steps (Adam moves each
+entry of lambda by about aux_lr per update): on a linear-Gaussian model, 100 epochs of 8 steps
+leave |Q F_gamma - I| / |I| at 2.73 (0.093 with the defaults). Measurements in
+``benchmarks/README.md`` (``python benchmarks/bench_fishleg_defaults.py``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fim_linops.operators.base import sym_eigh
+from fim_linops.operators.kron import kron_diagonal, kron_matmul
 from fim_linops.operators.kron_blocks import KronEigenOperator, trace_of_pairs
 
 
@@ -45,21 +46,21 @@ class KFAC(KronEigenOperator):
         return self.blocks()
 
     def _matmul_undamped(self, rhs: Tensor) -> Tensor:
-        outs = []
-        for spec, left, right in self.pairs():
-            x = spec.to_mat(rhs[spec.start : spec.stop])  # (m, groups, rows, cols)
-            outs.append(spec.from_mat(left @ x @ right))
+        outs = [
+            kron_matmul(spec, left, right, rhs[spec.start : spec.stop])
+            for spec, left, right in self.pairs()
+        ]
         return torch.cat(outs, dim=0)
 
     def _diagonal_undamped(self) -> Tensor:
-        outs = []
-        for spec, left, right in self.pairs():
-            d = (
-                left.diagonal(dim1=-2, dim2=-1)[:, :, None]
-                * right.diagonal(dim1=-2, dim2=-1)[:, None, :]
-            )
-            outs.append(spec.from_mat(d[None])[:, 0])
-        return torch.cat(outs)
+        return torch.cat(
+            [
+                kron_diagonal(
+                    spec, left.diagonal(dim1=-2, dim2=-1), right.diagonal(dim1=-2, dim2=-1)
+                )
+                for spec, left, right in self.pairs()
+            ]
+        )
 
     def _trace_undamped(self) -> Tensor:
         return trace_of_pairs(self.pairs())

@@ -73,6 +73,21 @@ class KronSpec:
         return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
 
+def kron_matmul(spec: KronSpec, left: Tensor, right: Tensor, x: Tensor) -> Tensor:
+    r"""(left kron right) x = vec(left X right) for a block slice x (p, m) with symmetric factors
+    left (groups, rows, rows) and right (groups, cols, cols) (or unbatched (rows, rows),
+    (cols, cols)); X = mat(x) (m, groups, rows, cols). O(rows^2 cols + rows cols^2) per column;
+    differentiable in the factors."""
+    return spec.from_mat(left @ spec.to_mat(x) @ right)
+
+
+def kron_diagonal(spec: KronSpec, left_diag: Tensor, right_diag: Tensor) -> Tensor:
+    """diag(left kron right) (p,) in the block's public order from diag(left) (groups, rows) and
+    diag(right) (groups, cols): entry (g, i, j) of the matrix view is left_ii right_jj."""
+    # g: group, i: row, j: column
+    return spec.from_mat((left_diag[:, :, None] * right_diag[:, None, :])[None])[:, 0]
+
+
 class KronBasis(LinearOperator):
     r"""E diag(s) over blocks, with E the Kronecker eigenbasis (Q_left kron Q_right) of each block:
     E diag(s) y = vec(Q_l Y Q_r^T) for Y = mat(s * y); with ``transposed`` the adjoint
