@@ -11,6 +11,7 @@ models (every Linear sharded; one Linear sharded and the rest plain)."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -114,6 +115,24 @@ def _worker(rank: int, world: int) -> dict:
         q = _query(x, y)
         out[f"{mode} influence ekfac"] = fl.influence(model, data, q, structure="ekfac")
         out[f"{mode} self_influence kfac"] = fl.self_influence(model, data, structure="kfac")
+        for s in SHARDED:  # the posterior over the sharded GGN: each rank its share
+            la = fl.laplace.Laplace(model, data, structure=s, prior_precision=0.5, sharded=True)
+            out[f"{mode} laplace sharded {s} lml"] = la.log_marginal_likelihood().reshape(1)
+            out[f"{mode} laplace sharded {s} predictive"] = la.predictive(q[0])[1]
+            out[f"{mode} laplace sharded {s} held"] = torch.tensor([la.ggn.held_numel()])
+            la.optimize_prior_precision(n_steps=3)
+            out[f"{mode} laplace sharded {s} tuned"] = la.prior_precision.reshape(1)
+        S = fisher_sharded(model, data, structure="kfac")
+        out[f"{mode} to float32 F@v"] = S.to(torch.float32) @ v.float()
+        out[f"{mode} to cpu float64 F@v"] = S.to("cpu", torch.float64) @ v
+        try:
+            pickle.dumps(S)
+            out[f"{mode} pickle error"] = ""
+        except TypeError as e:
+            out[f"{mode} pickle error"] = str(e)
+        out[f"{mode} influence sharded diag"] = fl.influence(
+            model, data, q, structure=fisher_sharded(model, data, structure="diag")
+        )
         S = fisher_sharded(model, data, structure="ekfac")
         out[f"{mode} influence sharded ekfac"] = fl.influence(model, data, q, structure=S)
         out[f"{mode} top sharded ekfac"] = fl.top_influences(model, data, q, k=2, structure=S)[0]
@@ -150,6 +169,14 @@ def want() -> dict:
         la = fl.laplace.Laplace(plain, (x, y), structure=s, prior_precision=0.5)
         want[f"laplace {s} lml"] = la.log_marginal_likelihood().reshape(1)
     q = _query(x, y)
+    for s in SHARDED:
+        la = fl.laplace.Laplace(plain, (x, y), structure=s, prior_precision=0.5)
+        want[f"laplace sharded {s} lml"] = la.log_marginal_likelihood().reshape(1)
+        want[f"laplace sharded {s} predictive"] = la.predictive(q[0])[1]
+        want[f"laplace sharded {s} held"] = sum(t.numel() for t in la.ggn._args)
+        la.optimize_prior_precision(n_steps=3)
+        want[f"laplace sharded {s} tuned"] = la.prior_precision.reshape(1)
+    want["influence diag"] = fl.influence(plain, (x, y), q, structure="diag")
     want["influence ekfac"] = fl.influence(plain, (x, y), q, structure="ekfac")
     want["self_influence kfac"] = fl.self_influence(plain, (x, y), structure="kfac")
     return want
@@ -215,10 +242,34 @@ def test_laplace_and_influence_on_the_sharded_model(ranks, want) -> None:
         inf = want["influence ekfac"][:, cols[rank]]
         _close(got[f"{mode} influence ekfac"], inf, f"{mode} influence r{rank}")
         _close(got[f"{mode} influence sharded ekfac"], inf, f"{mode} sharded influence r{rank}")
+        inf_d = want["influence diag"][:, cols[rank]]
+        _close(got[f"{mode} influence sharded diag"], inf_d, f"{mode} sharded diag infl r{rank}")
         top = inf.topk(2, dim=1).values
         _close(got[f"{mode} top sharded ekfac"], top, f"{mode} top r{rank}")
         si = want["self_influence kfac"][cols[rank]]
         _close(got[f"{mode} self_influence kfac"], si, f"{mode} self_influence r{rank}")
+
+
+def test_sharded_laplace_equals_the_unsharded_posterior_and_holds_a_share(ranks, want) -> None:
+    mode = "fsdp_all"
+    for s in SHARDED:
+        held = [int(r[f"{mode} laplace sharded {s} held"]) for r in ranks]
+        total = want[f"laplace sharded {s} held"]
+        assert sum(held) == total and all(0 < h < total for h in held), (s, held, total)
+        for rank, got in enumerate(ranks):
+            for key in ("lml", "predictive", "tuned"):
+                k = f"laplace sharded {s} {key}"
+                _close(got[f"{mode} {k}"], want[k], f"{k} r{rank}")
+
+
+def test_sharded_fisher_moves_with_to_and_refuses_pickling_with_a_group(ranks, want) -> None:
+    mode = "fsdp_all"
+    for rank, got in enumerate(ranks):
+        _close(got[f"{mode} to cpu float64 F@v"], want["kfac F@v"], f"to cpu r{rank}")
+        f32 = got[f"{mode} to float32 F@v"]
+        assert f32.dtype == torch.float32
+        torch.testing.assert_close(f32, want["kfac F@v"].float(), rtol=1e-5, atol=1e-6)
+        assert "cannot pickle a ShardedFisher of 2 ranks" in got[f"{mode} pickle error"], rank
 
 
 # -- one process: the same function on a plain model, and its errors ---------------------------
@@ -232,6 +283,9 @@ def test_one_process_sharded_build_is_the_plain_operator(structure) -> None:
     S = fisher_sharded(plain, (x, y), structure=structure)
     _close(S @ V, F @ V, "F@V")
     _close(S.matmul_sharded(V), F @ V, "sharded = full on one process")
+    back = pickle.loads(pickle.dumps(S))  # one process: no group, so it pickles
+    _close(back @ V, F @ V, "unpickled")
+    _close((S * 3.0) @ V, (F * 3.0) @ V, "scaled")
     assert S.held_numel() == sum(t.numel() for t in F._args)
 
 
@@ -242,6 +296,14 @@ def test_unsupported_structure_and_layers_raise_clear_errors() -> None:
     normed = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
     with pytest.raises(ValueError, match="needs Kronecker factors for every layer.*'1'"):
         fisher_sharded(normed, (x, y), structure="kfac")
+    with pytest.raises(ValueError, match="not a per-layer mix.*params="):
+        fisher_sharded(plain, (x, y), structure={nn.Linear: "kfac"})
+    with pytest.raises(ValueError, match="sharded=True.*'diag', 'kfac' or 'ekfac'"):
+        fl.laplace.Laplace(plain, (x, y), structure="dense", sharded=True)
+    with pytest.raises(ValueError, match="sharded Laplace .* scalar prior precision"):
+        fl.laplace.Laplace(
+            plain, (x, y), structure="kfac", prior_precision=torch.ones(3), sharded=True
+        )
     S = fisher_sharded(plain, (x, y), structure="kfac")
     with pytest.raises(ValueError, match="self_influence .* ShardedFisher"):
         fl.self_influence(plain, (x, y), structure=S)

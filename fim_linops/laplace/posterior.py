@@ -26,7 +26,6 @@ differentiable in P0 and sigma.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
@@ -41,9 +40,8 @@ from fim_linops.engine import Engine
 from fim_linops.engine.dropout import warn_active_dropout
 from fim_linops.engine.gram import gram_per_example, side
 from fim_linops.engine.outputs import jacobian_rows, outputs_engine
-from fim_linops.fisher import fisher
+from fim_linops.laplace import ggn, structured
 from fim_linops.laplace import prior as priors
-from fim_linops.laplace import structured
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
@@ -74,6 +72,10 @@ class Laplace:
             posterior, the joint predictive covariance (N*C x N*C) and the per-batch Jacobian
             (batch_size*C x P) of the dense/block_diag predictive; over it a ``ValueError``
             names what fits (None: no limit).
+        sharded: build the GGN with ``fl.sharding.fisher_sharded`` (structure "diag", "kfac"
+            or "ekfac", scalar prior precision): each rank of an FSDP2 model keeps only its share
+            of the statistics, and the posterior's methods become collectives (every rank calls
+            them); :mod:`fim_linops.laplace.ggn`.
         **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``fisher_type="mc"`` with
             ``mc_samples`` and ``generator`` for a sampled GGN, ``kfac_approx``, ``process_group``:
             with torch.distributed each rank passes its own shard of ``data``; the GGN, the
@@ -91,6 +93,7 @@ class Laplace:
         rank: int | None = None,
         batch_size: int = 256,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        sharded: bool = False,
         **fisher_kwargs: Any,
     ):
         with gathered(model) as model:  # FSDP2: full parameters; DDP: its .module
@@ -101,7 +104,7 @@ class Laplace:
             self.max_bytes = max_bytes
             p0 = self.layout.entries[0].param
             self.dtype, self.device = p0.dtype, p0.device
-            self._check_structure_memory(structure)
+            ggn.check_structure_memory(structure, self.layout, self.dtype, max_bytes)
             self.mean = self.layout.vector()
             counts, fit = self._fit_statistics(data)
             # torch.distributed: each rank passes its shard; the counts and the fit term are summed
@@ -113,16 +116,16 @@ class Laplace:
             self.n_data, normaliser, self._n_kept_outputs = (int(c) for c in counts.round().long())
             # the exact GGN unless fisher_type="mc" asks for a sampled one (e.g. vocabulary-size
             # per-token outputs, whose exact GGN needs T (V - 1) columns per sequence)
-            fisher_kwargs.setdefault("fisher_type", "exact")
-            mean_fisher = fisher(
+            mean_fisher = ggn.mean_fisher(
                 model,
                 data,
                 self.likelihood,
-                structure=structure,
-                params=self.layout.params,
-                rank=rank,
-                max_bytes=sys.maxsize if max_bytes is None else max_bytes,
-                **fisher_kwargs,
+                structure,
+                self.layout.params,
+                rank,
+                max_bytes,
+                sharded,
+                fisher_kwargs,
             )
             self.ggn = mean_fisher * float(normaliser)  # sum over the data (and positions)
             self.structure = structure
@@ -134,18 +137,6 @@ class Laplace:
             self.sigma = self.sigma0
             self.prior_precision = prior_precision
             self._evals: Tensor | None = None
-
-    def _check_structure_memory(self, structure: Any) -> None:
-        """Raise before fitting when a dense or block-diagonal posterior exceeds max_bytes."""
-        p = self.layout.numel
-        fix = "use structure='kfac', 'ekfac', 'diag' or 'lowrank' (rank=...), or params=..."
-        if structure == "dense":
-            check_bytes("the dense posterior precision", (p, p), self.dtype, self.max_bytes, fix)
-        elif structure == "block_diag":
-            need = sum(b.numel**2 for b in self.layout.blocks)
-            check_bytes(
-                "the block-diagonal posterior precision", (need,), self.dtype, self.max_bytes, fix
-            )
 
     # -- hyper-parameters ------------------------------------------------------------------------
     @property

@@ -97,6 +97,12 @@ def fisher_sharded(
     """
     from fim_linops.fisher import _run
 
+    if isinstance(structure, dict):
+        raise ValueError(
+            "fisher_sharded takes one structure ('diag', 'kfac' or 'ekfac'), not a per-layer mix; "
+            "restrict it to the layers of one structure with params=, or use fl.fisher with the "
+            "mix (every rank then holds the whole operator)"
+        )
     struct = Structure.parse(structure)
     if struct not in SUPPORTED:
         raise ValueError(
@@ -173,7 +179,8 @@ def _check_kronecker(engine: Engine, struct: Structure) -> None:
     if bad:
         raise ValueError(
             f"fisher_sharded(structure='{struct.value}') needs Kronecker factors for every "
-            f"layer, but {', '.join(repr(b) for b in bad)} have none; use structure='diag', or "
+            f"layer, but {', '.join(repr(b) for b in bad)} have none; pass params= without those "
+            "layers' parameters, use structure='diag', or "
             f"fl.fisher(structure='{struct.value}') (replicated, exact blocks for those layers)"
         )
 
