@@ -26,6 +26,7 @@ pytest.importorskip("torch.distributed.fsdp")
 SHARDED = ["diag", "kfac", "ekfac"]
 DAMPING = 0.3
 MODES = ["fsdp_all", "fsdp_some"]
+GATHERS = ["unit", "all"]
 
 
 def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -71,6 +72,30 @@ def _local(model: nn.Module) -> list[torch.Tensor]:
     return [getattr(p, "_local_tensor", p).detach().clone() for p in model.parameters()]
 
 
+def _gathered_at_once(model: nn.Module, data: list, gather: str) -> list[int]:
+    """At each forward of the build's data pass (the first-batch checks' forwards excluded: they
+    run on the gathered model), the number of Linear layers whose parameters are full tensors
+    rather than DTensor shards."""
+    from fim_linops.sharding import gather as gather_mod
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: list[int] = []
+    in_checks = gather == "unit"
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if in_checks and gather_mod._ACTIVE:  # the checks' side forwards
+            return
+        seen.append(sum(not hasattr(m.weight, "_local_tensor") for m in linears))
+
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        fisher_sharded(model, data, structure="kfac", gather=gather)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _operator_results(F: ShardedFisher, v: torch.Tensor, V: torch.Tensor) -> dict:
     D = F.add_diagonal(DAMPING)
     return {
@@ -99,9 +124,23 @@ def _worker(rank: int, world: int) -> dict:
         before = _local(model)
         data = _shard(x, y, rank)
         for s in SHARDED:
-            F = fisher_sharded(model, data, structure=s)
-            for key, val in _operator_results(F, v, V).items():
-                out[f"{mode} {s} {key}"] = val
+            for gather in GATHERS:
+                F = fisher_sharded(model, data, structure=s, gather=gather)
+                for key, val in _operator_results(F, v, V).items():
+                    out[f"{mode} {gather} {s} {key}"] = val
+        mc = {}  # MC labels: the stand-in batch (rank 1) draws after the real ones
+        for gather in GATHERS:
+            gen = torch.Generator().manual_seed(3)
+            S = fisher_sharded(model, data, structure="ekfac", fisher_type="mc", generator=gen)
+            mc[gather] = S @ V
+        out[f"{mode} mc ekfac unit - all"] = mc["unit"] - mc["all"]
+        try:
+            fisher_sharded(model, data if rank == 0 else [], structure="diag")
+            out[f"{mode} no data error"] = ""
+        except ValueError as e:
+            out[f"{mode} no data error"] = str(e)
+        for gather in GATHERS:  # how many Linear layers hold full parameters at each forward
+            out[f"{mode} {gather} gathered at once"] = _gathered_at_once(model, data, gather)
         out[f"{mode} shards unchanged"] = all(
             torch.equal(a, b) for a, b in zip(before, _local(model), strict=True)
         )
@@ -186,22 +225,29 @@ def _close(got, want, what: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=what)
 
 
+@pytest.mark.parametrize("gather", GATHERS)
 @pytest.mark.parametrize("mode", MODES)
-def test_sharded_operators_equal_the_unsharded_fisher_on_all_the_data(ranks, want, mode) -> None:
+def test_sharded_operators_equal_the_unsharded_fisher_on_all_the_data(
+    ranks, want, mode, gather
+) -> None:
     plain, _, _ = _setup()
     v, V = _probes(plain)
     for rank, got in enumerate(ranks):
         assert got[f"{mode} shards unchanged"], rank
         for s in SHARDED:
             for key in ("F@v", "F@V", "diag", "solve", "logdet", "trace", "root", "unshard"):
-                _close(got[f"{mode} {s} {key}"], want[f"{s} {key}"], f"{mode} {s} {key} r{rank}")
+                _close(
+                    got[f"{mode} {gather} {s} {key}"],
+                    want[f"{s} {key}"],
+                    f"{mode} {gather} {s} {key} r{rank}",
+                )
             # sharded vectors: this rank's entries of the full results
-            shard_v = got[f"{mode} {s} shard of v"]
+            shard_v = got[f"{mode} {gather} {s} shard of v"]
             idx = torch.cat([torch.arange(lo, hi) for lo, hi in _param_ranges(plain, rank)])
-            _close(shard_v, v[idx], f"{mode} {s} shard r{rank}")
+            _close(shard_v, v[idx], f"{mode} {gather} {s} shard r{rank}")
             for key in ("sharded F@v", "sharded F@V", "sharded solve"):
                 w = want[f"{s} full {key}"][idx]
-                _close(got[f"{mode} {s} {key}"], w, f"{mode} {s} {key} r{rank}")
+                _close(got[f"{mode} {gather} {s} {key}"], w, f"{mode} {gather} {s} {key} r{rank}")
 
 
 def _param_ranges(model: nn.Module, rank: int, world: int = 2) -> list[tuple[int, int]]:
@@ -220,14 +266,31 @@ def _param_ranges(model: nn.Module, rank: int, world: int = 2) -> list[tuple[int
 def test_each_rank_keeps_only_its_share_of_the_statistics(ranks, want, mode) -> None:
     plain, _, _ = _setup()
     for s in SHARDED:
-        held = [int(r[f"{mode} {s} held"]) for r in ranks]
+        held = [int(r[f"{mode} unit {s} held"]) for r in ranks]
         total = want[f"{s} held"]
         assert sum(held) == total, (s, held, total)  # together exactly the unsharded statistics
         assert all(0 < h < total for h in held), (s, held, total)  # each rank only a part
     # diag: exactly the entries of the rank's own FSDP shards (4 + 3 rows, 2 + 1 rows ...)
     for rank, r in enumerate(ranks):
         mine = sum(hi - lo for lo, hi in _param_ranges(plain, rank))
-        assert int(r[f"{mode} diag held"]) == mine
+        assert int(r[f"{mode} unit diag held"]) == mine
+
+
+def test_the_unit_pass_gathers_one_fsdp_unit_at_a_time(ranks) -> None:
+    # fsdp_all: each Linear is its own unit; gather="all" holds all three for the whole pass,
+    # gather="unit" at most two (the running unit and the one FSDP prefetches); fsdp_some: the
+    # one sharded Linear is gathered for its own forward only, the plain ones are always full
+    for rank, got in enumerate(ranks):
+        for mode, most in (("fsdp_all", 2), ("fsdp_some", 3)):
+            unit, full = got[f"{mode} unit gathered at once"], got[f"{mode} all gathered at once"]
+            assert unit and full and set(full) == {3}, (rank, mode, full)
+            assert max(unit) <= most, (rank, mode, unit)
+        assert min(got["fsdp_all unit gathered at once"]) == 1, rank
+        for mode in MODES:
+            assert float(got[f"{mode} mc ekfac unit - all"].abs().max()) == 0.0, (rank, mode)
+            err = got[f"{mode} no data error"]
+            assert ("a rank has no batch" if rank == 0 else "data is empty") in err, (rank, err)
+        assert min(got["fsdp_some unit gathered at once"]) == 2, rank
 
 
 def test_laplace_and_influence_on_the_sharded_model(ranks, want) -> None:
