@@ -25,6 +25,7 @@ model of the language-model issue. Timings on a shared machine are noisy: re-mea
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import threading
@@ -72,11 +73,19 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def _model_and_data(full: bool, examples: int) -> tuple[nn.Module, list]:
+def _sizes(full: bool | str) -> dict[str, int]:
+    """GPTConfig sizes: False -> 2 x 64, True -> the 4 x 128 default, "LxD" -> L layers of D."""
+    if isinstance(full, str):
+        layers, width = (int(t) for t in full.split("x"))
+        return {"n_layer": layers, "n_embd": width, "n_head": 4}
+    return {} if full else {"n_layer": 2, "n_embd": 64, "n_head": 4}
+
+
+def _model_and_data(full: bool | str, examples: int) -> tuple[nn.Module, list]:
     from fim_linops.examples.nanogpt import NanoGPT, char_dataset
 
     torch.manual_seed(0)
-    sizes = {} if full else {"n_layer": 2, "n_embd": 64, "n_head": 4}
+    sizes = _sizes(full)
     model = NanoGPT(tie_weights=False, **sizes)
     x, y, _ = char_dataset(64)
     x, y = x[:examples], y[:examples]
@@ -95,11 +104,12 @@ def _held(op: Any) -> int:
     return sum(t.numel() * t.element_size() for t in op._args if isinstance(t, torch.Tensor))
 
 
-CASES = [("diag", "replicated"), ("diag", "sharded"), ("kfac", "replicated"), ("kfac", "sharded")]
+BUILDS = ("replicated", "sharded, gather='all'", "sharded, gather='unit'")
+CASES = [(s, b) for s in ("diag", "kfac") for b in BUILDS]
 
 
 def _worker(
-    rank: int, world: int, full: bool, examples: int, repeats: int, cases: list
+    rank: int, world: int, full: bool | str, examples: int, repeats: int, cases: list
 ) -> list[dict]:
     """Time (median of ``repeats`` after a warm-up) or, with ``repeats=0``, the memory of one
     build after a warm plain forward + backward (a fresh process per case: the allocator has
@@ -120,7 +130,11 @@ def _worker(
     x, y = batches[0]  # warm: autograd, the FSDP hooks and the process group once
     nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
     model.zero_grad(set_to_none=True)
-    builds = {"replicated": fl.fisher, "sharded": fisher_sharded}
+    builds = {
+        "replicated": fl.fisher,
+        "sharded, gather='all'": functools.partial(fisher_sharded, gather="all"),
+        "sharded, gather='unit'": functools.partial(fisher_sharded, gather="unit"),
+    }
     rows = []
     for structure, how in cases:
         times, peak, held = [], 0, 0
@@ -172,13 +186,16 @@ def _run(world: int, args: argparse.Namespace, repeats: int, cases: list) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="the 4 x 128 model (default 2 x 64)")
+    ap.add_argument("--size", default=None, help="LxD: L layers of width D (e.g. 8x256)")
     ap.add_argument("--examples", type=int, default=32, help="windows of 64 characters")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.size:
+        args.full = args.size
     model, _ = _model_and_data(args.full, args.examples)
     p = sum(q.numel() for m in _params(model) for q in m.parameters())
     print(
-        f"NanoGPT {'4 x 128' if args.full else '2 x 64'}, P = {p:,} (Linear + Embedding), "
+        f"NanoGPT {args.size or ('4x128' if args.full else '2x64')}, P = {p:,} (Linear + Embedding), "
         f"{args.examples} windows of 64 characters, MC Fisher, float32, CPU, gloo"
     )
     table = []

@@ -159,6 +159,8 @@ def _worker(rank: int, world: int) -> dict:
             out[f"{mode} laplace sharded {s} lml"] = la.log_marginal_likelihood().reshape(1)
             out[f"{mode} laplace sharded {s} predictive"] = la.predictive(q[0])[1]
             out[f"{mode} laplace sharded {s} held"] = torch.tensor([la.ggn.held_numel()])
+            gen = torch.Generator().manual_seed(0)
+            out[f"{mode} laplace sharded {s} sample"] = la.sample(3, generator=gen)
             la.optimize_prior_precision(n_steps=3)
             out[f"{mode} laplace sharded {s} tuned"] = la.prior_precision.reshape(1)
         S = fisher_sharded(model, data, structure="kfac")
@@ -323,6 +325,9 @@ def test_sharded_laplace_equals_the_unsharded_posterior_and_holds_a_share(ranks,
             for key in ("lml", "predictive", "tuned"):
                 k = f"laplace sharded {s} {key}"
                 _close(got[f"{mode} {k}"], want[k], f"{k} r{rank}")
+        samples = [r[f"{mode} laplace sharded {s} sample"] for r in ranks]
+        assert samples[0].shape == (3, want["kfac F@v"].shape[0]), s
+        assert bool(samples[0].isfinite().all()) and torch.equal(samples[0], samples[1]), s
 
 
 def test_sharded_fisher_moves_with_to_and_refuses_pickling_with_a_group(ranks, want) -> None:
