@@ -121,7 +121,7 @@ class ShardedFisher(EigenOperator):
         communication); ``fl.laplace.Laplace`` scales the mean Fisher to the summed GGN."""
         tensors = self.local_tensors
         if self.local is not None:
-            tensors = tuple(self.local._scaled(c)._args)  # type: ignore[attr-defined]
+            tensors = tuple(self.local._scaled(c)._args)
         kwargs = dict(self._kwargs, damping=self.damping * c)
         return ShardedFisher(*tensors, **kwargs)
 
