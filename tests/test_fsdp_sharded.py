@@ -73,17 +73,16 @@ def _local(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _gathered_at_once(model: nn.Module, data: list, gather: str) -> list[int]:
-    """At each forward of the build's data pass (the first-batch checks' forwards excluded: they
-    run on the gathered model), the number of Linear layers whose parameters are full tensors
-    rather than DTensor shards."""
+    """At each forward of the build's data pass (the first-batch checks' side forwards excluded:
+    with gather="unit" they run on the gathered model), the number of Linear layers whose
+    parameters are full tensors rather than DTensor shards."""
     from fim_linops.sharding import gather as gather_mod
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     seen: list[int] = []
-    in_checks = gather == "unit"
 
     def hook(module: nn.Module, args: tuple) -> None:
-        if in_checks and gather_mod._ACTIVE:  # the checks' side forwards
+        if gather == "unit" and gather_mod._ACTIVE:  # the checks' side forwards
             return
         seen.append(sum(not hasattr(m.weight, "_local_tensor") for m in linears))
 
@@ -134,6 +133,9 @@ def _worker(rank: int, world: int) -> dict:
             S = fisher_sharded(model, data, structure="ekfac", fisher_type="mc", generator=gen)
             mc[gather] = S @ V
         out[f"{mode} mc ekfac unit - all"] = mc["unit"] - mc["all"]
+        # rank 0's first batch has one example: its first-batch checks run fewer side forwards
+        skew = [(x[:1], y[:1]), (x[1:5], y[1:5])] if rank == 0 else [(x[5:], y[5:])]
+        out[f"{mode} skewed kfac F@V"] = fisher_sharded(model, skew, structure="kfac") @ V
         try:
             fisher_sharded(model, data if rank == 0 else [], structure="diag")
             out[f"{mode} no data error"] = ""
@@ -278,7 +280,7 @@ def test_each_rank_keeps_only_its_share_of_the_statistics(ranks, want, mode) -> 
         assert int(r[f"{mode} unit diag held"]) == mine
 
 
-def test_the_unit_pass_gathers_one_fsdp_unit_at_a_time(ranks) -> None:
+def test_the_unit_pass_gathers_one_fsdp_unit_at_a_time(ranks, want) -> None:
     # fsdp_all: each Linear is its own unit; gather="all" holds all three for the whole pass,
     # gather="unit" at most two (the running unit and the one FSDP prefetches); fsdp_some: the
     # one sharded Linear is gathered for its own forward only, the plain ones are always full
@@ -290,6 +292,7 @@ def test_the_unit_pass_gathers_one_fsdp_unit_at_a_time(ranks) -> None:
         assert min(got["fsdp_all unit gathered at once"]) == 1, rank
         for mode in MODES:
             assert float(got[f"{mode} mc ekfac unit - all"].abs().max()) == 0.0, (rank, mode)
+            _close(got[f"{mode} skewed kfac F@V"], want["kfac F@V"], f"{mode} skewed r{rank}")
             err = got[f"{mode} no data error"]
             assert ("a rank has no batch" if rank == 0 else "data is empty") in err, (rank, err)
         assert min(got["fsdp_some unit gathered at once"]) == 2, rank

@@ -17,7 +17,9 @@ Every forward is a collective, so the ranks must run the same number of them:
   depends on the rank's data (e.g. a forward of one example only when the batch has two or more):
   they run before the pass on the gathered model (FSDP's hooks lifted, no collective), on each
   rank's first batch. That is the only moment the build holds all P parameters, with the
-  activations of a few examples;
+  activations of a few examples. (Running them on the sharded model and then evening out the
+  forward counts does not work: the collectives of a forward that one rank runs and another
+  does not would meet those of a different call, and deadlock);
 * modules without a layer rule go through ``torch.func.functional_call``, which FSDP's pre-forward
   hook would undo: a model with such modules needs ``gather="all"`` (an error says so).
 
@@ -50,19 +52,38 @@ class Lockstep:
         engine.run = self.run  # type: ignore[method-assign]
 
     def check_first_batch(self, data: Any, device: Any, dtype: torch.dtype) -> Any:
-        """Run the engine's first-batch checks on the gathered model (no collective inside);
-        returns ``data`` (a one-shot iterator with its first batch put back)."""
+        """Run the engine's first-batch checks on this rank's first batch on the gathered model;
+        returns ``data`` (a one-shot iterator with its first batch put back). Every rank needs
+        a batch (else every rank raises the same error)."""
         batches = iter_batches(data, device, dtype, need_targets=True)
+        empty: EmptyData | None = None
         try:
             first = next(iter(batches), None)
-        except EmptyData:  # this rank's error comes in the pass, when every rank knows
-            first = None
-        with gathered(self.engine.model):  # a collective: every rank, with data or not
-            if first is not None:
-                self.engine.exclude_raw_uses(first[0])
-        if first is not None and isinstance(data, Iterator):
+        except EmptyData as e:
+            first, empty = None, e
+        if self._max(float(first is None)) > 0:
+            raise empty if empty is not None else self._no_batch()
+        assert first is not None
+        with gathered(self.engine.model):  # FSDP's hooks lifted: no collective inside
+            self.engine.exclude_raw_uses(first[0])
+        if isinstance(data, Iterator):
             data = itertools.chain([first], batches)
         return data
+
+    def _max(self, value: float) -> float:
+        """The largest ``value`` over the ranks (one all-reduce)."""
+        t = torch.tensor([value], device=self.engine.layout.entries[0].param.device)
+        if self.group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t[0])
+
+    @staticmethod
+    def _no_batch() -> ValueError:
+        return ValueError(
+            "fisher_sharded(gather='unit') runs every forward on every rank (FSDP gathers each "
+            "unit's parameters collectively), but a rank has no batch to take part with; give "
+            "every rank at least one batch, or use gather='all'"
+        )
 
     def _batches(self, data: Any, real: list[bool]) -> Iterator[tuple[Any, Tensor | None]]:
         device = self.engine.layout.entries[0].param.device
@@ -81,14 +102,8 @@ class Lockstep:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             if flags[0] == 0:
                 return
-            if flags[1] != 0:
-                if empty is not None:  # this rank's own reason first
-                    raise empty
-                raise ValueError(
-                    "fisher_sharded(gather='unit') runs every forward on every rank (FSDP gathers "
-                    "each unit's parameters collectively), but a rank has no batch to take part "
-                    "with; give every rank at least one batch, or use gather='all'"
-                )
+            if flags[1] != 0:  # a one-shot iterator that was consumed, on some rank
+                raise empty if empty is not None else self._no_batch()
             real.append(nxt is not None)
             if nxt is not None:
                 last = nxt
