@@ -16,7 +16,14 @@ Columns, per rank (the largest over the ranks):
 * peak: the peak resident memory during the build over the resident memory before it (a
   sampling thread reads /proc/self/statm every millisecond: an estimate, CPU only), in a fresh
   process per case after one plain forward + backward;
-* held: the bytes of the tensors the operator keeps (exact).
+* held: the bytes of the tensors the operator keeps (exact);
+* parameters during the pass: the most parameter bytes the rank held at any module's forward of
+  the data pass (exact; DTensor shards count their local part). ``gather='unit'`` leaves out the
+  first-batch checks, which run a few examples on the gathered model (P) before the pass.
+
+Builds on 2 processes: ``replicated`` (``fl.fisher``), ``sharded, gather='all'`` and
+``sharded, gather='unit'`` (``fisher_sharded``; docs/distributed.md). ``--size LxD`` picks
+another model (e.g. ``8x256``).
 
 Run: ``python benchmarks/bench_distributed.py`` (about a minute), ``--full`` for the 4 x 128
 model of the language-model issue. Timings on a shared machine are noisy: re-measure quietly.
@@ -108,6 +115,26 @@ BUILDS = ("replicated", "sharded, gather='all'", "sharded, gather='unit'")
 CASES = [(s, b) for s in ("diag", "kfac") for b in BUILDS]
 
 
+def _param_probe(model: nn.Module, how: str, seen: list[int]) -> list[Any]:
+    """Forward pre-hooks on every module that record the parameter bytes this rank holds at
+    that moment (a DTensor shard counts its local part, a gathered parameter all of it), over
+    the data pass: with gather='unit' the first-batch checks' forwards (on the gathered model,
+    a few examples, before the pass) are left out."""
+    from fim_linops.sharding import gather as gather_mod
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if "unit" in how and gather_mod._ACTIVE:
+            return
+        seen.append(
+            sum(
+                getattr(p, "_local_tensor", p).numel() * p.element_size()
+                for p in model.parameters()
+            )
+        )
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules()]
+
+
 def _worker(
     rank: int, world: int, full: bool | str, examples: int, repeats: int, cases: list
 ) -> list[dict]:
@@ -138,6 +165,8 @@ def _worker(
     rows = []
     for structure, how in cases:
         times, peak, held = [], 0, 0
+        params_seen: list[int] = []
+        hooks = [] if repeats else _param_probe(model, how, params_seen)
         for i in range(repeats + 1):
             gen = torch.Generator().manual_seed(rank)
             with PeakRSS() as mem:
@@ -157,6 +186,8 @@ def _worker(
                 times.append(dt)
             held = _held(op)
             del op
+        for h in hooks:
+            h.remove()
         rows.append(
             {
                 "procs": world,
@@ -165,6 +196,7 @@ def _worker(
                 "time": statistics.median(times) if times else float("nan"),
                 "peak": peak,
                 "held": held,
+                "params": max(params_seen, default=0),
             }
         )
     return rows
@@ -178,7 +210,7 @@ def _run(world: int, args: argparse.Namespace, repeats: int, cases: list) -> lis
         timeout=1800.0,
     )
     return [  # per rank: the largest over the ranks
-        {**row, **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held")}}
+        {**row, **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held", "params")}}
         for i, row in enumerate(ranks[0])
     ]
 
@@ -203,18 +235,19 @@ def main() -> None:
         cases = [c for c in CASES if world > 1 or c[1] == "replicated"]
         timed = _run(world, args, args.repeats, cases)
         for case, row in zip(cases, timed, strict=True):
-            row["peak"] = _run(world, args, 0, [case])[0]["peak"]  # a fresh process per case
+            mem = _run(world, args, 0, [case])[0]  # a fresh process per case
+            row["peak"], row["params"] = mem["peak"], mem["params"]
             table.append(row)
     print()
     print(
         "| structure | processes | build | time per rank (s) | peak per rank (MiB) "
-        "| held per rank (MiB) |"
+        "| held per rank (MiB) | parameters during the pass (MiB) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in sorted(table, key=lambda r: (r["structure"], r["procs"], r["build"])):
         print(
             f"| {r['structure']} | {r['procs']} | {r['build']} | {r['time']:.3f} | "
-            f"{r['peak'] / MiB:.1f} | {r['held'] / MiB:.3f} |"
+            f"{r['peak'] / MiB:.1f} | {r['held'] / MiB:.3f} | {r['params'] / MiB:.2f} |"
         )
 
 
