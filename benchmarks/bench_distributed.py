@@ -16,7 +16,14 @@ Columns, per rank (the largest over the ranks):
 * peak: the peak resident memory during the build over the resident memory before it (a
   sampling thread reads /proc/self/statm every millisecond: an estimate, CPU only), in a fresh
   process per case after one plain forward + backward;
-* held: the bytes of the tensors the operator keeps (exact).
+* held: the bytes of the tensors the operator keeps (exact);
+* parameters during the pass: the most parameter bytes the rank held at any module's forward of
+  the data pass (exact; DTensor shards count their local part). ``gather='unit'`` leaves out the
+  first-batch checks, which run a few examples on the gathered model (P) before the pass.
+
+Builds on 2 processes: ``replicated`` (``fl.fisher``), ``sharded, gather='all'`` and
+``sharded, gather='unit'`` (``fisher_sharded``; docs/distributed.md). ``--size LxD`` picks
+another model (e.g. ``8x256``).
 
 Run: ``python benchmarks/bench_distributed.py`` (about a minute), ``--full`` for the 4 x 128
 model of the language-model issue. Timings on a shared machine are noisy: re-measure quietly.
@@ -25,6 +32,7 @@ model of the language-model issue. Timings on a shared machine are noisy: re-mea
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import threading
@@ -72,11 +80,19 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def _model_and_data(full: bool, examples: int) -> tuple[nn.Module, list]:
+def _sizes(full: bool | str) -> dict[str, int]:
+    """GPTConfig sizes: False -> 2 x 64, True -> the 4 x 128 default, "LxD" -> L layers of D."""
+    if isinstance(full, str):
+        layers, width = (int(t) for t in full.split("x"))
+        return {"n_layer": layers, "n_embd": width, "n_head": 4}
+    return {} if full else {"n_layer": 2, "n_embd": 64, "n_head": 4}
+
+
+def _model_and_data(full: bool | str, examples: int) -> tuple[nn.Module, list]:
     from fim_linops.examples.nanogpt import NanoGPT, char_dataset
 
     torch.manual_seed(0)
-    sizes = {} if full else {"n_layer": 2, "n_embd": 64, "n_head": 4}
+    sizes = _sizes(full)
     model = NanoGPT(tie_weights=False, **sizes)
     x, y, _ = char_dataset(64)
     x, y = x[:examples], y[:examples]
@@ -95,11 +111,32 @@ def _held(op: Any) -> int:
     return sum(t.numel() * t.element_size() for t in op._args if isinstance(t, torch.Tensor))
 
 
-CASES = [("diag", "replicated"), ("diag", "sharded"), ("kfac", "replicated"), ("kfac", "sharded")]
+BUILDS = ("replicated", "sharded, gather='all'", "sharded, gather='unit'")
+CASES = [(s, b) for s in ("diag", "kfac") for b in BUILDS]
+
+
+def _param_probe(model: nn.Module, how: str, seen: list[int]) -> list[Any]:
+    """Forward pre-hooks on every module that record the parameter bytes this rank holds at
+    that moment (a DTensor shard counts its local part, a gathered parameter all of it), over
+    the data pass: with gather='unit' the first-batch checks' forwards (on the gathered model,
+    a few examples, before the pass) are left out."""
+    from fim_linops.sharding import gather as gather_mod
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if "unit" in how and gather_mod._ACTIVE:
+            return
+        seen.append(
+            sum(
+                getattr(p, "_local_tensor", p).numel() * p.element_size()
+                for p in model.parameters()
+            )
+        )
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules()]
 
 
 def _worker(
-    rank: int, world: int, full: bool, examples: int, repeats: int, cases: list
+    rank: int, world: int, full: bool | str, examples: int, repeats: int, cases: list
 ) -> list[dict]:
     """Time (median of ``repeats`` after a warm-up) or, with ``repeats=0``, the memory of one
     build after a warm plain forward + backward (a fresh process per case: the allocator has
@@ -120,10 +157,16 @@ def _worker(
     x, y = batches[0]  # warm: autograd, the FSDP hooks and the process group once
     nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
     model.zero_grad(set_to_none=True)
-    builds = {"replicated": fl.fisher, "sharded": fisher_sharded}
+    builds = {
+        "replicated": fl.fisher,
+        "sharded, gather='all'": functools.partial(fisher_sharded, gather="all"),
+        "sharded, gather='unit'": functools.partial(fisher_sharded, gather="unit"),
+    }
     rows = []
     for structure, how in cases:
         times, peak, held = [], 0, 0
+        params_seen: list[int] = []
+        hooks = [] if repeats else _param_probe(model, how, params_seen)
         for i in range(repeats + 1):
             gen = torch.Generator().manual_seed(rank)
             with PeakRSS() as mem:
@@ -143,6 +186,8 @@ def _worker(
                 times.append(dt)
             held = _held(op)
             del op
+        for h in hooks:
+            h.remove()
         rows.append(
             {
                 "procs": world,
@@ -151,6 +196,7 @@ def _worker(
                 "time": statistics.median(times) if times else float("nan"),
                 "peak": peak,
                 "held": held,
+                "params": max(params_seen, default=0),
             }
         )
     return rows
@@ -164,7 +210,7 @@ def _run(world: int, args: argparse.Namespace, repeats: int, cases: list) -> lis
         timeout=1800.0,
     )
     return [  # per rank: the largest over the ranks
-        {**row, **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held")}}
+        {**row, **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held", "params")}}
         for i, row in enumerate(ranks[0])
     ]
 
@@ -172,13 +218,16 @@ def _run(world: int, args: argparse.Namespace, repeats: int, cases: list) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="the 4 x 128 model (default 2 x 64)")
+    ap.add_argument("--size", default=None, help="LxD: L layers of width D (e.g. 8x256)")
     ap.add_argument("--examples", type=int, default=32, help="windows of 64 characters")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.size:
+        args.full = args.size
     model, _ = _model_and_data(args.full, args.examples)
     p = sum(q.numel() for m in _params(model) for q in m.parameters())
     print(
-        f"NanoGPT {'4 x 128' if args.full else '2 x 64'}, P = {p:,} (Linear + Embedding), "
+        f"NanoGPT {args.size or ('4x128' if args.full else '2x64')}, P = {p:,} (Linear + Embedding), "
         f"{args.examples} windows of 64 characters, MC Fisher, float32, CPU, gloo"
     )
     table = []
@@ -186,18 +235,19 @@ def main() -> None:
         cases = [c for c in CASES if world > 1 or c[1] == "replicated"]
         timed = _run(world, args, args.repeats, cases)
         for case, row in zip(cases, timed, strict=True):
-            row["peak"] = _run(world, args, 0, [case])[0]["peak"]  # a fresh process per case
+            mem = _run(world, args, 0, [case])[0]  # a fresh process per case
+            row["peak"], row["params"] = mem["peak"], mem["params"]
             table.append(row)
     print()
     print(
         "| structure | processes | build | time per rank (s) | peak per rank (MiB) "
-        "| held per rank (MiB) |"
+        "| held per rank (MiB) | parameters during the pass (MiB) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in sorted(table, key=lambda r: (r["structure"], r["procs"], r["build"])):
         print(
             f"| {r['structure']} | {r['procs']} | {r['build']} | {r['time']:.3f} | "
-            f"{r['peak'] / MiB:.1f} | {r['held'] / MiB:.3f} |"
+            f"{r['peak'] / MiB:.1f} | {r['held'] / MiB:.3f} | {r['params'] / MiB:.2f} |"
         )
 
 

@@ -14,6 +14,10 @@ from torch.utils._pytree import tree_map
 from fim_linops.tensor_batches import fast_batches
 
 
+class EmptyData(ValueError):
+    """The data held no batch with an example (a ValueError: the message says what to pass)."""
+
+
 def _looks_like_one_batch(data: Any) -> bool:
     """An (x, y) pair: y a tensor with a leading dim, x a tensor/dict/tuple of tensors of that size."""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
@@ -233,10 +237,10 @@ def iter_batches(
         yield x, y
     if count == 0:
         if iterator is batches:  # a generator or iterator: iter() returns itself, one pass only
-            raise ValueError(
+            raise EmptyData(
                 f"data is empty: the {type(data).__name__} yielded no batch. It is a one-shot "
                 "iterator, and this computation passes over the data more than once (ekfac, "
                 "kron_sum, per-layer mixes, fl.compare, ...) or it was consumed before: pass a "
                 "list of batches or a DataLoader, which can be iterated again"
             )
-        raise ValueError("data is empty: no (x, y) batch with at least one example was found")
+        raise EmptyData("data is empty: no (x, y) batch with at least one example was found")

@@ -11,6 +11,7 @@ models (every Linear sharded; one Linear sharded and the rest plain)."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ pytest.importorskip("torch.distributed.fsdp")
 SHARDED = ["diag", "kfac", "ekfac"]
 DAMPING = 0.3
 MODES = ["fsdp_all", "fsdp_some"]
+GATHERS = ["unit", "all"]
 
 
 def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -70,6 +72,29 @@ def _local(model: nn.Module) -> list[torch.Tensor]:
     return [getattr(p, "_local_tensor", p).detach().clone() for p in model.parameters()]
 
 
+def _gathered_at_once(model: nn.Module, data: list, gather: str) -> list[int]:
+    """At each forward of the build's data pass (the first-batch checks' side forwards excluded:
+    with gather="unit" they run on the gathered model), the number of Linear layers whose
+    parameters are full tensors rather than DTensor shards."""
+    from fim_linops.sharding import gather as gather_mod
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: list[int] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if gather == "unit" and gather_mod._ACTIVE:  # the checks' side forwards
+            return
+        seen.append(sum(not hasattr(m.weight, "_local_tensor") for m in linears))
+
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        fisher_sharded(model, data, structure="kfac", gather=gather)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _operator_results(F: ShardedFisher, v: torch.Tensor, V: torch.Tensor) -> dict:
     D = F.add_diagonal(DAMPING)
     return {
@@ -98,9 +123,26 @@ def _worker(rank: int, world: int) -> dict:
         before = _local(model)
         data = _shard(x, y, rank)
         for s in SHARDED:
-            F = fisher_sharded(model, data, structure=s)
-            for key, val in _operator_results(F, v, V).items():
-                out[f"{mode} {s} {key}"] = val
+            for gather in GATHERS:
+                F = fisher_sharded(model, data, structure=s, gather=gather)
+                for key, val in _operator_results(F, v, V).items():
+                    out[f"{mode} {gather} {s} {key}"] = val
+        mc = {}  # MC labels: the stand-in batch (rank 1) draws after the real ones
+        for gather in GATHERS:
+            gen = torch.Generator().manual_seed(3)
+            S = fisher_sharded(model, data, structure="ekfac", fisher_type="mc", generator=gen)
+            mc[gather] = S @ V
+        out[f"{mode} mc ekfac unit - all"] = mc["unit"] - mc["all"]
+        # rank 0's first batch has one example: its first-batch checks run fewer side forwards
+        skew = [(x[:1], y[:1]), (x[1:5], y[1:5])] if rank == 0 else [(x[5:], y[5:])]
+        out[f"{mode} skewed kfac F@V"] = fisher_sharded(model, skew, structure="kfac") @ V
+        try:
+            fisher_sharded(model, data if rank == 0 else [], structure="diag")
+            out[f"{mode} no data error"] = ""
+        except ValueError as e:
+            out[f"{mode} no data error"] = str(e)
+        for gather in GATHERS:  # how many Linear layers hold full parameters at each forward
+            out[f"{mode} {gather} gathered at once"] = _gathered_at_once(model, data, gather)
         out[f"{mode} shards unchanged"] = all(
             torch.equal(a, b) for a, b in zip(before, _local(model), strict=True)
         )
@@ -114,6 +156,26 @@ def _worker(rank: int, world: int) -> dict:
         q = _query(x, y)
         out[f"{mode} influence ekfac"] = fl.influence(model, data, q, structure="ekfac")
         out[f"{mode} self_influence kfac"] = fl.self_influence(model, data, structure="kfac")
+        for s in SHARDED:  # the posterior over the sharded GGN: each rank its share
+            la = fl.laplace.Laplace(model, data, structure=s, prior_precision=0.5, sharded=True)
+            out[f"{mode} laplace sharded {s} lml"] = la.log_marginal_likelihood().reshape(1)
+            out[f"{mode} laplace sharded {s} predictive"] = la.predictive(q[0])[1]
+            out[f"{mode} laplace sharded {s} held"] = torch.tensor([la.ggn.held_numel()])
+            gen = torch.Generator().manual_seed(0)
+            out[f"{mode} laplace sharded {s} sample"] = la.sample(3, generator=gen)
+            la.optimize_prior_precision(n_steps=3)
+            out[f"{mode} laplace sharded {s} tuned"] = la.prior_precision.reshape(1)
+        S = fisher_sharded(model, data, structure="kfac")
+        out[f"{mode} to float32 F@v"] = S.to(torch.float32) @ v.float()
+        out[f"{mode} to cpu float64 F@v"] = S.to("cpu", torch.float64) @ v
+        try:
+            pickle.dumps(S)
+            out[f"{mode} pickle error"] = ""
+        except TypeError as e:
+            out[f"{mode} pickle error"] = str(e)
+        out[f"{mode} influence sharded diag"] = fl.influence(
+            model, data, q, structure=fisher_sharded(model, data, structure="diag")
+        )
         S = fisher_sharded(model, data, structure="ekfac")
         out[f"{mode} influence sharded ekfac"] = fl.influence(model, data, q, structure=S)
         out[f"{mode} top sharded ekfac"] = fl.top_influences(model, data, q, k=2, structure=S)[0]
@@ -150,6 +212,14 @@ def want() -> dict:
         la = fl.laplace.Laplace(plain, (x, y), structure=s, prior_precision=0.5)
         want[f"laplace {s} lml"] = la.log_marginal_likelihood().reshape(1)
     q = _query(x, y)
+    for s in SHARDED:
+        la = fl.laplace.Laplace(plain, (x, y), structure=s, prior_precision=0.5)
+        want[f"laplace sharded {s} lml"] = la.log_marginal_likelihood().reshape(1)
+        want[f"laplace sharded {s} predictive"] = la.predictive(q[0])[1]
+        want[f"laplace sharded {s} held"] = sum(t.numel() for t in la.ggn._args)
+        la.optimize_prior_precision(n_steps=3)
+        want[f"laplace sharded {s} tuned"] = la.prior_precision.reshape(1)
+    want["influence diag"] = fl.influence(plain, (x, y), q, structure="diag")
     want["influence ekfac"] = fl.influence(plain, (x, y), q, structure="ekfac")
     want["self_influence kfac"] = fl.self_influence(plain, (x, y), structure="kfac")
     return want
@@ -159,22 +229,29 @@ def _close(got, want, what: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=what)
 
 
+@pytest.mark.parametrize("gather", GATHERS)
 @pytest.mark.parametrize("mode", MODES)
-def test_sharded_operators_equal_the_unsharded_fisher_on_all_the_data(ranks, want, mode) -> None:
+def test_sharded_operators_equal_the_unsharded_fisher_on_all_the_data(
+    ranks, want, mode, gather
+) -> None:
     plain, _, _ = _setup()
     v, V = _probes(plain)
     for rank, got in enumerate(ranks):
         assert got[f"{mode} shards unchanged"], rank
         for s in SHARDED:
             for key in ("F@v", "F@V", "diag", "solve", "logdet", "trace", "root", "unshard"):
-                _close(got[f"{mode} {s} {key}"], want[f"{s} {key}"], f"{mode} {s} {key} r{rank}")
+                _close(
+                    got[f"{mode} {gather} {s} {key}"],
+                    want[f"{s} {key}"],
+                    f"{mode} {gather} {s} {key} r{rank}",
+                )
             # sharded vectors: this rank's entries of the full results
-            shard_v = got[f"{mode} {s} shard of v"]
+            shard_v = got[f"{mode} {gather} {s} shard of v"]
             idx = torch.cat([torch.arange(lo, hi) for lo, hi in _param_ranges(plain, rank)])
-            _close(shard_v, v[idx], f"{mode} {s} shard r{rank}")
+            _close(shard_v, v[idx], f"{mode} {gather} {s} shard r{rank}")
             for key in ("sharded F@v", "sharded F@V", "sharded solve"):
                 w = want[f"{s} full {key}"][idx]
-                _close(got[f"{mode} {s} {key}"], w, f"{mode} {s} {key} r{rank}")
+                _close(got[f"{mode} {gather} {s} {key}"], w, f"{mode} {gather} {s} {key} r{rank}")
 
 
 def _param_ranges(model: nn.Module, rank: int, world: int = 2) -> list[tuple[int, int]]:
@@ -193,14 +270,32 @@ def _param_ranges(model: nn.Module, rank: int, world: int = 2) -> list[tuple[int
 def test_each_rank_keeps_only_its_share_of_the_statistics(ranks, want, mode) -> None:
     plain, _, _ = _setup()
     for s in SHARDED:
-        held = [int(r[f"{mode} {s} held"]) for r in ranks]
+        held = [int(r[f"{mode} unit {s} held"]) for r in ranks]
         total = want[f"{s} held"]
         assert sum(held) == total, (s, held, total)  # together exactly the unsharded statistics
         assert all(0 < h < total for h in held), (s, held, total)  # each rank only a part
     # diag: exactly the entries of the rank's own FSDP shards (4 + 3 rows, 2 + 1 rows ...)
     for rank, r in enumerate(ranks):
         mine = sum(hi - lo for lo, hi in _param_ranges(plain, rank))
-        assert int(r[f"{mode} diag held"]) == mine
+        assert int(r[f"{mode} unit diag held"]) == mine
+
+
+def test_the_unit_pass_gathers_one_fsdp_unit_at_a_time(ranks, want) -> None:
+    # fsdp_all: each Linear is its own unit; gather="all" holds all three for the whole pass,
+    # gather="unit" at most two (the running unit and the one FSDP prefetches); fsdp_some: the
+    # one sharded Linear is gathered for its own forward only, the plain ones are always full
+    for rank, got in enumerate(ranks):
+        for mode, most in (("fsdp_all", 2), ("fsdp_some", 3)):
+            unit, full = got[f"{mode} unit gathered at once"], got[f"{mode} all gathered at once"]
+            assert unit and full and set(full) == {3}, (rank, mode, full)
+            assert max(unit) <= most, (rank, mode, unit)
+        assert min(got["fsdp_all unit gathered at once"]) == 1, rank
+        for mode in MODES:
+            assert float(got[f"{mode} mc ekfac unit - all"].abs().max()) == 0.0, (rank, mode)
+            _close(got[f"{mode} skewed kfac F@V"], want["kfac F@V"], f"{mode} skewed r{rank}")
+            err = got[f"{mode} no data error"]
+            assert ("a rank has no batch" if rank == 0 else "data is empty") in err, (rank, err)
+        assert min(got["fsdp_some unit gathered at once"]) == 2, rank
 
 
 def test_laplace_and_influence_on_the_sharded_model(ranks, want) -> None:
@@ -215,10 +310,37 @@ def test_laplace_and_influence_on_the_sharded_model(ranks, want) -> None:
         inf = want["influence ekfac"][:, cols[rank]]
         _close(got[f"{mode} influence ekfac"], inf, f"{mode} influence r{rank}")
         _close(got[f"{mode} influence sharded ekfac"], inf, f"{mode} sharded influence r{rank}")
+        inf_d = want["influence diag"][:, cols[rank]]
+        _close(got[f"{mode} influence sharded diag"], inf_d, f"{mode} sharded diag infl r{rank}")
         top = inf.topk(2, dim=1).values
         _close(got[f"{mode} top sharded ekfac"], top, f"{mode} top r{rank}")
         si = want["self_influence kfac"][cols[rank]]
         _close(got[f"{mode} self_influence kfac"], si, f"{mode} self_influence r{rank}")
+
+
+def test_sharded_laplace_equals_the_unsharded_posterior_and_holds_a_share(ranks, want) -> None:
+    mode = "fsdp_all"
+    for s in SHARDED:
+        held = [int(r[f"{mode} laplace sharded {s} held"]) for r in ranks]
+        total = want[f"laplace sharded {s} held"]
+        assert sum(held) == total and all(0 < h < total for h in held), (s, held, total)
+        for rank, got in enumerate(ranks):
+            for key in ("lml", "predictive", "tuned"):
+                k = f"laplace sharded {s} {key}"
+                _close(got[f"{mode} {k}"], want[k], f"{k} r{rank}")
+        samples = [r[f"{mode} laplace sharded {s} sample"] for r in ranks]
+        assert samples[0].shape == (3, want["kfac F@v"].shape[0]), s
+        assert bool(samples[0].isfinite().all()) and torch.equal(samples[0], samples[1]), s
+
+
+def test_sharded_fisher_moves_with_to_and_refuses_pickling_with_a_group(ranks, want) -> None:
+    mode = "fsdp_all"
+    for rank, got in enumerate(ranks):
+        _close(got[f"{mode} to cpu float64 F@v"], want["kfac F@v"], f"to cpu r{rank}")
+        f32 = got[f"{mode} to float32 F@v"]
+        assert f32.dtype == torch.float32
+        torch.testing.assert_close(f32, want["kfac F@v"].float(), rtol=1e-5, atol=1e-6)
+        assert "cannot pickle a ShardedFisher of 2 ranks" in got[f"{mode} pickle error"], rank
 
 
 # -- one process: the same function on a plain model, and its errors ---------------------------
@@ -232,6 +354,9 @@ def test_one_process_sharded_build_is_the_plain_operator(structure) -> None:
     S = fisher_sharded(plain, (x, y), structure=structure)
     _close(S @ V, F @ V, "F@V")
     _close(S.matmul_sharded(V), F @ V, "sharded = full on one process")
+    back = pickle.loads(pickle.dumps(S))  # one process: no group, so it pickles
+    _close(back @ V, F @ V, "unpickled")
+    _close((S * 3.0) @ V, (F * 3.0) @ V, "scaled")
     assert S.held_numel() == sum(t.numel() for t in F._args)
 
 
@@ -242,6 +367,14 @@ def test_unsupported_structure_and_layers_raise_clear_errors() -> None:
     normed = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
     with pytest.raises(ValueError, match="needs Kronecker factors for every layer.*'1'"):
         fisher_sharded(normed, (x, y), structure="kfac")
+    with pytest.raises(ValueError, match="not a per-layer mix.*params="):
+        fisher_sharded(plain, (x, y), structure={nn.Linear: "kfac"})
+    with pytest.raises(ValueError, match="sharded=True.*'diag', 'kfac' or 'ekfac'"):
+        fl.laplace.Laplace(plain, (x, y), structure="dense", sharded=True)
+    with pytest.raises(ValueError, match="sharded Laplace .* scalar prior precision"):
+        fl.laplace.Laplace(
+            plain, (x, y), structure="kfac", prior_precision=torch.ones(3), sharded=True
+        )
     S = fisher_sharded(plain, (x, y), structure="kfac")
     with pytest.raises(ValueError, match="self_influence .* ShardedFisher"):
         fl.self_influence(plain, (x, y), structure=S)

@@ -16,7 +16,6 @@ differentiable in P0 and sigma.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
@@ -26,12 +25,12 @@ from torch import Tensor, nn
 from fim_linops.algebra import sample as sample_gaussian
 from fim_linops.data import call_model, iter_batches
 from fim_linops.distributed import all_reduce_, resolve_group
-from fim_linops.fisher import build_fisher
+from fim_linops.laplace import ggn
 from fim_linops.laplace import prior as priors
 from fim_linops.laplace.predictive import GLMPredictive
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Gaussian, Likelihood
-from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
+from fim_linops.memory_guard import DEFAULT_MAX_BYTES
 from fim_linops.options import BuildOptions
 from fim_linops.positions import Positions, flat_mask
 from fim_linops.sharding.gather import gathered
@@ -62,6 +61,10 @@ class Laplace(GLMPredictive):
             posterior, the joint predictive covariance (N*C x N*C) and the per-batch Jacobian
             (batch_size*C x P) of the dense/block_diag predictive; over it a ``ValueError``
             names what fits (None: no limit).
+        sharded: build the GGN with ``fl.sharding.fisher_sharded`` (structure "diag", "kfac"
+            or "ekfac", scalar prior precision): each rank of an FSDP2 model keeps only its share
+            of the statistics, and the posterior's methods become collectives (every rank calls
+            them); :mod:`fim_linops.laplace.ggn`.
         **fisher_kwargs: passed on to ``fl.fisher`` (e.g. ``fisher_type="mc"`` with
             ``mc_samples`` and ``generator`` for a sampled GGN, ``kfac_approx``, ``process_group``:
             with torch.distributed each rank passes its own shard of ``data``; the GGN, the
@@ -79,6 +82,7 @@ class Laplace(GLMPredictive):
         rank: int | None = None,
         batch_size: int = 256,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        sharded: bool = False,
         **fisher_kwargs: Any,
     ):
         unknown = sorted(set(fisher_kwargs) - set(FISHER_KWARGS))
@@ -103,7 +107,7 @@ class Laplace(GLMPredictive):
             self.likelihood = self.options.likelihood
             p0 = self.layout.entries[0].param
             self.dtype, self.device = p0.dtype, p0.device
-            self._check_structure_memory(structure)
+            ggn.check_structure_memory(structure, self.layout, self.dtype, max_bytes)
             self.mean = self.layout.vector()
             counts, fit = self._fit_statistics(data)
             # torch.distributed: each rank passes its shard; the counts and the fit term are summed
@@ -113,8 +117,7 @@ class Laplace(GLMPredictive):
             # examples, fl.fisher's normaliser (examples, or kept positions for positions="mean"),
             # kept outputs (the Gaussian's normalising constant)
             self.n_data, normaliser, self._n_kept_outputs = (int(c) for c in counts.round().long())
-            budget = sys.maxsize if max_bytes is None else max_bytes
-            mean_fisher = build_fisher(model, data, structure, self.options.but(max_bytes=budget))
+            mean_fisher = ggn.mean_fisher(model, data, structure, self.options, sharded, rank)
             self.ggn = mean_fisher * float(normaliser)  # sum over the data (and positions)
             self.structure = structure
             self.sigma0 = (
@@ -143,18 +146,6 @@ class Laplace(GLMPredictive):
     @max_bytes.setter
     def max_bytes(self, value: int | None) -> None:
         self.options = self.options.but(max_bytes=value)
-
-    def _check_structure_memory(self, structure: Any) -> None:
-        """Raise before fitting when a dense or block-diagonal posterior exceeds max_bytes."""
-        p = self.layout.numel
-        fix = "use structure='kfac', 'ekfac', 'diag' or 'lowrank' (rank=...), or params=..."
-        if structure == "dense":
-            check_bytes("the dense posterior precision", (p, p), self.dtype, self.max_bytes, fix)
-        elif structure == "block_diag":
-            need = sum(b.numel**2 for b in self.layout.blocks)
-            check_bytes(
-                "the block-diagonal posterior precision", (need,), self.dtype, self.max_bytes, fix
-            )
 
     # -- hyper-parameters ------------------------------------------------------------------------
     @property

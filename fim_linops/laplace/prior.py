@@ -99,6 +99,13 @@ def precision(
     g = ggn * scale
     if kind is PriorKind.SCALAR:
         return g.add_diagonal(prior)
+    from fim_linops.sharding.operator import ShardedFisher
+
+    if isinstance(ggn, ShardedFisher):
+        raise ValueError(
+            f"a sharded Laplace (sharded=True) takes a scalar prior precision, not a {kind.value} "
+            "one (its prior is the ShardedFisher's damping); use a scalar, or sharded=False"
+        )
     vec = expand(prior, kind, layout)
     if isinstance(g, Diag):
         return Diag(g.diag + vec)

@@ -17,6 +17,7 @@ The example count (and KFAC's input-row counts) are all-reduced (a few numbers).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ from fim_linops.operators import EKFAC, KFAC, Diag
 from fim_linops.operators.base import sym_eigh
 from fim_linops.operators.kron import KronSpec
 from fim_linops.sharding import shards
-from fim_linops.sharding.gather import gathered, unwrap
+from fim_linops.sharding.gather import gathered, is_sharded, unwrap
+from fim_linops.sharding.lockstep import Lockstep
 from fim_linops.sharding.operator import ShardedFisher
 from fim_linops.structures import Structure
 
@@ -79,6 +81,7 @@ def fisher_sharded(
     generator: torch.Generator | None = None,
     process_group: Any = None,
     kfac_approx: str = "expand",
+    gather: str = "unit",
 ) -> ShardedFisher:
     r"""The Fisher of ``model`` on the data of all ranks, each rank keeping only its share.
 
@@ -90,6 +93,14 @@ def fisher_sharded(
         structure: "diag" (each rank keeps the diagonal entries of its FSDP2 parameter shards),
             "kfac" or "ekfac" (each rank keeps the factors of the layers assigned to it); every
             parameter must sit in a layer with Kronecker factors (Linear, Conv, Embedding).
+        gather: how the data pass sees an FSDP2 model's parameters. "unit" (default): as FSDP's
+            own forward and backward do, one ``fully_shard`` unit at a time (every rank runs the
+            same number of forwards; a rank that runs out of data repeats its last batch, whose
+            result is dropped; every rank needs at least one batch, every layer a rule, and
+            ``device``/``dtype`` the model's own); :mod:`fim_linops.sharding.lockstep`. "all":
+            every parameter all-gathered on every rank for the whole build
+            (:func:`~fim_linops.sharding.gathered`), for models with torch.func layers or ranks
+            without data.
 
     Returns:
         A :class:`~fim_linops.sharding.ShardedFisher`: a (P, P) LinearOperator on full vectors
@@ -99,6 +110,12 @@ def fisher_sharded(
     from fim_linops.frame import run_build
     from fim_linops.options import BuildOptions
 
+    if isinstance(structure, dict):
+        raise ValueError(
+            "fisher_sharded takes one structure ('diag', 'kfac' or 'ekfac'), not a per-layer mix; "
+            "restrict it to the layers of one structure with params=, or use fl.fisher with the "
+            "mix (every rank then holds the whole operator)"
+        )
     struct = Structure.parse(structure)
     if struct not in SUPPORTED:
         raise ValueError(
@@ -108,9 +125,14 @@ def fisher_sharded(
     group = resolve_group(process_group)
     world, me = shards.world_and_rank(group)
     _check_local_shards(model, world, me)
+    per_unit = _per_unit(model, gather, device, dtype)
 
     def prepare(work: nn.Module, layout: ParamLayout, dt: torch.dtype):
         def build(ctx: BuildContext) -> ShardedFisher:
+            if per_unit:
+                lock = Lockstep(ctx.engine, ctx.group)
+                ctx.data = lock.check_first_batch(ctx.data, ctx.device, ctx.dtype)
+                _check_no_func(ctx.engine, struct)
             return _BUILD[struct](ctx, layout, world, me)
 
         return build
@@ -120,8 +142,40 @@ def fisher_sharded(
         progress=progress, generator=generator, max_bytes=None, process_group=group,
         kfac_approx=kfac_approx,
     )  # fmt: skip
-    with gathered(model) as plain:
+    context = nullcontext(unwrap(model)) if per_unit else gathered(model)
+    with context as plain:
         return run_build(plain, data, options, prepare)
+
+
+def _per_unit(model: nn.Module, gather: str, device: Any, dtype: Any) -> bool:
+    """Whether the pass runs FSDP's own per-unit gathering (``gather="unit"`` on an FSDP2 model)."""
+    if gather not in ("unit", "all"):
+        raise ValueError(f"gather must be 'unit' or 'all', got {gather!r}")
+    if gather == "all" or not is_sharded(unwrap(model)):  # inside gathered(): nothing to gather
+        return False
+    p = next(unwrap(model).parameters())
+    moved = (dtype is not None and dtype != p.dtype) or (
+        device is not None and torch.device(device) != p.device
+    )
+    if moved:
+        raise ValueError(
+            f"fisher_sharded(gather='unit') runs the FSDP2 model where it is ({p.dtype} on "
+            f"{p.device}); device= and dtype= would copy it: move the model first, or use "
+            "gather='all'"
+        )
+    return True
+
+
+def _check_no_func(engine: Engine, struct: Structure) -> None:
+    if struct is not Structure.DIAG:  # kfac/ekfac: _check_kronecker names them
+        return
+    bad = [b.module_name or "<model>" for b in engine.fallback]
+    if bad:
+        raise ValueError(
+            f"fisher_sharded(gather='unit') cannot run {', '.join(repr(b) for b in bad)} "
+            "through torch.func on an FSDP2 model (functional_call and FSDP's per-unit gathering "
+            "both swap the parameters); use gather='all'"
+        )
 
 
 def _operator(
@@ -161,7 +215,8 @@ def _check_kronecker(engine: Engine, struct: Structure) -> None:
     if bad:
         raise ValueError(
             f"fisher_sharded(structure='{struct.value}') needs Kronecker factors for every "
-            f"layer, but {', '.join(bad)} have none; use structure='diag', or "
+            f"layer, but {', '.join(bad)} have none; pass params= without those "
+            "layers' parameters, use structure='diag', or "
             f"fl.fisher(structure='{struct.value}') (replicated, exact blocks for those layers)"
         )
 

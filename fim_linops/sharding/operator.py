@@ -116,6 +116,40 @@ class ShardedFisher(EigenOperator):
     def device(self) -> torch.device:
         return self._kwargs["damping"].device
 
+    def _scaled(self, c: Tensor) -> ShardedFisher:
+        """c (F + delta I) = c F + c delta I: each rank scales its local operator (no
+        communication); ``fl.laplace.Laplace`` scales the mean Fisher to the summed GGN."""
+        tensors = self.local_tensors
+        if self.local is not None:
+            tensors = tuple(self.local._scaled(c)._args)
+        kwargs = dict(self._kwargs, damping=self.damping * c)
+        return ShardedFisher(*tensors, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> ShardedFisher:
+        """The same sharded operator with this rank's tensors (and the damping) moved or cast, as
+        ``Tensor.to`` takes its arguments. A collective method of the result needs tensors on a
+        device the process group's backend serves (gloo: CPU; NCCL: CUDA), on every rank."""
+        moved = [t.to(*args, **kwargs) for t in self.local_tensors]
+        damping = self.damping.to(*args, **kwargs)
+        out_kwargs = dict(self._kwargs, damping=damping, dtype=damping.dtype, device=damping.device)
+        return ShardedFisher(*moved, **out_kwargs)
+
+    def double(self, device_id: Any = None) -> ShardedFisher:
+        return self.to(torch.float64)
+
+    def float(self, device_id: Any = None) -> ShardedFisher:
+        return self.to(torch.float32)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.group is not None:
+            raise TypeError(
+                f"cannot pickle a ShardedFisher of {len(self.owned)} ranks: it holds a process "
+                "group and only this rank's share of F. Save each rank's part instead "
+                "(F.local: its operator over the entries F.owned[F.me] of the parameter vector), "
+                "or build the whole operator with fl.fisher (replicated) to pickle it"
+            )
+        return dict(self.__dict__)
+
     # -- what this rank holds ----------------------------------------------------------------
     def held_numel(self) -> int:
         """Entries of the tensors this rank keeps (the local operator's statistics)."""
