@@ -7,16 +7,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from fim_linops.engine.columns import Columns
+from fim_linops.engine.ruled import RuledBlock
 from fim_linops.engine.rules.base import chunk_size
+from fim_linops.layout import LayerBlock, ParamLayout
 
-if TYPE_CHECKING:
-    from fim_linops.engine.engine import Engine
+
+class EngineLike(Protocol):
+    """What a result reads of the engine that made it (:class:`~fim_linops.engine.Engine`)."""
+
+    layout: ParamLayout
+    ruled: list[RuledBlock]
+    fallback: list[LayerBlock]
+    block_kind: dict[int, tuple[str, int]]
+
+    def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]: ...
 
 
 @dataclass
@@ -29,7 +39,7 @@ class BatchResult:
     calls: dict[int, list[tuple[Tensor, Tensor]]]  # index into engine.ruled -> [(a, g)]
     x: Any
     v: Tensor  # (K, N, C) back-propagated columns
-    engine: Engine
+    engine: EngineLike  # the Engine that made it
     #: what the batch adds to the normaliser: its examples (positions="sum") or its kept
     #: positions (positions="mean"); 0 for every column chunk of a batch but its first
     count: int = -1

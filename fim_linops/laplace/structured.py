@@ -35,7 +35,6 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from fim_linops.engine import Engine
 from fim_linops.engine.engine import BatchResult
 from fim_linops.engine.rules.linear import LinearRule, with_ones
 from fim_linops.layout import ParamLayout
@@ -151,7 +150,7 @@ def _scaled_grads(j: Tensor, cov: LayerCov) -> Tensor:
 
 def batch_features(res: BatchResult, covs: list[LayerCov]) -> list[Feats]:
     """Per layout block, the covariance features of one batch."""
-    engine: Engine = res.engine
+    engine = res.engine
     fallback = res.fallback_grads(0, res.n) if engine.fallback else {}
     out: list[Feats] = []
     for bi, block in enumerate(engine.layout.blocks):
