@@ -94,6 +94,7 @@ class RecordingContext(BuildContext):
                 else:
                     self.store[-1] = torch.cat([self.store[-1], res.v])
             yield res
+            del res  # release this batch before the engine makes the next
 
 
 Builder = Callable[[BuildContext], FisherOperator]

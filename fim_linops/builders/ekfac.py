@@ -107,6 +107,7 @@ def eigen_sums(
             prev = sums[i]
             sums[i] = part if prev is None else prev + part
         n += res.count
+        del res  # release this batch before the engine makes the next
     return sums, n
 
 

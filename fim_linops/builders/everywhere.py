@@ -23,7 +23,7 @@ in the first pass, and reused by every later one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -158,8 +158,10 @@ def build_everywhere(ctx: BuildContext, structure: Structure) -> FisherOperator:
         kron_layout = _layout(engine, kron)
         view = EngineView(engine, kron_layout)
 
-        def later() -> Iterable[BatchResult]:
-            return (view.result(r) for r in ctx.results(columns=columns))
+        def later() -> Iterator[BatchResult]:
+            for res in ctx.results(columns=columns):
+                yield view.result(res)
+                del res  # release this batch before the engine makes the next
 
         if structure is Structure.KFAC:
             one_pass.insert(0, Group(Structure.KFAC, kron_layout))

@@ -120,6 +120,7 @@ def kron_sum_over(
                     prev = out[i]
                     out[i] = part if prev is None else prev + part
             n += res.count
+            del res  # release this batch before the engine makes the next
         d = [(s.cols if adjoint else s.rows) for s in specs]
         sums = [
             torch.zeros(x.shape[0], s.groups, di, di, dtype=dt, device=dev) if o is None else o

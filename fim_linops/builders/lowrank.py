@@ -66,6 +66,7 @@ def _stacked_gradients(ctx: BuildContext) -> tuple[Tensor, int] | None:
                     return None
                 rows.append(g)
             n += res.count
+            del res  # release this batch before the engine makes the next
     finally:
         results.close()  # removes the hooks at once when the route is abandoned
     return torch.cat(rows), n

@@ -73,6 +73,7 @@ def build_quasi_diag(ctx: BuildContext) -> QuasiDiag:
             diag = diag + d
             cross = [c + p for c, p in zip(cross, parts, strict=True)]
         n += res.count
+        del res  # release this batch before the engine makes the next
     assert diag is not None, "fisher() rejects empty data before building"
     sums = Sums(n=n, tensors=[diag, *cross])
     reduce = getattr(ctx, "reduce", None)

@@ -272,8 +272,12 @@ def gram_matrix(
         for res in engine.run(batches1):
             s = side(res)
             tiles += [s.rows(lo, hi) for lo, hi in _tiles(s.n)]
+            del res  # release this batch before the engine makes the next
         return _symmetric(engine, tiles, trace)
-    sides2 = [side(res) for res in engine.run(batches2)]
+    sides2 = []
+    for res in engine.run(batches2):
+        sides2.append(side(res))
+        del res  # release this batch before the engine makes the next
     n2 = sum(s.n for s in sides2)
     rows = []
     for res in engine.run(batches1):
@@ -286,6 +290,7 @@ def gram_matrix(
             add_block(engine, row[:, c0:c1], s, s2, trace)
             c0 = c1
         rows.append(row)
+        del res  # release this batch before the engine makes the next
     return torch.cat(rows, dim=0)
 
 
@@ -311,4 +316,5 @@ def gram_diagonal(engine: Engine, batches: Iterable, trace: bool = False) -> Ten
     for res in engine.run(batches):
         d = gram_diag(res)  # (K, n)
         parts.append(d.sum(0) if trace else d.T.reshape(-1))
+        del res  # release this batch before the engine makes the next
     return torch.cat(parts)

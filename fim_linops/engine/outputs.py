@@ -47,6 +47,7 @@ def jacobian_rows(engine: Engine, batches: list[Any]) -> Iterator[Tensor]:
     per-example gradients (layer rules, torch.func for the rest)."""
     for res in engine.run([(x, None) for x in batches]):
         g = torch.cat(res.all_block_grads(0, res.n), dim=-1)  # (C, n, P)
+        del res  # release this batch before the engine makes the next
         yield g.transpose(0, 1).reshape(-1, engine.layout.numel)
 
 

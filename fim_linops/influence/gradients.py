@@ -64,6 +64,7 @@ def stream_gradients(
                         out.append(consume(blocks))
                     if bar is not None:
                         bar.update(1)
+                    del res  # release this batch before the engine makes the next
             finally:
                 results.close()
                 if bar is not None:

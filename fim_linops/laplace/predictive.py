@@ -137,6 +137,7 @@ class GLMPredictive:
             for res in engine.run([(xb, None) for xb in batches]):
                 feats = structured.batch_features(res, covs)
                 parts.append((res.n, res.k, feats) if joint else structured.per_example(feats))
+                del res  # release this batch before the engine makes the next
         if joint:
             return mean, structured.joint(parts, self.dtype, self.device)
         return mean, torch.cat(parts)
@@ -163,6 +164,7 @@ class GLMPredictive:
             blocks = []
             for res in engine.run([(xb, None) for xb in batches]):
                 blocks.append(gram_per_example(engine, side(res)))  # (n, C, C)
+                del res  # release this batch before the engine makes the next
         theta = torch.cat(blocks)  # (N, C, C)
         return mean, torch.einsum("nck,k,ndk->ncd", ju3, d, ju3) + theta / delta
 
