@@ -25,8 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from fim_linops.engine import FisherType
 from fim_linops.engine.attention import math_attention
 from fim_linops.likelihoods import Likelihood
+from fim_linops.options import BuildOptions
 from fim_linops.positions import Positions, flat_mask, mapping_mask
 
 
@@ -50,6 +52,21 @@ def run_model(model: nn.Module, x: Any) -> Tensor:
     if isinstance(x, (tuple, list)):
         return model(*x)
     return model(x)
+
+
+#: FishLeg's names of the Fisher types of its products -> BuildOptions' Fisher types
+FISHER_TYPES = {"exact": "exact", "sampled": "mc"}
+
+
+def fishleg_options(
+    likelihood: str | Likelihood, fisher: str = "exact", generator: torch.Generator | None = None
+) -> BuildOptions:
+    """FishLeg's Fisher arguments checked once into :class:`BuildOptions`: the likelihood, the
+    Fisher type (``"exact"``, or ``"sampled"``: one sampled label per example, the options'
+    ``"mc"`` with ``mc_samples=1``) and the generator of the sampled labels."""
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be 'exact' or 'sampled', got {fisher!r}")
+    return BuildOptions.of(likelihood, FISHER_TYPES[fisher], generator=generator)
 
 
 def fisher_vector_product(
@@ -82,8 +99,19 @@ def fisher_vector_product(
     Returns:
         name -> (F w) of each parameter's shape, detached.
     """
-    if fisher not in ("exact", "sampled"):
-        raise ValueError(f"fisher must be 'exact' or 'sampled', got {fisher!r}")
+    return fisher_product(model, x, w, fishleg_options(likelihood, fisher, generator), y)
+
+
+def fisher_product(
+    model: nn.Module,
+    x: Any,
+    w: Mapping[str, Tensor],
+    options: BuildOptions,
+    y: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """:func:`fisher_vector_product` with FishLeg's checked :func:`fishleg_options` (likelihood,
+    ``fisher_type`` exact or mc with one sample, ``generator``)."""
+    likelihood = options.likelihood
     named = dict(model.named_parameters())
     missing = [n for n in w if n not in named]
     if missing:
@@ -100,10 +128,10 @@ def fisher_vector_product(
         kept, count = _kept_outputs(likelihood, fd, x, y)  # (N, T*C) or None; the normaliser
         if kept is not None:
             jw = jw * kept
-        if fisher == "exact":
+        if options.fisher_type is FisherType.EXACT:
             hjw = likelihood.hessian_matmul(fd, jw)  # (N, C)
         else:
-            ys = likelihood.sample(fd, 1, generator=generator)[0]
+            ys = likelihood.sample(fd, 1, generator=options.generator)[0]
             r = likelihood.grad_output(fd, ys).reshape(fd.shape)  # (N, C): d nll / d f at sampled y
             r = r if kept is None else r * kept
             hjw = r * (r * jw).sum(-1, keepdim=True)  # r_n (r_n . J_n w)

@@ -10,8 +10,15 @@ over row-major [W | b] is approximated by G kron A with
 Conv2d (groups = 1): a runs over the unfolded patches (in*kh*kw entries) and the positions t,
 A = 1/(N T) sum_{n,t} a a^T, G = 1/N sum_{n,t,k} g g^T (KFC, Grosse & Martens 2016).
 
-Inputs are captured with forward hooks (removed on exit, also on error); output gradients come from
-``torch.autograd.grad`` w.r.t. the captured layer outputs, so ``.grad`` of the parameters is untouched.
+The factor sums are the engine's (one Kronecker code): each layer's rule
+(:mod:`fim_linops.engine.rules`) turns the captured input and output gradient into them
+(``prepare`` for the patches, ``add_kfac`` for the "expand" sums). The capture stays here, apart
+from the engine's pass (:func:`fim_linops.frame.run_build`), because FishLeg's auxiliary batches
+may be inputs alone (the engine needs (x, y) batches), the init runs on the model itself in its own
+mode and dtype, at the start of training, and only over the layers that get a Kronecker Q. Inputs
+are captured with forward hooks (removed on exit, also on error); output gradients come from
+``torch.autograd.grad`` w.r.t. the captured layer outputs, so ``.grad`` of the parameters is
+untouched.
 """
 
 from __future__ import annotations
@@ -21,44 +28,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.functional import unfold
 
+from fim_linops.engine.rules import KronStats, LayerRule, rule_for
 from fim_linops.fishleg.fvp import run_model
 from fim_linops.likelihoods import Likelihood
 from fim_linops.operators.base import sym_eigh
 
 
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True))  # type: ignore[return-value]
-    return m.padding  # type: ignore[return-value]
-
-
-def _inputs(m: nn.Module, x: Tensor, has_bias: bool) -> Tensor:
-    """Layer input -> (N*T, cols): one row per example (and position), bias entry appended."""
-    if isinstance(m, nn.Conv2d):
-        # n: example, e: patch entry (in*kh*kw), t: position
-        a = unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
-        a = a.transpose(1, 2).reshape(-1, a.shape[1])  # (N*T, e)
-    else:
-        a = x.reshape(-1, x.shape[-1])  # (N*T, in): leading dims are examples/positions
-    if has_bias:
-        a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-    return a
-
-
-def _outputs(g: Tensor, m: nn.Module) -> Tensor:
-    """Output gradient -> (N*T, out)."""
-    if isinstance(m, nn.Conv2d):
-        return g.movedim(1, -1).reshape(-1, g.shape[1])
-    return g.reshape(-1, g.shape[-1])
-
-
-def _out_features(m: nn.Module) -> int:
-    """Output features of a Linear / output channels of a Conv2d layer."""
-    return int(m.out_channels if isinstance(m, nn.Conv2d) else m.weight.shape[0])  # type: ignore[index]
+def _kron_rule(name: str, m: nn.Module) -> LayerRule:
+    rule = rule_for(m)
+    if rule is None or not rule.has_kfac:
+        raise ValueError(
+            f"FishLeg: layer {name!r} ({type(m).__name__}) has no Kronecker factors; use "
+            "init='scale' or a structure without Kronecker blocks for it"
+        )
+    return rule
 
 
 def kfac_factors(
@@ -71,13 +55,14 @@ def kfac_factors(
     (a tensor, a tuple of positional inputs or a dict of keyword inputs). The model's parameters,
     ``.grad`` and hooks are left as found.
     """
+    rules = {name: _kron_rule(name, m) for name, (m, _) in layers.items()}
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
     handles = []
 
     def hook(name: str):
         def fn(m: nn.Module, args: tuple, out: Tensor) -> None:
-            inputs[name] = args[0].detach()
+            inputs[name] = rules[name].prepare(m, args, out)  # the input (patches), detached
             outputs[name] = out
 
         return fn
@@ -93,7 +78,7 @@ def kfac_factors(
     n = f.shape[0]
     s = likelihood.hessian_sqrt(f.detach())  # (N, C, K)
     names = [k for k in layers if k in outputs]
-    sums_g: dict[str, Tensor | None] = {k: None for k in names}
+    sums: dict[str, KronStats | None] = {k: None for k in names}
     for k in range(s.shape[-1]):  # K columns of S (C at most): one backward each
         gs = torch.autograd.grad(
             f,
@@ -103,23 +88,27 @@ def kfac_factors(
             allow_unused=True,
         )
         for name, g in zip(names, gs, strict=True):
-            if g is not None:
-                go = _outputs(g, layers[name][0])  # (N*T, out)
-                gg = go.mT @ go  # o, p: output features
-                prev = sums_g[name]
-                sums_g[name] = gg if prev is None else prev + gg
+            if g is not None:  # the rules take K = 1 column: (1, N, *output)
+                m, has_bias = layers[name]
+                first = sums[name] is None  # A from the inputs once, G from every column
+                sums[name] = rules[name].add_kfac(
+                    sums[name], m, inputs[name], g[None], _names(has_bias), with_a=first
+                )
     factors = {}
     for name in names:
         m, has_bias = layers[name]
-        a = _inputs(m, inputs[name], has_bias)  # (N*T, cols)
-        A = a.mT @ a / a.shape[0]
-        sg = sums_g[name]
-        if sg is None:  # the layer does not reach the output: no curvature
-            G = A.new_zeros(_out_features(m), _out_features(m))
+        st = sums[name]
+        if st is None:  # the layer does not reach the output: no curvature; A alone
+            a, dummy = inputs[name], outputs[name].detach().new_zeros(1, *outputs[name].shape)
+            st = rules[name].add_kfac(None, m, a, dummy, _names(has_bias))
+            factors[name] = (st.right_sum[0] / st.a_rows, st.left_sum[0])
         else:
-            G = sg / n
-        factors[name] = (A, G)
+            factors[name] = (st.right_sum[0] / st.a_rows, st.left_sum[0] / n)
     return factors
+
+
+def _names(has_bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if has_bias else ("weight",)
 
 
 def _sym_sqrt(evecs: Tensor, values: Tensor) -> Tensor:

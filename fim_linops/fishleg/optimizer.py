@@ -32,11 +32,11 @@ from fim_linops.fishleg.aux_data import AuxData
 from fim_linops.fishleg.aux_update import adam_step_or_skip
 from fim_linops.fishleg.block_diag import BlockDiagonal
 from fim_linops.fishleg.cached import apply_block, cache_block
-from fim_linops.fishleg.fvp import fisher_vector_product
+from fim_linops.fishleg.fvp import FISHER_TYPES, fisher_product, fishleg_options
 from fim_linops.fishleg.init import kfac_factors
 from fim_linops.fishleg.parameterisation import BlockSpec, block_operator, block_spec, init_lambda
-from fim_linops.layout import ParamLayout
-from fim_linops.likelihoods import Likelihood, get_likelihood
+from fim_linops.likelihoods import Likelihood
+from fim_linops.options import BuildOptions
 
 
 class FishLeg(torch.optim.Optimizer):
@@ -146,14 +146,19 @@ class FishLeg(torch.optim.Optimizer):
         )  # fmt: skip
         presets.check(h)
         self.model = model
-        self.likelihood = get_likelihood(likelihood)
-        self.layout = ParamLayout.from_model(model)
+        first = next((p for p in model.parameters() if p.requires_grad), None)
+        self._generator = torch.Generator(
+            device=first.device if first is not None else "cpu"
+        ).manual_seed(seed)
+        #: the Fisher of the auxiliary products, checked once (likelihood, exact/mc, generator)
+        self.options = fishleg_options(likelihood, fisher, self._generator)
+        self.likelihood = self.options.likelihood
+        self.layout = self.options.layout_of(model)
         super().__init__(self.layout.params, h)
 
         self._aux = AuxData(aux_data)
         self._t = 0  # step() calls so far
         like = self.layout.params[0]
-        self._generator = torch.Generator(device=like.device).manual_seed(seed)
         init_gen = torch.Generator().manual_seed(seed)
 
         self.specs: list[BlockSpec] = [block_spec(b, h["structure"]) for b in self.layout.blocks]
@@ -232,16 +237,14 @@ class FishLeg(torch.optim.Optimizer):
     # -- the auxiliary objective --------------------------------------------------------------------
     def _fvp(self, x: Any, w: Tensor, group: dict, y: Tensor | None = None) -> Tensor:
         """(F + damping I) w for a flat w (P,) on the batch x (labels y: the kept positions)."""
-        fw = fisher_vector_product(
-            self.model,
-            self.likelihood,
-            x,
-            self.layout.unflatten(w),
-            group["fisher"],
-            self._generator,
-            y=y,
-        )
+        fw = fisher_product(self.model, x, self.layout.unflatten(w), self._fisher(group), y)
         return self.layout.flatten(fw) + group["damping"] * w
+
+    def _fisher(self, group: dict) -> BuildOptions:
+        """The options of the Fisher products, again if ``group["fisher"]`` was changed."""
+        if FISHER_TYPES[group["fisher"]] != self.options.fisher_type.value:
+            self.options = fishleg_options(self.likelihood, group["fisher"], self._generator)
+        return self.options
 
     def auxiliary_loss(self, u: Tensor, x: Any = None, y: Tensor | None = None) -> Tensor:
         r"""A(lambda) = 1/2 u^T Q F_gamma Q u - u^T Q u for a flat u (P,) on the batch x (default:
