@@ -87,11 +87,7 @@ def fisher(
     Returns:
         A ``FisherOperator`` (``linear_operator.LinearOperator``) on the model's device and dtype.
     """
-    options = BuildOptions.of(
-        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
-        dtype=dtype, progress=progress, generator=generator, max_bytes=max_bytes,
-        process_group=process_group, kfac_approx=kfac_approx, strict=strict,
-    )  # fmt: skip
+    options = BuildOptions.of_arguments(locals())
     return build_fisher(model, data, structure, options)
 
 

@@ -1,17 +1,19 @@
 r"""``BuildOptions``: the arguments of a build, checked once and handed down as one frozen object.
 
 Every entry point that runs the engine (``fl.fisher``, the one-pass mix, ``fl.ntk`` and
-``fl.jacobian``, ``fl.laplace.Laplace``, ``fl.influence``, ``fl.sharding.fisher_sharded``) turns
-its public keyword arguments into one :class:`BuildOptions` with :meth:`BuildOptions.of` and hands
-that object down; the functions below an entry point take ``(model, data, ..., options)``, never
-the arguments one by one. The checks that need no model run in :meth:`BuildOptions.of`; those that
-need the model's parameters (``params``, mixed dtypes, the generator's device) in
-:meth:`BuildOptions.layout_of`. A change is a new object (:meth:`BuildOptions.but`), checked again.
+``fl.jacobian``, ``fl.laplace.Laplace``, ``fl.influence``, ``fl.sharding.fisher_sharded``; FishLeg
+for its Fisher products) turns its public keyword arguments into one :class:`BuildOptions` with
+:meth:`BuildOptions.of` (or :meth:`BuildOptions.of_arguments`) and hands that object down; the
+functions below an entry point take ``(model, data, ..., options)``, never the arguments one by
+one. The checks that need no model run in :meth:`BuildOptions.of`; those that need the model's
+parameters (``params``, mixed dtypes, the generator's device) in :meth:`BuildOptions.layout_of`.
+A change is a new object (:meth:`BuildOptions.but`), checked again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +112,16 @@ class BuildOptions:
         dev = torch.device(device) if device is not None else None
         return cls(likelihood=lik, fisher_type=ftype, device=dev, **fields)
 
+    @classmethod
+    def of_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> BuildOptions:
+        """:meth:`of` an entry point's public arguments by name: ``locals()`` taken first thing in
+        its body, so that the explicit keyword signature is not written out a second time. Every
+        argument named like a field is taken (``likelihood``, ``fisher_type`` and ``device``
+        parsed), the others ignored; ``overrides`` (fields) replace or add values."""
+        given = {k: arguments[k] for k in _FIELDS if k in arguments}
+        given.update(overrides)
+        return cls.of(**given)
+
     def but(self, **changes: Any) -> BuildOptions:
         """A copy with ``changes`` (field names), checked again."""
         return dataclasses.replace(self, **changes)
@@ -133,3 +145,7 @@ class BuildOptions:
                     f"{dev}; pass torch.Generator(device='{dev}').manual_seed(seed)"
                 )
         return layout
+
+
+#: the names of :class:`BuildOptions`' fields (what :meth:`BuildOptions.of_arguments` takes)
+_FIELDS = tuple(f.name for f in dataclasses.fields(BuildOptions))

@@ -242,7 +242,7 @@ class FishLeg(torch.optim.Optimizer):
 
     def _fisher(self, group: dict) -> BuildOptions:
         """The options of the Fisher products, again if ``group["fisher"]`` was changed."""
-        if FISHER_TYPES[group["fisher"]] != self.options.fisher_type.value:
+        if FISHER_TYPES.get(group["fisher"]) != self.options.fisher_type.value:
             self.options = fishleg_options(self.likelihood, group["fisher"], self._generator)
         return self.options
 

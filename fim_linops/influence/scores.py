@@ -133,11 +133,7 @@ def influence(
         (n_query, n_train) tensor; with torch.distributed, this rank's shard of the training
         examples (columns in the order of the local data).
     """
-    options = BuildOptions.of(
-        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
-        dtype=dtype, progress=progress, generator=generator, process_group=process_group,
-        kfac_approx=kfac_approx,
-    )  # fmt: skip
+    options = BuildOptions.of_arguments(locals())
     solve, _ = _operator(model, train, structure, damping, options, cg_tol)
     q = _preconditioned_queries(model, query, solve, options, query_rank)
     parts, _ = stream_gradients(model, train, q.scores, options)
@@ -183,11 +179,7 @@ def self_influence(
             "solves of a ShardedFisher are collectives (all ranks at once); pass a structure "
             "name (e.g. structure='ekfac': every rank then holds the whole operator)"
         )
-    options = BuildOptions.of(
-        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
-        dtype=dtype, progress=progress, generator=generator, process_group=process_group,
-        kfac_approx=kfac_approx,
-    )  # fmt: skip
+    options = BuildOptions.of_arguments(locals())
     solve, _ = _operator(model, train, structure, damping, options, cg_tol)
 
     def diag(blocks: list[Tensor]) -> Tensor:
@@ -235,11 +227,7 @@ def top_influences(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    options = BuildOptions.of(
-        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, rank=rank,
-        dtype=dtype, progress=progress, generator=generator, process_group=process_group,
-        kfac_approx=kfac_approx,
-    )  # fmt: skip
+    options = BuildOptions.of_arguments(locals())
     solve, _ = _operator(model, train, structure, damping, options, cg_tol)
     q = _preconditioned_queries(model, query, solve, options, query_rank)
     state: dict[str, Tensor] = {

@@ -110,6 +110,7 @@ def fisher_sharded(
     from fim_linops.frame import run_build
     from fim_linops.options import BuildOptions
 
+    arguments = locals()  # the public arguments, before any other name is bound
     if isinstance(structure, dict):
         raise ValueError(
             "fisher_sharded takes one structure ('diag', 'kfac' or 'ekfac'), not a per-layer mix; "
@@ -137,11 +138,7 @@ def fisher_sharded(
 
         return build
 
-    options = BuildOptions.of(
-        likelihood, fisher_type, device, mc_samples=mc_samples, params=params, dtype=dtype,
-        progress=progress, generator=generator, max_bytes=None, process_group=group,
-        kfac_approx=kfac_approx,
-    )  # fmt: skip
+    options = BuildOptions.of_arguments(arguments, max_bytes=None, process_group=group)
     context = nullcontext(unwrap(model)) if per_unit else gathered(model)
     with context as plain:
         return run_build(plain, data, options, prepare)

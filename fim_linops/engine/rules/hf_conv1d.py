@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from typing import cast
 
-import torch
 from torch import Tensor, nn
 
 from fim_linops.engine.rules.base import KronStats, LayerRule, register_lazy
-from fim_linops.engine.rules.linear import _as_3d, add_gram_with_ones, gram_with_ones
+from fim_linops.engine.rules.linear import (
+    add_linear_factor_sums,
+    linear_factor_sums,
+    linear_param_grads,
+)
 
 
 class HFConv1DRule(LayerRule):
@@ -33,29 +36,13 @@ class HFConv1DRule(LayerRule):
     def param_grads(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
     ) -> list[Tensor]:
-        a3, g3 = _as_3d(a, g)
-        parts = []
-        for name in names:
-            if name == "weight":
-                parts.append(torch.einsum("nti,knto->knio", a3, g3))
-            else:
-                parts.append(g3.sum(2))
-        return parts
+        return linear_param_grads(a, g, names, "knto,nti->knio")  # dW (k, n, i, o)
 
     def kfac(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
     ) -> KronStats:
-        a3, g3 = _as_3d(a, g)
-        if reduce:  # KFAC-reduce: a averaged, g summed over the positions t of each example
-            a3, g3 = a3.mean(1, keepdim=True), g3.sum(2, keepdim=True)
-        af = a3.reshape(-1, a3.shape[-1])  # (n*t, i)
-        gf = g3.reshape(-1, g3.shape[-1])  # (k*n*t, o)
-        return KronStats(
-            left_sum=gram_with_ones(af, "weight" in names, "bias" in names)[None],
-            right_sum=(gf.T @ gf)[None],
-            a_rows=af.shape[0],
-            left_is_a=True,
-        )
+        a_sum, g_sum, rows = linear_factor_sums(a, g, names, reduce)  # A on the left
+        return KronStats(left_sum=a_sum, right_sum=g_sum, a_rows=rows, left_is_a=True)
 
     def accumulate_kfac(
         self,
@@ -66,12 +53,7 @@ class HFConv1DRule(LayerRule):
         names: tuple[str, ...],
         with_a: bool = True,
     ) -> None:
-        af = a.reshape(-1, a.shape[-1])  # (n*t, i)
-        gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
-        if with_a:
-            add_gram_with_ones(acc.left_sum[0], af, "weight" in names, "bias" in names)
-            acc.a_rows += af.shape[0]
-        acc.right_sum[0] += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
+        acc.a_rows += add_linear_factor_sums(acc.left_sum[0], acc.right_sum[0], a, g, names, with_a)
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         n_in, n_out = cast(Tensor, module.weight).shape

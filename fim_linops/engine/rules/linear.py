@@ -76,6 +76,47 @@ def add_gram_with_ones(out: Tensor, a: Tensor, weight: bool, bias: bool) -> None
         out[..., i, i] += rows
 
 
+def linear_param_grads(
+    a: Tensor, g: Tensor, names: tuple[str, ...], weight_eq: str
+) -> list[Tensor]:
+    """Per-example gradients of a linear map's ``names``: the weight by ``weight_eq`` over
+    a (n, t, i) and g (k, n, t, o) ("knto,nti->knoi" for nn.Linear's (out, in) weight,
+    "knto,nti->knio" for a weight stored (in, out)), the bias sum_t g."""
+    a3, g3 = _as_3d(a, g)
+    return [torch.einsum(weight_eq, g3, a3) if n == "weight" else g3.sum(2) for n in names]
+
+
+def linear_factor_sums(
+    a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool
+) -> tuple[Tensor, Tensor, int]:
+    """(A (1, c, c), G (1, o, o), rows of A) of a linear map, "expand" or ``reduce`` (module
+    docstring); which side each factor sits on is the rule's."""
+    a3, g3 = _as_3d(a, g)
+    if reduce:  # KFAC-reduce: a averaged, g summed over the positions t of each example
+        a3, g3 = a3.mean(1, keepdim=True), g3.sum(2, keepdim=True)
+    af = a3.reshape(-1, a3.shape[-1])  # (n*t, i)
+    gf = g3.reshape(-1, g3.shape[-1])  # (k*n*t, o)
+    return (
+        gram_with_ones(af, "weight" in names, "bias" in names)[None],
+        (gf.T @ gf)[None],
+        af.shape[0],
+    )
+
+
+def add_linear_factor_sums(
+    a_sum: Tensor, g_sum: Tensor, a: Tensor, g: Tensor, names: tuple[str, ...], with_a: bool
+) -> int:
+    """``linear_factor_sums`` ("expand") added in place into a_sum (c, c) (only ``with_a``) and
+    g_sum (o, o); returns the rows added to A."""
+    af = a.reshape(-1, a.shape[-1])  # (n*t, i)
+    gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
+    g_sum += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
+    if not with_a:
+        return 0
+    add_gram_with_ones(a_sum, af, "weight" in names, "bias" in names)
+    return af.shape[0]
+
+
 class LinearRule(LayerRule):
     types = (nn.Linear,)
     has_kfac = True
@@ -83,14 +124,7 @@ class LinearRule(LayerRule):
     def param_grads(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
     ) -> list[Tensor]:
-        a3, g3 = _as_3d(a, g)
-        parts = []
-        for name in names:
-            if name == "weight":
-                parts.append(torch.einsum("knto,nti->knoi", g3, a3))
-            else:
-                parts.append(g3.sum(2))
-        return parts
+        return linear_param_grads(a, g, names, "knto,nti->knoi")  # dW (k, n, o, i)
 
     def add_diag(
         self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
@@ -124,16 +158,8 @@ class LinearRule(LayerRule):
     def kfac(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...], reduce: bool = False
     ) -> KronStats:
-        a3, g3 = _as_3d(a, g)
-        if reduce:  # KFAC-reduce: a averaged, g summed over the positions t of each example
-            a3, g3 = a3.mean(1, keepdim=True), g3.sum(2, keepdim=True)
-        af = a3.reshape(-1, a3.shape[-1])  # (n*t, i)
-        gf = g3.reshape(-1, g3.shape[-1])  # (k*n*t, o)
-        return KronStats(
-            left_sum=(gf.T @ gf)[None],
-            right_sum=gram_with_ones(af, "weight" in names, "bias" in names)[None],
-            a_rows=af.shape[0],
-        )
+        a_sum, g_sum, rows = linear_factor_sums(a, g, names, reduce)
+        return KronStats(left_sum=g_sum, right_sum=a_sum, a_rows=rows)
 
     def accumulate_kfac(
         self,
@@ -144,12 +170,7 @@ class LinearRule(LayerRule):
         names: tuple[str, ...],
         with_a: bool = True,
     ) -> None:
-        af = a.reshape(-1, a.shape[-1])  # (n*t, i)
-        gf = g.reshape(-1, g.shape[-1])  # (k*n*t, o)
-        acc.left_sum[0] += gf.T @ gf  # product, then add (rules/base.py, ACCUMULATE)
-        if with_a:
-            add_gram_with_ones(acc.right_sum[0], af, "weight" in names, "bias" in names)
-            acc.a_rows += af.shape[0]
+        acc.a_rows += add_linear_factor_sums(acc.right_sum[0], acc.left_sum[0], a, g, names, with_a)
 
     def kron_shape(self, module: nn.Module, names: tuple[str, ...]) -> tuple[int, int, int]:
         cols = (_lin(module).in_features if "weight" in names else 0) + (
