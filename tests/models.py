@@ -59,6 +59,18 @@ def mlp(likelihood: str | Likelihood = "categorical") -> Batch:
     return model, x, _labels(name, n, c)
 
 
+def uneven_mlp() -> tuple[nn.Module, Tensor, Tensor]:
+    """A float64 MLP 5-7-3-3 (seed 0) whose dim-0 FSDP shards over 2 ranks are uneven (7 rows ->
+    4 + 3, 3 rows -> 2 + 1), x (12, 5), y (12,) categorical labels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 3)
+    ).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    return model, x, y
+
+
 def cnn() -> Batch:
     """Conv2d(stride 2, padding 1) - Conv2d(dilation 2, groups 2) - Conv2d(padding='same',
     reflect) - flatten - Linear to C = 3. x (6, 2, 9, 9), y (6,) int64. P = 491."""

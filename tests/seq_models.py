@@ -103,6 +103,14 @@ def lm_batch(n: int = 3, t: int = 5, vocab: int = 7, seed: int = 0) -> tuple[Ten
     return ids, labels
 
 
+def gpt_and_batch() -> tuple[TinyGPT, Tensor, Tensor]:
+    """A TinyGPT (seed 0) and its :func:`lm_batch` (ids, labels)."""
+    torch.manual_seed(0)
+    model = TinyGPT()
+    ids, labels = lm_batch()
+    return model, ids, labels
+
+
 def _ce_hessian(row: Tensor) -> Tensor:
     """(C, C) Hessian of cross-entropy w.r.t. the logits of one position (label-independent)."""
 

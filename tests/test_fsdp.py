@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import uneven_mlp
 from multiproc import run_in_processes
 from torch import nn
 
@@ -30,17 +31,6 @@ STRUCTURES: list = [
 ]
 WORLD = 2
 TIMEOUT_S = 120.0
-
-
-def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    # odd sizes: FSDP's dim-0 shards are uneven (7 rows -> 4 + 3, 3 rows -> 2 + 1)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 3)
-    ).double()
-    x = torch.randn(12, 5, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,))
-    return model, x, y
 
 
 def _probe(model: nn.Module) -> torch.Tensor:
@@ -83,7 +73,7 @@ def _local(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, world: int, mode: str) -> dict[str, torch.Tensor]:
-    plain, x, y = _setup()
+    plain, x, y = uneven_mlp()
     v = _probe(plain)
     model = _wrap(plain, mode)
     before = _local(model)
@@ -111,7 +101,7 @@ def run_ranks(mode: str) -> list[dict]:
 @pytest.mark.parametrize("mode", ["fsdp_all", "fsdp_some", "ddp"])
 def test_sharded_model_on_half_the_data_each_equals_one_process_on_all(mode) -> None:
     got = run_ranks(mode)
-    plain, x, y = _setup()
+    plain, x, y = uneven_mlp()
     want = _results(plain, [(x, y)], _probe(plain))
     want["forward after"] = plain(x).detach()
     for rank, res in enumerate(got):

@@ -15,6 +15,7 @@ import pickle
 
 import pytest
 import torch
+from models import uneven_mlp
 from multiproc import run_in_processes
 from torch import nn
 
@@ -27,17 +28,6 @@ SHARDED = ["diag", "kfac", "ekfac"]
 DAMPING = 0.3
 MODES = ["fsdp_all", "fsdp_some"]
 GATHERS = ["unit", "all"]
-
-
-def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    # odd sizes: FSDP's dim-0 shards are uneven (7 rows -> 4 + 3, 3 rows -> 2 + 1)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 3)
-    ).double()
-    x = torch.randn(12, 5, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,))
-    return model, x, y
 
 
 def _probes(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +107,7 @@ def _operator_results(F: ShardedFisher, v: torch.Tensor, V: torch.Tensor) -> dic
 def _worker(rank: int, world: int) -> dict:
     out: dict = {}
     for mode in MODES:
-        plain, x, y = _setup()
+        plain, x, y = uneven_mlp()
         v, V = _probes(plain)
         model = _wrap(copy.deepcopy(plain), mode)
         before = _local(model)
@@ -193,7 +183,7 @@ def ranks() -> list[dict]:
 @pytest.fixture(scope="module")
 def want() -> dict:
     """The same quantities on one process: the unsharded model on all the data."""
-    plain, x, y = _setup()
+    plain, x, y = uneven_mlp()
     v, V = _probes(plain)
     want: dict = {}
     for s in SHARDED:
@@ -234,7 +224,7 @@ def _close(got, want, what: str) -> None:
 def test_sharded_operators_equal_the_unsharded_fisher_on_all_the_data(
     ranks, want, mode, gather
 ) -> None:
-    plain, _, _ = _setup()
+    plain, _, _ = uneven_mlp()
     v, V = _probes(plain)
     for rank, got in enumerate(ranks):
         assert got[f"{mode} shards unchanged"], rank
@@ -268,7 +258,7 @@ def _param_ranges(model: nn.Module, rank: int, world: int = 2) -> list[tuple[int
 
 @pytest.mark.parametrize("mode", MODES)
 def test_each_rank_keeps_only_its_share_of_the_statistics(ranks, want, mode) -> None:
-    plain, _, _ = _setup()
+    plain, _, _ = uneven_mlp()
     for s in SHARDED:
         held = [int(r[f"{mode} unit {s} held"]) for r in ranks]
         total = want[f"{s} held"]
@@ -348,7 +338,7 @@ def test_sharded_fisher_moves_with_to_and_refuses_pickling_with_a_group(ranks, w
 
 @pytest.mark.parametrize("structure", SHARDED)
 def test_one_process_sharded_build_is_the_plain_operator(structure) -> None:
-    plain, x, y = _setup()
+    plain, x, y = uneven_mlp()
     v, V = _probes(plain)
     F = fl.fisher(plain, (x, y), structure=structure)
     S = fisher_sharded(plain, (x, y), structure=structure)
@@ -361,7 +351,7 @@ def test_one_process_sharded_build_is_the_plain_operator(structure) -> None:
 
 
 def test_unsupported_structure_and_layers_raise_clear_errors() -> None:
-    plain, x, y = _setup()
+    plain, x, y = uneven_mlp()
     with pytest.raises(ValueError, match="structure='diag', 'kfac' or 'ekfac'"):
         fisher_sharded(plain, (x, y), structure="block_diag")
     normed = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()

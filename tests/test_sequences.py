@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from seq_models import HFStyle, SeqRegressor, TinyGPT, lm_batch, sequence_fisher
+from seq_models import HFStyle, SeqRegressor, TinyGPT, gpt_and_batch, sequence_fisher
 
 import fim_linops as fl
 
@@ -16,16 +16,9 @@ pytestmark = [
 ]
 
 
-def _gpt():
-    torch.manual_seed(0)
-    model = TinyGPT()
-    ids, labels = lm_batch()
-    return model, ids, labels
-
-
 @pytest.mark.parametrize("structure", ["dense", "block_diag", "diag", "implicit"])
 def test_causal_transformer_with_ignored_labels_matches_the_reference(structure: str) -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     F = fl.fisher(model, (ids, labels), likelihood=fl.Categorical(), structure=structure)
     if structure == "diag":
@@ -37,7 +30,7 @@ def test_causal_transformer_with_ignored_labels_matches_the_reference(structure:
 
 
 def test_positions_mean_divides_by_the_kept_positions() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100, mean=True)
     lik = fl.Categorical(positions="mean")
     F = fl.fisher(model, [(ids[:2], labels[:2]), (ids[2:], labels[2:])], lik, structure="dense")
@@ -45,7 +38,7 @@ def test_positions_mean_divides_by_the_kept_positions() -> None:
 
 
 def test_shift_labels_scores_position_t_against_label_t_plus_1() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels[:, 1:] != -100, shift=True)
     lik = fl.Categorical(shift_labels=True)
     F = fl.fisher(model, (ids, labels), lik, structure="dense")
@@ -53,7 +46,7 @@ def test_shift_labels_scores_position_t_against_label_t_plus_1() -> None:
 
 
 def test_mapping_batches_and_model_output_logits() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     hf = HFStyle(model)
     batch = {"input_ids": ids, "attention_mask": (labels != -100).long(), "labels": labels}
@@ -67,7 +60,7 @@ def test_mapping_batches_and_model_output_logits() -> None:
 
 
 def test_chunked_exact_columns_match_and_warn_with_the_number_of_passes() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     with pytest.warns(RuntimeWarning, match="backward passes.*fisher_type='mc'"):
         F = fl.fisher(model, (ids, labels), structure="diag", max_bytes=20_000)
@@ -75,7 +68,7 @@ def test_chunked_exact_columns_match_and_warn_with_the_number_of_passes() -> Non
 
 
 def test_mc_fisher_of_sequences_converges_to_the_exact_one() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     gen = torch.Generator().manual_seed(0)
     F = fl.fisher(
@@ -87,7 +80,7 @@ def test_mc_fisher_of_sequences_converges_to_the_exact_one() -> None:
 
 def test_kfac_on_the_linear_layers_of_a_transformer() -> None:
     """KFAC on LayerNorm/Embedding is issue 17: here params= restricts to the Linear layers."""
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     lin = [p for n, p in model.named_parameters() if n.startswith(("attn", "fc", "out"))]
     for s in ("kfac", "ekfac"):
         F = fl.fisher(model, (ids, labels), structure=s, params=lin)
@@ -111,7 +104,7 @@ def test_gaussian_sequence_regressor_with_nan_targets(structure: str) -> None:
 
 
 def test_bf16_model_is_used_as_it_is() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     model.to(torch.bfloat16)
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -133,7 +126,7 @@ def test_bf16_model_is_used_as_it_is() -> None:
 
 
 def test_model_state_is_left_as_found() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():

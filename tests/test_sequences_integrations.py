@@ -11,6 +11,7 @@ from multiproc import run_in_processes
 from seq_models import (
     SeqRegressor,
     TinyGPT,
+    gpt_and_batch,
     lm_batch,
     sequence_fisher,
     sequence_jacobian,
@@ -25,13 +26,6 @@ pytestmark = [
 ]
 
 
-def _gpt():
-    torch.manual_seed(0)
-    model = TinyGPT()
-    ids, labels = lm_batch()
-    return model, ids, labels
-
-
 def _nll(model, ids, labels) -> torch.Tensor:
     """Sum over the kept positions of the cross-entropy (the reference fit term)."""
     with torch.no_grad():
@@ -43,7 +37,7 @@ def _nll(model, ids, labels) -> torch.Tensor:
 
 # -- fl.compare ----------------------------------------------------------------------------------
 def test_compare_measures_errors_against_the_masked_per_position_fisher() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     res = fl.compare(model, (ids, labels), ["dense", "diag"], method="dense", top_k=2)
     errs = {r["structure"]: r["rel_error"] for r in res.rows}
@@ -56,7 +50,7 @@ def test_compare_measures_errors_against_the_masked_per_position_fisher() -> Non
 
 # -- fl.jacobian and fl.ntk: positions are outputs, row-major (N, T*C) ---------------------------
 def test_jacobian_and_ntk_take_positions_as_outputs_in_row_major_order() -> None:
-    model, ids, _ = _gpt()
+    model, ids, _ = gpt_and_batch()
     _, j = sequence_jacobian(model, ids)  # (N, T, C, P)
     jr = j.reshape(-1, j.shape[-1])  # row (n, t, c) -> n*T*C + t*C + c
     J = fl.jacobian(model, ids)
@@ -82,7 +76,7 @@ def _reference_evidence(ggn: torch.Tensor, fit: torch.Tensor, theta: torch.Tenso
 @pytest.mark.parametrize("positions", ["sum", "mean"])
 def test_laplace_precision_and_evidence_sum_over_the_kept_positions(positions: str) -> None:
     """The posterior is a sum over the data whatever the normalisation of fl.fisher."""
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ggn = sequence_fisher(model, ids, "categorical", labels != -100) * ids.shape[0]
     delta = torch.tensor(0.7)
     lik = fl.Categorical(positions=positions)
@@ -96,7 +90,7 @@ def test_laplace_precision_and_evidence_sum_over_the_kept_positions(positions: s
 
 
 def test_laplace_prior_optimisation_finds_the_reference_evidence_maximum() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ggn = sequence_fisher(model, ids, "categorical", labels != -100) * ids.shape[0]
     theta = fl.ParamLayout.from_model(model).vector()
     fit = _nll(model, ids, labels)
@@ -132,7 +126,7 @@ def test_gaussian_laplace_drops_nan_targets_from_the_fit_and_the_constant() -> N
 
 @pytest.mark.parametrize("structure", ["dense", "diag", "kfac"])
 def test_laplace_predictive_treats_positions_as_outputs(structure: str) -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     n = ids.shape[0]
     la = fl.laplace.Laplace(model, (ids, labels), structure=structure, prior_precision=0.5)
     f_structure = fl.fisher(model, (ids, labels), structure=structure).to_dense()
@@ -155,7 +149,7 @@ def test_laplace_predictive_treats_positions_as_outputs(structure: str) -> None:
 # -- FishLeg ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("positions", ["sum", "mean"])
 def test_fishleg_products_use_the_kept_positions(positions: str) -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100, mean=positions == "mean")
     layout = fl.ParamLayout.from_model(model)
     w = torch.randn(layout.numel, generator=torch.Generator().manual_seed(2))
@@ -170,7 +164,7 @@ def test_fishleg_products_use_the_kept_positions(positions: str) -> None:
 
 
 def test_fishleg_auxiliary_loss_on_a_mapping_batch_matches_the_reference() -> None:
-    model, ids, labels = _gpt()
+    model, ids, labels = gpt_and_batch()
     ref = sequence_fisher(model, ids, "categorical", labels != -100)
     batch = {"ids": ids, "labels": labels}
     opt = fl.FishLeg(model, "categorical", batch, damping=0.3, init_scale=0.5, warmup=1)
