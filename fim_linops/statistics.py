@@ -30,6 +30,14 @@ def _zeros(engine: Engine, *shape: int, like: Tensor) -> Tensor:
     return torch.zeros(*shape, dtype=like.dtype, device=like.device)
 
 
+def _form_all_blocks(engine: Engine) -> None:
+    """Tell the engine (the base of a view) that these statistics form the per-example gradients
+    of every block at once, (K, n, P): its column chunks count them within ``max_bytes``. Called
+    before the first result is made (the engine's batches are a lazy generator)."""
+    base = getattr(engine, "base", engine)
+    base.workspace = max(base.workspace, engine.layout.numel)
+
+
 def diag_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None = None) -> Sums:
     """sum_n sum_k (J_n^T V[k, n])^2, elementwise, shape (P,); added to ``into`` when given (a
     previous call's sums, continued in place)."""
@@ -60,7 +68,7 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None 
                     parts[i] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
         if engine.fallback:
             p_fb = sum(b.numel for b in engine.fallback)
-            for lo, hi in res.chunks(p_fb):
+            for lo, hi in res.chunks(p_fb, func=True):
                 grads = res.fallback_grads(lo, hi)
                 for block in engine.fallback:
                     for e in block.entries:
@@ -77,11 +85,12 @@ def block_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None
     added to ``into`` when given."""
     out = into if into is not None else Sums()
     blocks: list[Tensor] | None = out.tensors or None
-    widest = max(b.numel for b in engine.layout.blocks)
+    _form_all_blocks(engine)
     for res in results:
         if blocks is None:
             blocks = [_zeros(engine, b.numel, b.numel, like=res.v) for b in engine.layout.blocks]
-        for lo, hi in res.chunks(widest):
+        # every block's (K, n, p_b) at once
+        for lo, hi in res.chunks(engine.layout.numel, func=True):
             for bi, g in enumerate(res.all_block_grads(lo, hi)):
                 gf = g.reshape(-1, g.shape[-1])
                 blocks[bi] += gf.T @ gf
@@ -97,10 +106,11 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None
     given."""
     out = into if into is not None else Sums()
     total = out.tensors[0] if out.tensors else None
+    _form_all_blocks(engine)
     for res in results:
         if total is None:
             total = _zeros(engine, engine.layout.numel, engine.layout.numel, like=res.v)
-        for lo, hi in res.chunks(engine.layout.numel):
+        for lo, hi in res.chunks(engine.layout.numel, func=True):
             g = torch.cat(res.all_block_grads(lo, hi), dim=-1).reshape(-1, engine.layout.numel)
             total += g.T @ g
         out.n += res.count

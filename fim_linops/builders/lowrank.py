@@ -59,7 +59,7 @@ def _stacked_gradients(ctx: BuildContext) -> tuple[Tensor, int] | None:
     results = ctx.results()
     try:
         for res in results:
-            for lo, hi in res.chunks(p):
+            for lo, hi in res.chunks(p, func=True):
                 g = torch.cat(res.all_block_grads(lo, hi), dim=-1).reshape(-1, p)
                 nbytes += g.numel() * g.element_size()
                 if nbytes > SVD_MAX_BYTES:

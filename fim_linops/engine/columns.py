@@ -25,6 +25,28 @@ from fim_linops.likelihoods import Likelihood
 #: model's backward takes a millisecond, so this is at least a quarter of an hour per batch
 MAX_PASSES = 1_000_000
 
+#: copies of the torch.func parameters' per-example gradients (K, n, p) alive at once while they
+#: are made: vjp under vmap holds the gradient of each use of a parameter and their sum (a tied LM
+#: head: the head's and the embedding's (K, n, V, d) gradients and their sum; measured 3.0x the
+#: result's bytes on bench_vocab's model)
+FUNC_COPIES = 3
+
+
+def per_example_workspace(
+    ruled_numel: list[int], calls: list[tuple[int, Tensor, Tensor]], p_func: int
+) -> int:
+    """Numbers per column and example that the statistics form beyond the captured outputs:
+    :data:`FUNC_COPIES` times the torch.func parameters ``p_func`` plus the per-example gradients
+    (K, n, p_b) of the widest ruled block whose gradient sums over several positions or calls
+    (the diagonal's workspace, ``Rule.diag_workspace``). ``ruled_numel[i]``: p of ruled block i;
+    ``calls``: (ruled index, a, output) of the batch."""
+    count: dict[int, int] = {}
+    for i, a, _ in calls:
+        several = a.ndim > 2 and a[0].numel() != a.shape[-1]  # a (n, *T, i) with T > 1
+        count[i] = count.get(i, 0) + (2 if several else 1)
+    widest = max((ruled_numel[i] for i, c in count.items() if c > 1), default=0)
+    return FUNC_COPIES * p_func + widest
+
 
 class Columns:
     """K columns V (K, N, C) of one batch, a range at a time."""

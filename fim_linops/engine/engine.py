@@ -35,6 +35,7 @@ from fim_linops.engine.columns import (
     RootColumns,
     backward_chunk,
     column_step,
+    per_example_workspace,
     streams_roots,
 )
 from fim_linops.engine.result import BatchResult, Pending, join
@@ -116,6 +117,10 @@ class Engine:
         self.generator = generator
         #: memory budget of the exact Fisher's chunked backward passes (fisher(max_bytes=...))
         self.max_bytes: int | None = DEFAULT_MAX_BYTES
+        #: numbers per column and example that the build's statistics form at once (the
+        #: per-example gradients of every block: P for block_diag and dense), counted in each
+        #: column chunk's working memory (:func:`~fim_linops.engine.columns.column_step`)
+        self.workspace = 0
         self._warned_passes = False
         self._target_values = "values" in inspect.signature(likelihood.check_target).parameters
         for name, module in model.named_modules():
@@ -353,7 +358,9 @@ class Engine:
         step = k
         if p.calls and need_grads:
             p_func = sum(b.numel for b in self.fallback)
-            step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes, p_func)
+            numel = [rb.block.numel for rb in self.ruled]
+            work = per_example_workspace(numel, p.calls, p_func) + self.workspace
+            step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes, work)
             self._warned_passes = self._warned_passes or step < k
         half = p.f.dtype in HALF
         for lo in range(0, k, step):

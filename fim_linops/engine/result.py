@@ -12,9 +12,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from fim_linops.engine.columns import Columns
+from fim_linops.engine.columns import FUNC_COPIES, Columns
 from fim_linops.engine.ruled import RuledBlock
-from fim_linops.engine.rules.base import chunk_size
+from fim_linops.engine.rules.base import CHUNK_BYTES, chunk_size
 from fim_linops.layout import LayerBlock, ParamLayout
 
 
@@ -25,6 +25,7 @@ class EngineLike(Protocol):
     ruled: list[RuledBlock]
     fallback: list[LayerBlock]
     block_kind: dict[int, tuple[str, int]]
+    max_bytes: int | None
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]: ...
 
@@ -84,9 +85,16 @@ class BatchResult:
                 )
         return out
 
-    def chunks(self, p: int) -> Iterator[tuple[int, int]]:
-        """Example ranges so that (K, n, p) tensors stay within the memory budget."""
-        step = chunk_size(self.k, self.n, p, self.v.element_size())
+    def chunks(self, p: int, func: bool = False) -> Iterator[tuple[int, int]]:
+        """Example ranges so that (K, n, p) tensors stay within the memory budget: the engine's
+        ``max_bytes`` (at most 256 MiB; one example at least, whose (K, 1, p) the engine's column
+        chunks keep within ``max_bytes``). ``func``: the chunk also makes the torch.func
+        per-example gradients (:meth:`fallback_grads`), whose workspace is
+        :data:`~fim_linops.engine.columns.FUNC_COPIES` times theirs (p counts them once)."""
+        if func:
+            p += (FUNC_COPIES - 1) * sum(b.numel for b in self.engine.fallback)
+        budget = CHUNK_BYTES if self.engine.max_bytes is None else self.engine.max_bytes
+        step = chunk_size(self.k, self.n, p, self.v.element_size(), min(budget, CHUNK_BYTES))
         for lo in range(0, self.n, step):
             yield lo, min(self.n, lo + step)
 

@@ -30,6 +30,7 @@ class EngineView(Engine):
         self.fisher_type = engine.fisher_type
         self.mc_samples = engine.mc_samples
         self.generator = engine.generator
+        self.max_bytes = engine.max_bytes
         self.rows_free = engine.rows_free
         self.rows_checked = engine.rows_checked
         by_name = {b.module_name: bi for bi, b in enumerate(engine.layout.blocks)}

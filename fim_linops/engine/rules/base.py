@@ -252,7 +252,11 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 DIAG_CHUNK_BYTES = 1 << 22
 
 
-def chunk_size(k: int, n: int, p: int, itemsize: int, budget_bytes: int = 1 << 28) -> int:
+#: the default budget of :func:`chunk_size` (per-example gradient chunks)
+CHUNK_BYTES = 1 << 28
+
+
+def chunk_size(k: int, n: int, p: int, itemsize: int, budget_bytes: int = CHUNK_BYTES) -> int:
     """How many examples to process at once so that a (K, n, p) tensor stays under the budget."""
     per_example = max(1, k * p * itemsize)
     return int(max(1, min(n, budget_bytes // per_example)))
