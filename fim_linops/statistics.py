@@ -7,8 +7,10 @@ Shapes: K columns, n examples in a chunk, p a block's parameters, P all paramete
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,34 +52,53 @@ def diag_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None 
         if total is None:
             total = _zeros(engine, engine.layout.numel, like=res.v)
             parts = [total[rb.block.start : rb.block.stop] for rb in engine.ruled]
-        for i, rb in enumerate(engine.ruled):
-            calls = res.calls.get(i, [])
-            if len(calls) == 1:
-                a, g = calls[0]
-                names = rb.block.local_names
-                work = rb.rule.diag_workspace(rb.module, a, g, names)
-                if work == 0:
-                    rb.rule.add_diag(parts[i], rb.module, a, g, names)
-                    continue
-                step = max(1, DIAG_CHUNK_BYTES // (work * g.element_size()))
-                for lo in range(0, res.n, step):
-                    hi = min(res.n, lo + step)
-                    rb.rule.add_diag(parts[i], rb.module, a[lo:hi], g[:, lo:hi], names)
-            elif len(calls) > 1:  # shared module: sum the calls' gradients, then square
-                for lo, hi in res.chunks(rb.block.numel):
-                    parts[i] += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
+        for i in range(len(engine.ruled)):
+            add_ruled_diag(res, i, parts[i])
         if engine.fallback:
-            p_fb = sum(b.numel for b in engine.fallback)
-            for lo, hi in res.chunks(p_fb, func=True):
-                grads = res.fallback_grads(lo, hi)
-                for block in engine.fallback:
-                    for e in block.entries:
-                        total[e.start : e.stop] += (grads[e.name] ** 2).sum((0, 1)).reshape(-1)
+            add_fallback_diag(res, functools.partial(_entry_of, total))
         out.n += res.count
         del res  # release this batch before the engine makes the next
     assert total is not None, "fisher() rejects empty data before building"
     out.tensors = [total]
     return out
+
+
+def _entry_of(total: Tensor, e: Any) -> Tensor:
+    return total[e.start : e.stop]
+
+
+def add_ruled_diag(res: BatchResult, i: int, part: Tensor) -> None:
+    """``part`` (p_i,) += ruled block i's diagonal sum_n sum_k (J_n^T V[k, n])^2 on this result;
+    the rule's per-example workspace kept within ``DIAG_CHUNK_BYTES``."""
+    rb = res.engine.ruled[i]
+    calls = res.calls.get(i, [])
+    if len(calls) == 1:
+        a, g = calls[0]
+        names = rb.block.local_names
+        work = rb.rule.diag_workspace(rb.module, a, g, names)
+        if work == 0:
+            rb.rule.add_diag(part, rb.module, a, g, names)
+            return
+        step = max(1, DIAG_CHUNK_BYTES // (work * g.element_size()))
+        for lo in range(0, res.n, step):
+            hi = min(res.n, lo + step)
+            rb.rule.add_diag(part, rb.module, a[lo:hi], g[:, lo:hi], names)
+    elif len(calls) > 1:  # shared module: sum the calls' gradients, then square
+        for lo, hi in res.chunks(rb.block.numel):
+            part += (res.block_grads(i, lo, hi) ** 2).sum((0, 1))
+
+
+def add_fallback_diag(res: BatchResult, part_of: Callable[[Any], Tensor]) -> None:
+    """The torch.func parameters' diagonal on this result: ``part_of(entry)`` (the entry's numel,)
+    += sum_n sum_k g_nk^2 for each of their layout entries."""
+    fallback = res.engine.fallback
+    p_fb = sum(b.numel for b in fallback)
+    for lo, hi in res.chunks(p_fb, func=True):
+        grads = res.fallback_grads(lo, hi)
+        for block in fallback:
+            for e in block.entries:
+                part_of(e).add_((grads[e.name] ** 2).sum((0, 1)).reshape(-1))
+        del grads
 
 
 def block_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None = None) -> Sums:

@@ -104,6 +104,30 @@ def _operator_results(F: ShardedFisher, v: torch.Tensor, V: torch.Tensor) -> dic
     }
 
 
+def _uneven_backward_passes(model: nn.Module, data: list, V: torch.Tensor, rank: int) -> dict:
+    """The exact Fisher's columns back-propagated one per pass on rank 0 and all at once on rank
+    1: in the per-unit pass each backward is a collective (FSDP re-gathers the units), so the
+    ranks must agree on the number of passes per forward (else they deadlock)."""
+    from fim_linops.engine import engine as engine_mod
+
+    plain_step = engine_mod.column_step
+    steps: list[int] = []
+
+    def step(*args, **kwargs) -> int:
+        steps.append(1 if rank == 0 else plain_step(*args, **kwargs))
+        return steps[-1]
+
+    out: dict = {}
+    engine_mod.column_step = step
+    try:
+        for s in SHARDED:
+            out[f"uneven passes {s} F@V"] = fisher_sharded(model, data, structure=s) @ V
+    finally:
+        engine_mod.column_step = plain_step
+    out["uneven passes steps"] = steps
+    return out
+
+
 def _worker(rank: int, world: int) -> dict:
     out: dict = {}
     for mode in MODES:
@@ -117,12 +141,15 @@ def _worker(rank: int, world: int) -> dict:
                 F = fisher_sharded(model, data, structure=s, gather=gather)
                 for key, val in _operator_results(F, v, V).items():
                     out[f"{mode} {gather} {s} {key}"] = val
+                out[f"{mode} {gather} {s} pass held"] = F.pass_held
         mc = {}  # MC labels: the stand-in batch (rank 1) draws after the real ones
         for gather in GATHERS:
             gen = torch.Generator().manual_seed(3)
             S = fisher_sharded(model, data, structure="ekfac", fisher_type="mc", generator=gen)
             mc[gather] = S @ V
         out[f"{mode} mc ekfac unit - all"] = mc["unit"] - mc["all"]
+        if mode == "fsdp_all":
+            out.update(_uneven_backward_passes(model, data, V, rank))
         # rank 0's first batch has one example: its first-batch checks run fewer side forwards
         skew = [(x[:1], y[:1]), (x[1:5], y[1:5])] if rank == 0 else [(x[5:], y[5:])]
         out[f"{mode} skewed kfac F@V"] = fisher_sharded(model, skew, structure="kfac") @ V
@@ -268,6 +295,42 @@ def test_each_rank_keeps_only_its_share_of_the_statistics(ranks, want, mode) -> 
     for rank, r in enumerate(ranks):
         mine = sum(hi - lo for lo, hi in _param_ranges(plain, rank))
         assert int(r[f"{mode} unit diag held"]) == mine
+
+
+def test_ranks_whose_batches_need_different_numbers_of_backward_passes(ranks, want) -> None:
+    assert set(ranks[0]["uneven passes steps"]) == {1}
+    assert min(ranks[1]["uneven passes steps"]) > 1  # all 3 columns in one pass
+    for rank, got in enumerate(ranks):
+        for s in SHARDED:
+            _close(got[f"uneven passes {s} F@V"], want[f"{s} F@V"], f"uneven passes {s} r{rank}")
+
+
+@pytest.mark.parametrize("gather", GATHERS)
+def test_statistics_are_reduced_to_their_owners_during_the_pass(ranks, want, gather) -> None:
+    """At no time of the pass does a rank hold the whole statistics: its share as it grows plus
+    one layer's contribution of one result (EKFAC: plus every layer's eigenbases, which each rank
+    needs to project its own data), not every layer's partial sums until one reduction at the
+    end (which held the full statistics plus the share)."""
+    plain, _, _ = uneven_mlp()
+    linears = [m for m in plain if isinstance(m, nn.Linear)]
+    largest = max(m.weight.numel() + m.bias.numel() for m in linears)  # 7 x 5 + 7
+    # Kronecker factors of a Linear: G (out, out) and A (in + 1, in + 1)
+    factors = [m.out_features**2 + (m.in_features + 1) ** 2 for m in linears]
+    bases = sum(factors)
+    for mode in MODES:
+        for rank, got in enumerate(ranks):
+            what = (mode, gather, rank)
+            share = {s: int(got[f"{mode} {gather} {s} held"]) for s in SHARDED}
+            held = {s: got[f"{mode} {gather} {s} pass held"] for s in SHARDED}
+            assert held["diag"] == share["diag"] + largest, what
+            assert held["diag"] < want["diag held"] + share["diag"], what
+            assert held["kfac"] == share["kfac"] + max(factors), what
+            assert held["kfac"] < want["kfac held"] + share["kfac"], what
+            # EKFAC: the first pass as KFAC's; the second holds the owned eigenvalue sums (a
+            # Linear's rows x cols = its parameter count), one layer's, and all the bases
+            owned_sums = share["ekfac"] - share["kfac"]  # its share: owned bases + sums
+            second = owned_sums + largest + bases
+            assert held["ekfac"] == max(share["kfac"] + max(factors), second), what
 
 
 def test_the_unit_pass_gathers_one_fsdp_unit_at_a_time(ranks, want) -> None:

@@ -93,22 +93,31 @@ def eigen_sums(
     sums: list[Tensor | None] = [None] * len(engine.ruled)
     n = 0
     for res in results:
-        for i, rb in enumerate(engine.ruled):
-            calls = res.calls.get(i, [])
-            spec, (ql, qr) = specs[i], bases[i]
-            if not calls:
+        for i in range(len(engine.ruled)):
+            part = projected_squares(res, i, specs[i], *bases[i])
+            if part is None:
                 continue
-            if len(calls) == 1 and isinstance(rb.rule, LinearRule):
-                part = _projected_linear(*calls[0], spec, ql, qr, res)
-            elif len(calls) == 1 and isinstance(rb.rule, ConvRule):
-                part = _projected_conv(rb.module, *calls[0], spec, ql, qr, res)
-            else:
-                part = _projected_generic(res, i, spec, ql, qr)
             prev = sums[i]
             sums[i] = part if prev is None else prev + part
         n += res.count
         del res  # release this batch before the engine makes the next
     return sums, n
+
+
+def projected_squares(
+    res: BatchResult, i: int, spec: KronSpec, ql: Tensor, qr: Tensor
+) -> Tensor | None:
+    """Ruled block i's sum_{n,k} (Q_L^T M_nk Q_R)^2 on this result (groups, rows, cols); None
+    when the output did not reach the block."""
+    rb = res.engine.ruled[i]
+    calls = res.calls.get(i, [])
+    if not calls:
+        return None
+    if len(calls) == 1 and isinstance(rb.rule, LinearRule):
+        return _projected_linear(*calls[0], spec, ql, qr, res)
+    if len(calls) == 1 and isinstance(rb.rule, ConvRule):
+        return _projected_conv(rb.module, *calls[0], spec, ql, qr, res)
+    return _projected_generic(res, i, spec, ql, qr)
 
 
 def _reduce(ctx: BuildContext, sums: Sums) -> Sums:

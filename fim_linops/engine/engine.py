@@ -19,7 +19,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import torch
@@ -122,6 +122,10 @@ class Engine:
         #: column chunk's working memory (:func:`~fim_linops.engine.columns.column_step`)
         self.workspace = 0
         self._warned_passes = False
+        #: (K columns, step) -> the column ranges of a batch's backward passes; set by a caller
+        #: whose ranks must run the same number of them (the FSDP2 per-unit pass: each backward
+        #: re-gathers parameters, a collective), padding with empty ranges (a zero column)
+        self.agree_chunks: Callable[[int, int], list[tuple[int, int]]] | None = None
         self._target_values = "values" in inspect.signature(likelihood.check_target).parameters
         for name, module in model.named_modules():
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -363,12 +367,17 @@ class Engine:
             step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes, work)
             self._warned_passes = self._warned_passes or step < k
         half = p.f.dtype in HALF
-        for lo in range(0, k, step):
-            hi = min(k, lo + step)
-            v = p.cols.chunk(lo, hi).to(p.f.dtype)
+        ranges = [(lo, min(k, lo + step)) for lo in range(0, k, step)]
+        if self.agree_chunks is not None and p.calls and need_grads:
+            ranges = self.agree_chunks(k, step)
+        for index, (lo, hi) in enumerate(ranges):
+            if hi > lo:
+                v = p.cols.chunk(lo, hi).to(p.f.dtype)
+            else:  # a zero column: a backward pass that adds nothing (see agree_chunks)
+                v = p.f.new_zeros(1, *p.f.shape)
             grads: tuple = ()
             if p.calls and need_grads:
-                grads = backward_chunk(p.f, outputs, v, last=hi == k)
+                grads = backward_chunk(p.f, outputs, v, last=index == len(ranges) - 1)
             calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
             for (i, a, out), g in zip(p.calls, grads, strict=False):
                 if g is None:
@@ -376,7 +385,9 @@ class Engine:
                 calls.setdefault(i, []).append((a, g.detach().float() if half else g.detach()))
             vd = v.detach().float() if half else v.detach()
             n = p.f.shape[0]
-            yield BatchResult(n, hi - lo, calls, p.x, vd, self, p.count if lo == 0 else 0, lo == 0)
+            yield BatchResult(
+                n, v.shape[0], calls, p.x, vd, self, p.count if index == 0 else 0, index == 0
+            )
             del calls, grads, v, vd
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:

@@ -24,10 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fim_linops import statistics
 from fim_linops.builders.base import BuildContext, RecordingContext, kron_spec
-from fim_linops.builders.core import fill_kron_stats
-from fim_linops.builders.ekfac import eigen_sums
 from fim_linops.builders.everywhere import non_kronecker
 from fim_linops.distributed import all_reduce_, all_reduce_count, resolve_group
 from fim_linops.engine import Engine, FisherType
@@ -36,7 +33,7 @@ from fim_linops.likelihoods import Likelihood
 from fim_linops.operators import EKFAC, KFAC, Diag
 from fim_linops.operators.base import sym_eigh
 from fim_linops.operators.kron import KronSpec
-from fim_linops.sharding import shards
+from fim_linops.sharding import shards, stream
 from fim_linops.sharding.gather import gathered, is_sharded, unwrap
 from fim_linops.sharding.lockstep import Lockstep
 from fim_linops.sharding.operator import ShardedFisher
@@ -130,11 +127,12 @@ def fisher_sharded(
 
     def prepare(work: nn.Module, layout: ParamLayout, dt: torch.dtype):
         def build(ctx: BuildContext) -> ShardedFisher:
+            lock = None
             if per_unit:
                 lock = Lockstep(ctx.engine, ctx.group)
                 ctx.data = lock.check_first_batch(ctx.data, ctx.device, ctx.dtype)
                 _check_no_func(ctx.engine, struct)
-            return _BUILD[struct](ctx, layout, world, me)
+            return _BUILD[struct](_Build(ctx, layout, world, me, lock))
 
         return build
 
@@ -175,36 +173,50 @@ def _check_no_func(engine: Engine, struct: Structure) -> None:
         )
 
 
-def _operator(
-    ctx: BuildContext,
-    tensors: list[Tensor],
-    local_cls: type | None,
-    local_kwargs: dict[str, Any],
-    owned: shards.Ownership,
-    layout: ParamLayout,
-    world: int,
-    me: int,
-) -> ShardedFisher:
-    return ShardedFisher(
-        *tensors,
-        local_cls=local_cls if tensors else None,
-        local_kwargs=local_kwargs,
-        owned=owned,
-        shards=shards.param_ranges(layout, world),
-        numel=layout.numel,
-        group=ctx.group,
-        me=me,
-        damping=torch.zeros((), dtype=ctx.dtype, device=ctx.device),
-    )
+@dataclasses.dataclass
+class _Build:
+    ctx: BuildContext
+    layout: ParamLayout
+    world: int
+    me: int
+    lock: Lockstep | None
+
+    def stream(self, ctx: BuildContext | None = None, columns: list[Tensor] | None = None):
+        c = ctx if ctx is not None else self.ctx
+        return stream.Pass(
+            c.engine, c.results(columns=columns), c.group, self.me, c.dtype, c.device, self.lock
+        )
+
+    def operator(
+        self,
+        tensors: list[Tensor],
+        local_cls: type,
+        local_kwargs: dict[str, Any],
+        owned: shards.Ownership,
+        held: int,
+    ) -> ShardedFisher:
+        ctx = self.ctx
+        out = ShardedFisher(
+            *tensors,
+            local_cls=local_cls if tensors else None,
+            local_kwargs=local_kwargs,
+            owned=owned,
+            shards=shards.param_ranges(self.layout, self.world),
+            numel=self.layout.numel,
+            group=ctx.group,
+            me=self.me,
+            damping=torch.zeros((), dtype=ctx.dtype, device=ctx.device),
+        )
+        out.pass_held = held
+        return out
 
 
-def _build_diag(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
-    sums = statistics.diag_sums(ctx.engine, ctx.results())
-    n = all_reduce_count(sums.n, ctx.group, ctx.device)
-    owned = shards.param_ranges(layout, world)
-    mine = shards.reduce_to_owners(sums.tensors[0], owned, ctx.group)
-    sums.tensors.clear()
-    return _operator(ctx, [mine / n], Diag, {}, owned, layout, world, me)
+def _build_diag(b: _Build) -> ShardedFisher:
+    owned = shards.param_ranges(b.layout, b.world)
+    p = b.stream()
+    mine, n_local = stream.owned_diag(p, owned)
+    n = all_reduce_count(n_local, b.ctx.group, b.ctx.device)
+    return b.operator([mine / n], Diag, {}, owned, p.held)
 
 
 def _check_kronecker(engine: Engine, struct: Structure) -> None:
@@ -219,35 +231,28 @@ def _check_kronecker(engine: Engine, struct: Structure) -> None:
 
 
 def _reduced_factors(
-    ctx: BuildContext, owners: tuple[int, ...], me: int
-) -> tuple[list[KronSpec], list[tuple[Tensor, Tensor] | None]]:
-    """The KFAC factors (left, right), normalised as ``fl.fisher`` does, reduced to each layer's
-    owner; None on the other ranks (their partial sums are dropped)."""
+    b: _Build, owners: tuple[int, ...], columns: list[Tensor] | None = None
+) -> tuple[list[KronSpec], list[tuple[Tensor, Tensor] | None], int]:
+    """The KFAC factors (left, right), normalised as ``fl.fisher`` does, on each layer's owner
+    (None on the other ranks), reduced during the pass; and the entries held at once."""
+    ctx = b.ctx
     engine = ctx.engine
     reduce = ctx.options.kfac_approx == "reduce"
-    sums = statistics.kfac_sums(engine, ctx.results(), reduce=reduce)
-    stats = fill_kron_stats(engine, sums.extra.pop("stats"), ctx.dtype, ctx.device)
-    rows = torch.tensor([float(st.a_rows) for st in stats], dtype=torch.float64, device=ctx.device)
+    recording = RecordingContext.of(ctx, columns)
+    p = b.stream(recording)
+    sums, rows, n_local = stream.owned_kfac(p, owners, reduce)
     all_reduce_([rows], ctx.group)
-    n = all_reduce_count(sums.n, ctx.group, ctx.device)
-    specs = [kron_spec(rb, st.left_is_a) for rb, st in zip(engine.ruled, stats, strict=True)]
+    n = all_reduce_count(n_local, ctx.group, ctx.device)
+    specs = [kron_spec(rb, rb.rule.kron_left_is_a) for rb in engine.ruled]
     out: list[tuple[Tensor, Tensor] | None] = []
-    for i, st in enumerate(stats):
-        left, right = st.left_sum.contiguous(), st.right_sum.contiguous()
-        if ctx.group is not None:
-            dst = shards._global(ctx.group, owners[i])
-            dist.reduce(left, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group)
-            dist.reduce(right, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group)
-        stats[i] = None  # type: ignore[call-overload]
-        if owners[i] != me:
+    for i, (spec, pair) in enumerate(zip(specs, sums, strict=True)):
+        if pair is None:
             out.append(None)
             continue
         a_count = max(int(rows[i]), 1)
-        if st.left_is_a:
-            out.append((left / a_count, right / n))
-        else:
-            out.append((left / n, right / a_count))
-    return specs, out
+        left, right = pair
+        out.append((left / a_count, right / n) if spec.left_is_a else (left / n, right / a_count))
+    return specs, out, p.held
 
 
 def _rebased(specs: list[KronSpec], owners: tuple[int, ...], me: int) -> tuple[KronSpec, ...]:
@@ -266,23 +271,25 @@ def _owners(ctx: BuildContext, world: int) -> tuple[int, ...]:
     return shards.layer_owners(specs, world)
 
 
-def _build_kfac(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
+def _build_kfac(b: _Build) -> ShardedFisher:
+    ctx = b.ctx
     _check_kronecker(ctx.engine, Structure.KFAC)
     if ctx.options.kfac_approx == "expand":  # as fl.fisher: rows as they come
         ctx.engine.rows_free.update(id(rb.module) for rb in ctx.engine.ruled)
-    owners = _owners(ctx, world)
-    specs, factors = _reduced_factors(ctx, owners, me)
+    owners = _owners(ctx, b.world)
+    specs, factors, held = _reduced_factors(b, owners)
     tensors = [t for f in factors if f is not None for t in f]
-    owned = shards.layer_ranges(specs, owners, world)
-    kw = {"specs": _rebased(specs, owners, me)}
-    return _operator(ctx, tensors, KFAC, kw, owned, layout, world, me)
+    owned = shards.layer_ranges(specs, owners, b.world)
+    kw = {"specs": _rebased(specs, owners, b.me)}
+    return b.operator(tensors, KFAC, kw, owned, held)
 
 
-def _build_ekfac(ctx: BuildContext, layout: ParamLayout, world: int, me: int) -> ShardedFisher:
+def _build_ekfac(b: _Build) -> ShardedFisher:
+    ctx = b.ctx
     _check_kronecker(ctx.engine, Structure.EKFAC)
     columns: list[Tensor] | None = [] if ctx.engine.fisher_type is FisherType.MC else None
-    owners = _owners(ctx, world)
-    specs, factors = _reduced_factors(RecordingContext.of(ctx, columns), owners, me)
+    owners = _owners(ctx, b.world)
+    specs, factors, held = _reduced_factors(b, owners, columns)
     bases: list[tuple[Tensor, Tensor]] = []
     for spec, f, r in zip(specs, factors, owners, strict=True):
         if f is not None:
@@ -297,20 +304,20 @@ def _build_ekfac(ctx: BuildContext, layout: ParamLayout, world: int, me: int) ->
             dist.broadcast(qr, src=src, group=ctx.group)
         bases.append((ql, qr))
     del factors
-    sums, n_local = eigen_sums(ctx.engine, ctx.results(columns=columns), tuple(specs), bases)
+    p = b.stream(columns=columns)
+    sums, n_local = stream.owned_eigen_sums(p, owners, tuple(specs), bases)
     n = all_reduce_count(n_local, ctx.group, ctx.device)
+    # every rank holds every layer's eigenbases for the second pass (it projects its own data)
+    held = max(held, p.held + sum(ql.numel() + qr.numel() for ql, qr in bases))
     tensors: list[Tensor] = []
-    for i, (spec, (ql, qr), s) in enumerate(zip(specs, bases, sums, strict=True)):
-        s = ql.new_zeros(spec.groups, spec.rows, spec.cols) if s is None else s.contiguous()
-        if ctx.group is not None:
-            dst = shards._global(ctx.group, owners[i])
-            dist.reduce(s, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group)
-        if owners[i] == me:
+    for i, ((ql, qr), s) in enumerate(zip(bases, sums, strict=True)):
+        if owners[i] == b.me:
+            assert s is not None
             tensors += [ql, qr, s / max(n, 1)]
     bases.clear()  # the other ranks' layers' bases go here
-    owned = shards.layer_ranges(specs, owners, world)
-    kw = {"specs": _rebased(specs, owners, me)}
-    return _operator(ctx, tensors, EKFAC, kw, owned, layout, world, me)
+    owned = shards.layer_ranges(specs, owners, b.world)
+    kw = {"specs": _rebased(specs, owners, b.me)}
+    return b.operator(tensors, EKFAC, kw, owned, held)
 
 
 _BUILD = {

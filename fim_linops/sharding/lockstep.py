@@ -30,7 +30,7 @@ batches draw the same samples as in a plain build) and given back to it in a sec
 from __future__ import annotations
 
 import itertools
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import torch
@@ -49,7 +49,12 @@ class Lockstep:
         self.engine, self.group = engine, group
         self._run = engine.run
         self._stand_in_columns: list[Tensor] = []
+        #: run for each column chunk of a stand-in batch (whose result is dropped): a streamed
+        #: reduction (:mod:`fim_linops.sharding.stream`) runs its zero step there, so that every
+        #: rank runs one reduction step per backward pass, in step with the passes' collectives
+        self.stand_in: Callable[[], None] | None = None
         engine.run = self.run  # type: ignore[method-assign]
+        engine.agree_chunks = self.agree_chunks
 
     def check_first_batch(self, data: Any, device: Any, dtype: torch.dtype) -> Any:
         """Run the engine's first-batch checks on this rank's first batch on the gathered model;
@@ -69,6 +74,19 @@ class Lockstep:
         if isinstance(data, Iterator):
             data = itertools.chain([first], batches)
         return data
+
+    def agree_chunks(self, k: int, step: int) -> list[tuple[int, int]]:
+        """The column ranges of a batch's backward passes, as many on every rank: each backward
+        re-gathers FSDP units (collectives), so a rank whose batch needs fewer passes than
+        another's (fewer columns, or more per pass) splits its K columns into the largest number
+        of passes of any rank and pads with empty ranges (a zero column, adding nothing)."""
+        chunks = -(-k // step) if k else 0
+        most = int(self._max(float(chunks)))
+        if most == chunks:
+            return [(lo, min(k, lo + step)) for lo in range(0, k, step)]
+        even = -(-k // most) if k else 1
+        ranges = [(lo, min(k, lo + even)) for lo in range(0, k, even)]
+        return ranges + [(k, k)] * (most - len(ranges))
 
     def _max(self, value: float) -> float:
         """The largest ``value`` over the ranks (one all-reduce)."""
@@ -140,4 +158,6 @@ class Lockstep:
                     self._stand_in_columns.append(res.v)
                 else:
                     self._stand_in_columns[-1] = torch.cat([self._stand_in_columns[-1], res.v])
+            if not real[batch] and self.stand_in is not None:
+                self.stand_in()
             del res

@@ -107,6 +107,10 @@ class ShardedFisher(EigenOperator):
             local_cls(*tensors, **local_kwargs, damping=damping) if local_cls is not None else None
         )
         self.structure = getattr(local_cls, "structure", "sharded")
+        #: the most statistic entries this rank held at once while the build's data pass ran
+        #: (its share as it grew, plus the one layer's contribution being reduced; EKFAC: plus
+        #: every layer's eigenbases in its second pass); 0 when unknown (a derived operator)
+        self.pass_held = 0
 
     @property
     def dtype(self) -> torch.dtype:
