@@ -17,6 +17,8 @@ Columns, per rank (the largest over the ranks):
   sampling thread reads /proc/self/statm every millisecond: an estimate, CPU only), in a fresh
   process per case after one plain forward + backward;
 * held: the bytes of the tensors the operator keeps (exact);
+* statistics during the pass: the most statistic bytes held at once during the pass (exact:
+  ``ShardedFisher.pass_held``; a replicated build holds all of its statistics until the end);
 * parameters during the pass: the most parameter bytes the rank held at any module's forward of
   the data pass (exact; DTensor shards count their local part). ``gather='unit'`` leaves out the
   first-batch checks, which run a few examples on the gathered model (P) before the pass.
@@ -111,6 +113,17 @@ def _held(op: Any) -> int:
     return sum(t.numel() * t.element_size() for t in op._args if isinstance(t, torch.Tensor))
 
 
+def _pass_stats(op: Any) -> int:
+    """Statistic bytes held at once during the pass: ``ShardedFisher.pass_held`` (its share plus
+    one layer's contribution in flight); a replicated build sums every statistic on every rank
+    until its one all-reduce, i.e. what it keeps."""
+    from fim_linops.sharding import ShardedFisher
+
+    if isinstance(op, ShardedFisher):
+        return op.pass_held * op.dtype.itemsize
+    return _held(op)
+
+
 BUILDS = ("replicated", "sharded, gather='all'", "sharded, gather='unit'")
 CASES = [(s, b) for s in ("diag", "kfac") for b in BUILDS]
 
@@ -164,7 +177,7 @@ def _worker(
     }
     rows = []
     for structure, how in cases:
-        times, peak, held = [], 0, 0
+        times, peak, held, stats = [], 0, 0, 0
         params_seen: list[int] = []
         hooks = [] if repeats else _param_probe(model, how, params_seen)
         for i in range(repeats + 1):
@@ -184,7 +197,7 @@ def _worker(
                 peak = mem.delta
             else:  # the first round warms up the timing
                 times.append(dt)
-            held = _held(op)
+            held, stats = _held(op), _pass_stats(op)
             del op
         for h in hooks:
             h.remove()
@@ -196,6 +209,7 @@ def _worker(
                 "time": statistics.median(times) if times else float("nan"),
                 "peak": peak,
                 "held": held,
+                "stats": stats,
                 "params": max(params_seen, default=0),
             }
         )
@@ -210,7 +224,10 @@ def _run(world: int, args: argparse.Namespace, repeats: int, cases: list) -> lis
         timeout=1800.0,
     )
     return [  # per rank: the largest over the ranks
-        {**row, **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held", "params")}}
+        {
+            **row,
+            **{k: max(r[i][k] for r in ranks) for k in ("time", "peak", "held", "stats", "params")},
+        }
         for i, row in enumerate(ranks[0])
     ]
 
@@ -241,13 +258,15 @@ def main() -> None:
     print()
     print(
         "| structure | processes | build | time per rank (s) | peak per rank (MiB) "
-        "| held per rank (MiB) | parameters during the pass (MiB) |"
+        "| held per rank (MiB) | statistics during the pass (MiB) "
+        "| parameters during the pass (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in sorted(table, key=lambda r: (r["structure"], r["procs"], r["build"])):
         print(
             f"| {r['structure']} | {r['procs']} | {r['build']} | {r['time']:.3f} | "
-            f"{r['peak'] / MiB:.1f} | {r['held'] / MiB:.3f} | {r['params'] / MiB:.2f} |"
+            f"{r['peak'] / MiB:.1f} | {r['held'] / MiB:.3f} | {r['stats'] / MiB:.3f} | "
+            f"{r['params'] / MiB:.2f} |"
         )
 
 
