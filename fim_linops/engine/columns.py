@@ -42,7 +42,10 @@ def per_example_workspace(
     ``calls``: (ruled index, a, output) of the batch."""
     count: dict[int, int] = {}
     for i, a, _ in calls:
-        several = a.ndim > 2 and a[0].numel() != a.shape[-1]  # a (n, *T, i) with T > 1
+        if a.is_floating_point():  # features a (n, *T, i): several when T > 1
+            several = a.ndim > 2 and a[0].numel() != a.shape[-1]
+        else:  # token ids a (n, *T) (Embedding): one position per id
+            several = a[0].numel() > 1
         count[i] = count.get(i, 0) + (2 if several else 1)
     widest = max((ruled_numel[i] for i, c in count.items() if c > 1), default=0)
     return FUNC_COPIES * p_func + widest
