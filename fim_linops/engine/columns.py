@@ -38,7 +38,10 @@ def per_example_workspace(
     """Numbers per column and example that the statistics form beyond the captured outputs:
     :data:`FUNC_COPIES` times the torch.func parameters ``p_func`` plus the per-example gradients
     (K, n, p_b) of the widest ruled block whose gradient sums over several positions or calls
-    (the diagonal's workspace, ``Rule.diag_workspace``). ``ruled_numel[i]``: p of ruled block i;
+    (the diagonal's workspace, ``Rule.diag_workspace``; also what EKFAC, kron_sum, quasi_diag
+    project, which make their temporaries from it a slice at a time,
+    :meth:`~fim_linops.engine.result.BatchResult.slices`). Positions: T of features a (n, *T, i),
+    every id of token ids a (n, *T) (an Embedding). ``ruled_numel[i]``: p of ruled block i;
     ``calls``: (ruled index, a, output) of the batch."""
     count: dict[int, int] = {}
     for i, a, _ in calls:
