@@ -32,7 +32,7 @@ def _zeros(engine: Engine, *shape: int, like: Tensor) -> Tensor:
     return torch.zeros(*shape, dtype=like.dtype, device=like.device)
 
 
-def _form_all_blocks(engine: Engine) -> None:
+def form_all_blocks(engine: Engine) -> None:
     """Tell the engine (the base of a view) that these statistics form the per-example gradients
     of every block at once, (K, n, P): its column chunks count them within ``max_bytes``. Called
     before the first result is made (the engine's batches are a lazy generator)."""
@@ -106,7 +106,7 @@ def block_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None
     added to ``into`` when given."""
     out = into if into is not None else Sums()
     blocks: list[Tensor] | None = out.tensors or None
-    _form_all_blocks(engine)
+    form_all_blocks(engine)
     for res in results:
         if blocks is None:
             blocks = [_zeros(engine, b.numel, b.numel, like=res.v) for b in engine.layout.blocks]
@@ -127,7 +127,7 @@ def dense_sums(engine: Engine, results: Iterable[BatchResult], into: Sums | None
     given."""
     out = into if into is not None else Sums()
     total = out.tensors[0] if out.tensors else None
-    _form_all_blocks(engine)
+    form_all_blocks(engine)
     for res in results:
         if total is None:
             total = _zeros(engine, engine.layout.numel, engine.layout.numel, like=res.v)

@@ -40,13 +40,18 @@ def _projected_linear(
     a3 = a.reshape(n, -1, a.shape[-1])  # (n, t, i)
     g3 = g.reshape(g.shape[0], n, -1, g.shape[-1])  # (k, n, t, o)
     ap = with_ones(a3, spec.has_weight and spec.w_cols > 0, spec.has_bias) @ qr[0]  # (n, t, c)
-    gp = g3 @ ql[0]  # (k, n, t, r)
     if a3.shape[1] == 1:  # squares factorise: sum_{k,n} gp[k,n,r]^2 ap[n,c]^2
-        return torch.einsum("knr,nc->rc", gp[:, :, 0] ** 2, ap[:, 0] ** 2)[None]
+        gp = g3[:, :, 0] @ ql[0]  # (k, n, r)
+        return torch.einsum("knr,nc->rc", gp**2, ap[:, 0] ** 2)[None]
     out = torch.zeros(spec.rows, spec.cols, dtype=a.dtype, device=a.device)
+    k, t = g3.shape[0], a3.shape[1]
     for lo, hi in res.chunks(spec.rows * spec.cols):
-        m = torch.einsum("kntr,ntc->knrc", gp[:, lo:hi], ap[lo:hi])
-        out += m.square_().sum((0, 1))
+        # columns in slices: their gp (s, n, t, r) and m (s, n, r, c) stay small beside g
+        starts = res.slices(k, (hi - lo) * spec.rows * (t + spec.cols))
+        for k0 in starts:
+            gp = g3[k0 : k0 + starts.step, lo:hi] @ ql[0]  # (s, n, t, r)
+            m = torch.einsum("kntr,ntc->knrc", gp, ap[lo:hi])
+            out += m.square_().sum((0, 1))
     return out[None]
 
 
@@ -60,25 +65,34 @@ def _projected_conv(
     g5 = ConvRule._g(module, g)  # (k, n, q, o, l)
     u = with_ones(a, spec.has_weight and spec.w_cols > 0, spec.has_bias)  # (n, q, l, j)
     up = torch.einsum("nqlj,qjc->nqlc", u, qr)
-    gp = torch.einsum("knqol,qor->knqrl", g5, ql)
     out = torch.zeros(spec.groups, spec.rows, spec.cols, dtype=a.dtype, device=a.device)
+    k, positions = g5.shape[0], g5.shape[-1]
     for lo, hi in res.chunks(spec.groups * spec.rows * spec.cols):
-        m = torch.einsum("knqrl,nqlc->knqrc", gp[:, lo:hi], up[lo:hi])
-        out += m.square_().sum((0, 1))
+        # columns in slices: their gp (s, n, q, r, l) and m (s, n, q, r, c) stay small beside g
+        per_column = (hi - lo) * spec.groups * spec.rows * (positions + spec.cols)
+        starts = res.slices(k, per_column)
+        for k0 in starts:
+            gp = torch.einsum("knqol,qor->knqrl", g5[k0 : k0 + starts.step, lo:hi], ql)
+            m = torch.einsum("knqrl,nqlc->knqrc", gp, up[lo:hi])
+            out += m.square_().sum((0, 1))
     return out
 
 
 def _projected_generic(res: BatchResult, i: int, spec: KronSpec, ql: Tensor, qr: Tensor) -> Tensor:
     """sum_{k,n} (Q_L^T M_kn Q_R)^2 from the block's per-example gradients (any Kronecker rule,
-    shared modules included), (groups, rows, cols)."""
+    shared modules included), (groups, rows, cols). The (K, n, p) gradients are the column
+    chunk's counted workspace; their projections are made a slice of rows (k, n) at a time."""
     p = spec.stop - spec.start
     out = None
     for lo, hi in res.chunks(p):
-        gr = res.block_grads(i, lo, hi)  # (k, n, p)
-        m = spec.to_mat(gr.reshape(-1, p).T)  # (k*n, groups, rows, cols)
-        m = ql.transpose(-1, -2) @ m @ qr
-        part = m.square_().sum(0)
-        out = part if out is None else out + part
+        gr = res.block_grads(i, lo, hi).reshape(-1, p)  # (k*n, p): row (k, n)
+        starts = res.slices(gr.shape[0], p)
+        for r0 in starts:
+            m = spec.to_mat(gr[r0 : r0 + starts.step].T)  # (s, groups, rows, cols)
+            m = ql.transpose(-1, -2) @ m @ qr
+            part = m.square_().sum(0)
+            out = part if out is None else out + part
+        del gr
     assert out is not None  # a batch has at least one example
     return out
 

@@ -63,14 +63,19 @@ def _apply(res: BatchResult, i: int, spec: KronSpec, x: Tensor, adjoint: bool) -
         return torch.einsum("jn,nc,nd->jcd", w, ab, ab)[:, None]
     p = spec.stop - spec.start
     out = None
-    for lo, hi in res.chunks(p * (x.shape[0] + 1)):
-        gr = res.block_grads(i, lo, hi)  # (k, n, p)
-        m = spec.to_mat(gr.reshape(-1, p).T)  # (k*n, g, rows, cols)
-        if adjoint:
-            part = torch.einsum("mgac,jgab,mgbd->jgcd", m, x, m)
-        else:
-            part = torch.einsum("mgac,jgcd,mgbd->jgab", m, x, m)
-        out = part if out is None else out + part
+    for lo, hi in res.chunks(p):
+        gr = res.block_grads(i, lo, hi).reshape(-1, p)  # (k*n, p): row m = (k, n)
+        # rows in slices: each einsum's (s, j, p) intermediate stays small beside the (K, n, p)
+        # gradients, which the column chunk counts once
+        starts = res.slices(gr.shape[0], p * (x.shape[0] + 1))
+        for r0 in starts:
+            m = spec.to_mat(gr[r0 : r0 + starts.step].T)  # (s, g, rows, cols)
+            if adjoint:
+                part = torch.einsum("mgac,jgab,mgbd->jgcd", m, x, m)
+            else:
+                part = torch.einsum("mgac,jgcd,mgbd->jgab", m, x, m)
+            out = part if out is None else out + part
+        del gr
     assert out is not None  # a batch has at least one example
     return out
 

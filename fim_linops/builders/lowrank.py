@@ -30,6 +30,7 @@ from fim_linops.builders.convergence import Stagnation
 from fim_linops.builders.core import implicit_operator
 from fim_linops.distributed import all_gather_rows, all_reduce_count, any_rank, broadcast_
 from fim_linops.operators.lowrank import LowRank
+from fim_linops.statistics import form_all_blocks
 from fim_linops.structures import Structure
 
 #: largest stacked per-example gradient matrix Jt (bytes) taken through the exact SVD route
@@ -56,6 +57,7 @@ def _stacked_gradients(ctx: BuildContext) -> tuple[Tensor, int] | None:
     rows: list[Tensor] = []
     nbytes = 0
     n = 0
+    form_all_blocks(ctx.engine)  # the column chunks count the (K, n, P) rows made at once
     results = ctx.results()
     try:
         for res in results:

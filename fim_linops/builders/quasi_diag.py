@@ -51,9 +51,14 @@ def _cross(res: BatchResult, engine: Engine, i: int, spec: QuasiSpec) -> Tensor:
     p_w = spec.neurons * spec.width
     for lo, hi in res.chunks(rb.block.numel):
         gr = res.block_grads(i, lo, hi)  # (k, n, p)
-        dw = gr[..., w_off : w_off + p_w].reshape(*gr.shape[:2], spec.neurons, spec.width)
-        db = gr[..., b_off : b_off + spec.neurons]
-        out += torch.einsum("knbw,knb->bw", dw, db)  # b neuron, w its weight
+        # columns in slices: the einsum's copies of dw stay small beside gr (counted once)
+        starts = res.slices(gr.shape[0], gr.shape[1] * gr.shape[2])
+        for k0 in starts:
+            part = gr[k0 : k0 + starts.step]
+            dw = part[..., w_off : w_off + p_w].reshape(*part.shape[:2], spec.neurons, spec.width)
+            db = part[..., b_off : b_off + spec.neurons]
+            out += torch.einsum("knbw,knb->bw", dw, db)  # b neuron, w its weight
+        del gr
     return out
 
 

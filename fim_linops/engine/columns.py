@@ -38,11 +38,17 @@ def per_example_workspace(
     """Numbers per column and example that the statistics form beyond the captured outputs:
     :data:`FUNC_COPIES` times the torch.func parameters ``p_func`` plus the per-example gradients
     (K, n, p_b) of the widest ruled block whose gradient sums over several positions or calls
-    (the diagonal's workspace, ``Rule.diag_workspace``). ``ruled_numel[i]``: p of ruled block i;
+    (the diagonal's workspace, ``Rule.diag_workspace``; also what EKFAC, kron_sum, quasi_diag
+    project, which make their temporaries from it a slice at a time,
+    :meth:`~fim_linops.engine.result.BatchResult.slices`). Positions: T of features a (n, *T, i),
+    every id of token ids a (n, *T) (an Embedding). ``ruled_numel[i]``: p of ruled block i;
     ``calls``: (ruled index, a, output) of the batch."""
     count: dict[int, int] = {}
     for i, a, _ in calls:
-        several = a.ndim > 2 and a[0].numel() != a.shape[-1]  # a (n, *T, i) with T > 1
+        if a.is_floating_point():  # features a (n, *T, i): several when T > 1
+            several = a.ndim > 2 and a[0].numel() != a.shape[-1]
+        else:  # token ids a (n, *T) (Embedding): one position per id
+            several = a[0].numel() > 1
         count[i] = count.get(i, 0) + (2 if several else 1)
     widest = max((ruled_numel[i] for i, c in count.items() if c > 1), default=0)
     return FUNC_COPIES * p_func + widest

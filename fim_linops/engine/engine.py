@@ -118,8 +118,9 @@ class Engine:
         #: memory budget of the exact Fisher's chunked backward passes (fisher(max_bytes=...))
         self.max_bytes: int | None = DEFAULT_MAX_BYTES
         #: numbers per column and example that the build's statistics form at once (the
-        #: per-example gradients of every block: P for block_diag and dense), counted in each
-        #: column chunk's working memory (:func:`~fim_linops.engine.columns.column_step`)
+        #: per-example gradients of every block: P for block_diag, dense and the low-rank SVD
+        #: route), counted in each column chunk's working memory
+        #: (:func:`~fim_linops.engine.columns.column_step`)
         self.workspace = 0
         self._warned_passes = False
         #: (K columns, step) -> the column ranges of a batch's backward passes; set by a caller

@@ -17,6 +17,10 @@ from fim_linops.engine.ruled import RuledBlock
 from fim_linops.engine.rules.base import CHUNK_BYTES, chunk_size
 from fim_linops.layout import LayerBlock, ParamLayout
 
+#: bytes of one temporary made from a slice of per-example tensors (:meth:`BatchResult.slices`):
+#: a few of them stay small beside the column chunk
+SLICE_BYTES = 1 << 24
+
 
 class EngineLike(Protocol):
     """What a result reads of the engine that made it (:class:`~fim_linops.engine.Engine`)."""
@@ -97,6 +101,17 @@ class BatchResult:
         step = chunk_size(self.k, self.n, p, self.v.element_size(), min(budget, CHUNK_BYTES))
         for lo in range(0, self.n, step):
             yield lo, min(self.n, lo + step)
+
+    def slices(self, rows: int, per_row: int) -> range:
+        """Starts of slices of ``rows`` rows (the K columns of a chunk, or its K n
+        column-example pairs) such that a (slice, per_row) temporary stays within
+        :data:`SLICE_BYTES` and an eighth of ``max_bytes``; slice ``[lo, lo + step)`` with
+        ``step`` the range's (one row at least). For statistics that form several temporaries
+        from per-example tensors the column chunk counts once (EKFAC's projections, the
+        Kronecker sums' products, the quasi-diagonal's cross terms)."""
+        budget = SLICE_BYTES if self.engine.max_bytes is None else self.engine.max_bytes // 8
+        per = max(1, per_row * self.v.element_size())
+        return range(0, rows, int(max(1, min(rows, min(budget, SLICE_BYTES) // per))))
 
 
 @dataclass

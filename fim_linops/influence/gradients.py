@@ -58,7 +58,7 @@ def stream_gradients(
             bar = _bar(data, progress_label) if progress else None
             try:
                 for res in results:
-                    for lo, hi in res.chunks(p):
+                    for lo, hi in res.chunks(p, func=True):
                         # K = 1; detached: the torch.func blocks must not keep a graph alive
                         blocks = [g[0].detach() for g in res.all_block_grads(lo, hi)]
                         out.append(consume(blocks))

@@ -45,10 +45,27 @@ class EmbeddingRule(LayerRule):
     def param_grads(
         self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
     ) -> list[Tensor]:
-        k, n = g.shape[:2]
-        g4 = g.reshape(k, n, -1, g.shape[-1])
-        oh = self._onehot(module, a, g.dtype)
-        return [torch.einsum("ntv,kntd->knvd", oh, g4)]
+        return [self._weight_grads(module, a, g)]
+
+    def grads(self, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]) -> Tensor:
+        """(K, N, V D): the weight's per-example gradients as they are made, no copy."""
+        dw = self._weight_grads(module, a, g)
+        return dw.view(dw.shape[0], dw.shape[1], -1)
+
+    def _weight_grads(self, module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
+        """dW (K, N, V, D), contiguous: each g[k, n, t] added into row (n, x[n, t]) of the flat
+        (K, N V, D) result (index_add; a one-hot product would make a permuted result whose
+        reshape copies it, and costs V times more)."""
+        k, n, d = g.shape[0], g.shape[1], g.shape[-1]
+        v = _emb(module).num_embeddings
+        tokens = a.reshape(n, -1)  # (n, t); -1: padding_idx, no gradient
+        src = g.reshape(k, -1, d)  # (k, n*t, d): row (n, t)
+        if _emb(module).padding_idx is not None:
+            src = src * (tokens >= 0).reshape(1, -1, 1).to(g.dtype)
+        rows = torch.arange(n, device=a.device)[:, None] * v + tokens.clamp_min(0)  # (n, t)
+        out = torch.zeros(k, n * v, d, dtype=g.dtype, device=g.device)
+        out.index_add_(1, rows.reshape(-1), src)
+        return out.view(k, n, v, d)
 
     def add_diag(
         self, out: Tensor, module: nn.Module, a: Tensor, g: Tensor, names: tuple[str, ...]
