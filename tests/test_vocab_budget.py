@@ -143,3 +143,25 @@ def test_budgeted_build_equals_the_unbudgeted_build(structure, kw: dict) -> None
         torch.testing.assert_close(small.to_dense(), whole.to_dense(), rtol=1e-10, atol=1e-12)
     else:
         torch.testing.assert_close(small @ v, whole @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_influence_keeps_its_per_example_gradients_within_max_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``fl.influence(max_bytes=...)``: the exact Fisher's column chunks and the training pass's
+    per-example gradients (1, n, P) within the budget, and the scores those of an unbudgeted run."""
+    model, (ids, labels) = _data(n=12)  # 12 x P x 8 bytes: over MAX_BYTES at once
+    train, query = (ids, labels), (ids[:2], labels[:2].flip(1))
+    whole = fl.influence(model, train, query, structure="ekfac", max_bytes=None)
+    top = fl.top_influences(model, train, query, k=2, structure="ekfac", max_bytes=None)
+    seen = _record(monkeypatch)
+    small = fl.influence(model, train, query, structure="ekfac", max_bytes=MAX_BYTES)
+    assert seen["passes"] > 4, seen
+    assert 0 < seen["grads"] <= MAX_BYTES, f"per-example gradients {seen['grads']:,} bytes"
+    torch.testing.assert_close(small, whole, rtol=1e-10, atol=1e-12)
+    small_top = fl.top_influences(model, train, query, k=2, structure="ekfac", max_bytes=MAX_BYTES)
+    torch.testing.assert_close(small_top[0], top[0], rtol=1e-10, atol=1e-12)
+    assert torch.equal(small_top[1], top[1])
+    self_small = fl.self_influence(model, train, structure="ekfac", max_bytes=MAX_BYTES)
+    self_whole = fl.self_influence(model, train, structure="ekfac", max_bytes=None)
+    torch.testing.assert_close(self_small, self_whole, rtol=1e-10, atol=1e-12)

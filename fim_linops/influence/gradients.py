@@ -21,7 +21,7 @@ from fim_linops.data import _is_mapping_batch, _looks_like_one_batch
 from fim_linops.engine import FisherType
 from fim_linops.frame import run_build
 from fim_linops.layout import ParamLayout
-from fim_linops.options import MAX_DENSE_BYTES, BuildOptions
+from fim_linops.options import BuildOptions
 
 R = TypeVar("R")
 
@@ -81,7 +81,6 @@ def stream_gradients(
         generator=None,
         process_group=None,
         rank=None,
-        max_bytes=MAX_DENSE_BYTES,
     )
     return run_build(model, data, empirical, prepare)
 

@@ -38,7 +38,7 @@ from fim_linops.influence.precondition import Solve, check_damping, damped_solve
 from fim_linops.influence.queries import Queries
 from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
-from fim_linops.options import BuildOptions
+from fim_linops.options import MAX_DENSE_BYTES, BuildOptions
 from fim_linops.sharding.gather import on_plain_model
 from fim_linops.structures import Structure
 
@@ -101,6 +101,7 @@ def influence(
     process_group: Any = None,
     kfac_approx: str = "expand",
     cg_tol: float | None = None,
+    max_bytes: int | None = MAX_DENSE_BYTES,
     query_rank: int | None = None,
 ) -> Tensor:
     r"""Influence scores (n_query, n_train): scores[i, j] = g_i^T (F + damping I)^-1 g_j.
@@ -124,6 +125,9 @@ def influence(
         progress: tqdm progress bars over the batches (F's build and the training pass).
         cg_tol: relative residual of the CG solve (implicit and generic operators; setting it
             forces CG for every operator). Default 1e-10 in float64, 1e-6 in float32.
+        max_bytes: as in :func:`fim_linops.fisher` (the memory guard of dense/block storage and
+            the budget of each chunk of the exact Fisher's columns), also the budget of each
+            chunk of the training examples' per-example gradients (at most 256 MiB).
         query_rank: compress the preconditioned queries Q (P, n_query) to their rank-r
             truncated SVD before the training pass (memory and time of the pass / (n_query / r)).
             Error per training example j: |scores[:, j] - exact[:, j]|_2 <= s_{r+1}(Q) |g_j|_2
@@ -161,6 +165,7 @@ def self_influence(
     process_group: Any = None,
     kfac_approx: str = "expand",
     cg_tol: float | None = None,
+    max_bytes: int | None = MAX_DENSE_BYTES,
 ) -> Tensor:
     r"""Self-influence (n_train,): s_j = g_j^T (F + damping I)^-1 g_j, the diagonal of
     ``influence(model, train, train, ...)`` without the (n_train, n_train) matrix.
@@ -212,6 +217,7 @@ def top_influences(
     process_group: Any = None,
     kfac_approx: str = "expand",
     cg_tol: float | None = None,
+    max_bytes: int | None = MAX_DENSE_BYTES,
     query_rank: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The k most helpful (``largest=True``) or most harmful (``largest=False``) training
