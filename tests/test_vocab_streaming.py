@@ -109,6 +109,25 @@ def test_every_structure_from_column_chunks_equals_the_one_pass_build(
         torch.testing.assert_close(torch.linalg.eigvalsh(F.to_dense()).flip(0)[:5], lam)
 
 
+@pytest.mark.parametrize("structure", ["dense", "diag", "kfac", "ekfac"])
+def test_roots_made_column_by_column_equal_the_roots_made_at_once(
+    monkeypatch: pytest.MonkeyPatch, structure: str
+) -> None:
+    """Small outputs form all exact columns at once (``RootColumns.whole``), vocabulary-size
+    ones column range by column range (``RootColumns.chunk``): the same operator, padded
+    positions included, and the dense one equal to the reference."""
+    model, data, ids, labels = _data()
+    at_once = fl.fisher(model, data, structure=structure)
+    monkeypatch.setattr(columns_mod, "WHOLE_NUMEL", 0)  # every size takes the range path
+    sizes = _force_chunks(monkeypatch, 4)
+    by_range = fl.fisher(model, data, structure=structure)
+    assert len(sizes) >= 2 * -(-K // 4), sizes
+    torch.testing.assert_close(by_range.to_dense(), at_once.to_dense(), rtol=1e-10, atol=1e-12)
+    if structure == "dense":
+        ref = sequence_fisher(model, ids, "categorical", labels != -100)
+        torch.testing.assert_close(by_range.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("structure", ["dense", "diag"])
 def test_chunked_transformer_with_a_tied_head_matches_the_reference(
     monkeypatch: pytest.MonkeyPatch, structure: str

@@ -80,6 +80,10 @@ class GivenColumns(Columns):
         return self.v[lo:hi]
 
 
+#: at most this many entries (K, N, T*C), the exact columns are formed all at once and sliced
+WHOLE_NUMEL = 1 << 22
+
+
 class RootColumns(Columns):
     r"""The exact Fisher's columns of the block-diagonal output-Hessian root:
     V[t*K0 + k, n, t'*C + c] = delta_{t t'} m_nt S_nt[c, k] (S_nt S_nt^T = H_nt, m the position
@@ -94,10 +98,32 @@ class RootColumns(Columns):
         self.per_position = likelihood.root_width(self.c)
         self.k = self.positions * self.per_position
         self.mask = mask
+        self._whole: Tensor | None = None
+
+    def whole(self) -> Tensor:
+        """All K columns at once (K, N, T*C), from the per-row roots (R, C, K0) in one vectorised
+        step: for outputs whose columns are few and small (no column range is needed), where
+        forming them column by column (:meth:`chunk`) costs more than they do."""
+        if self._whole is None:
+            n, t_all, c = self.rows.shape
+            # n example, t position, c output, k root column
+            s = self.likelihood._root(self.rows.reshape(-1, c)).reshape(n, t_all, c, -1)
+            if self.mask is not None:
+                s = s * self.mask[:, :, None, None].to(s.dtype)
+            if t_all == 1:
+                self._whole = s[:, 0].permute(2, 0, 1).contiguous()  # (K0, N, C)
+            else:  # block diagonal: V[t*K0 + k, n, t*C + c] = S[n, t, c, k]
+                v = s.new_zeros(t_all, s.shape[-1], n, t_all, c)
+                idx = torch.arange(t_all, device=s.device)
+                v[idx, :, :, idx] = s.permute(1, 3, 0, 2)  # (t, k, n, c)
+                self._whole = v.reshape(self.k, n, t_all * c)
+        return self._whole
 
     def chunk(self, lo: int, hi: int) -> Tensor:
         # j: column, n: example, t: its position, k: its root column, c: output
         n, t_all, c = self.rows.shape
+        if self.k * n * t_all * c <= WHOLE_NUMEL:
+            return self.whole()[lo:hi]
         j = torch.arange(lo, hi, device=self.rows.device)
         t, k = j // self.per_position, j % self.per_position
         rows = self.rows[:, t].transpose(0, 1).reshape(-1, c)  # (J*N, C): row (j, n)
