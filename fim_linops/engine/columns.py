@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fim_linops.likelihoods import Likelihood
+from fim_linops.positions import block_columns
 
 #: back-propagated chunks per batch above which the exact Fisher refuses to start: even a tiny
 #: model's backward takes a millisecond, so this is at least a quarter of an hour per batch
@@ -52,6 +53,19 @@ def per_example_workspace(
         count[i] = count.get(i, 0) + (2 if several else 1)
     widest = max((ruled_numel[i] for i, c in count.items() if c > 1), default=0)
     return FUNC_COPIES * p_func + widest
+
+
+def column_ranges(k: int, step: int) -> list[tuple[int, int]]:
+    """The ranges [lo, hi) of K columns back-propagated ``step`` at a time."""
+    return [(lo, min(k, lo + step)) for lo in range(0, k, step)]
+
+
+def column_block(cols: Columns, lo: int, hi: int, f: Tensor) -> Tensor:
+    """V[lo:hi] (hi - lo, N, C) in f's dtype; an empty range is one zero column (a backward pass
+    that adds nothing: ranks that must run as many passes as another pad with it)."""
+    if hi > lo:
+        return cols.chunk(lo, hi).to(f.dtype)
+    return f.new_zeros(1, *f.shape)
 
 
 class Columns:
@@ -101,22 +115,13 @@ class RootColumns(Columns):
         self._whole: Tensor | None = None
 
     def whole(self) -> Tensor:
-        """All K columns at once (K, N, T*C), from the per-row roots (R, C, K0) in one vectorised
-        step: for outputs whose columns are few and small (no column range is needed), where
-        forming them column by column (:meth:`chunk`) costs more than they do."""
+        """All K columns at once (K, N, T*C), from the per-row roots in one vectorised step: for
+        outputs whose columns are few and small, where forming them a range at a time
+        (:meth:`chunk`) costs more than they do."""
         if self._whole is None:
             n, t_all, c = self.rows.shape
-            # n example, t position, c output, k root column
             s = self.likelihood._root(self.rows.reshape(-1, c)).reshape(n, t_all, c, -1)
-            if self.mask is not None:
-                s = s * self.mask[:, :, None, None].to(s.dtype)
-            if t_all == 1:
-                self._whole = s[:, 0].permute(2, 0, 1).contiguous()  # (K0, N, C)
-            else:  # block diagonal: V[t*K0 + k, n, t*C + c] = S[n, t, c, k]
-                v = s.new_zeros(t_all, s.shape[-1], n, t_all, c)
-                idx = torch.arange(t_all, device=s.device)
-                v[idx, :, :, idx] = s.permute(1, 3, 0, 2)  # (t, k, n, c)
-                self._whole = v.reshape(self.k, n, t_all * c)
+            self._whole = block_columns(s, self.mask, 0, t_all)
         return self._whole
 
     def chunk(self, lo: int, hi: int) -> Tensor:

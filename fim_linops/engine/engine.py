@@ -34,6 +34,8 @@ from fim_linops.engine.columns import (
     GivenColumns,
     RootColumns,
     backward_chunk,
+    column_block,
+    column_ranges,
     column_step,
     per_example_workspace,
     streams_roots,
@@ -117,15 +119,13 @@ class Engine:
         self.generator = generator
         #: memory budget of the exact Fisher's chunked backward passes (fisher(max_bytes=...))
         self.max_bytes: int | None = DEFAULT_MAX_BYTES
-        #: numbers per column and example that the build's statistics form at once (the
-        #: per-example gradients of every block: P for block_diag, dense and the low-rank SVD
-        #: route), counted in each column chunk's working memory
-        #: (:func:`~fim_linops.engine.columns.column_step`)
+        #: numbers per column and example the statistics form at once (every block's per-example
+        #: gradients: P for block_diag, dense, the low-rank SVD route), counted in each column
+        #: chunk's working memory (:func:`~fim_linops.engine.columns.column_step`)
         self.workspace = 0
         self._warned_passes = False
-        #: (K columns, step) -> the column ranges of a batch's backward passes; set by a caller
-        #: whose ranks must run the same number of them (the FSDP2 per-unit pass: each backward
-        #: re-gathers parameters, a collective), padding with empty ranges (a zero column)
+        #: (K columns, step) -> a batch's backward passes' column ranges, set where ranks must run
+        #: as many (FSDP2's per-unit pass: each backward re-gathers parameters, a collective)
         self.agree_chunks: Callable[[int, int], list[tuple[int, int]]] | None = None
         self._target_values = "values" in inspect.signature(likelihood.check_target).parameters
         for name, module in model.named_modules():
@@ -368,14 +368,11 @@ class Engine:
             step = column_step(outputs, p.cols, p.f, self.max_bytes, self._warned_passes, work)
             self._warned_passes = self._warned_passes or step < k
         half = p.f.dtype in HALF
-        ranges = [(lo, min(k, lo + step)) for lo in range(0, k, step)]
+        ranges = column_ranges(k, step)
         if self.agree_chunks is not None and p.calls and need_grads:
             ranges = self.agree_chunks(k, step)
         for index, (lo, hi) in enumerate(ranges):
-            if hi > lo:
-                v = p.cols.chunk(lo, hi).to(p.f.dtype)
-            else:  # a zero column: a backward pass that adds nothing (see agree_chunks)
-                v = p.f.new_zeros(1, *p.f.shape)
+            v, first = column_block(p.cols, lo, hi, p.f), index == 0
             grads: tuple = ()
             if p.calls and need_grads:
                 grads = backward_chunk(p.f, outputs, v, last=index == len(ranges) - 1)
@@ -386,9 +383,7 @@ class Engine:
                 calls.setdefault(i, []).append((a, g.detach().float() if half else g.detach()))
             vd = v.detach().float() if half else v.detach()
             n = p.f.shape[0]
-            yield BatchResult(
-                n, v.shape[0], calls, p.x, vd, self, p.count if index == 0 else 0, index == 0
-            )
+            yield BatchResult(n, v.shape[0], calls, p.x, vd, self, p.count if first else 0, first)
             del calls, grads, v, vd
 
     def functional_grads(self, x: Any, v: Tensor, lo: int, hi: int) -> dict[str, Tensor]:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from fim_linops.data import EmptyData, iter_batches
 from fim_linops.engine import BatchResult, Engine
+from fim_linops.engine.columns import column_ranges
 from fim_linops.sharding.gather import gathered
 
 
@@ -83,9 +84,8 @@ class Lockstep:
         chunks = -(-k // step) if k else 0
         most = int(self._max(float(chunks)))
         if most == chunks:
-            return [(lo, min(k, lo + step)) for lo in range(0, k, step)]
-        even = -(-k // most) if k else 1
-        ranges = [(lo, min(k, lo + even)) for lo in range(0, k, even)]
+            return column_ranges(k, step)
+        ranges = column_ranges(k, -(-k // most)) if k else []
         return ranges + [(k, k)] * (most - len(ranges))
 
     def _max(self, value: float) -> float:

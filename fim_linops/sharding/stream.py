@@ -96,9 +96,8 @@ def reduce_segment(buf: Tensor, seg: Segment, mine: Tensor, group: Any, me: int)
     for r, ranges in enumerate(seg.parts):
         if not ranges:
             continue
-        part = torch.cat([buf[lo:hi] for lo, hi in ranges])  # a copy: reduce may overwrite it
-        if group is not None:
-            dist.reduce(part, dst=shards._global(group, r), op=dist.ReduceOp.SUM, group=group)
+        part = shards.pack(buf, ranges)  # a copy: reduce may overwrite it
+        reduce_to([part], r, group)
         if r != me:
             continue
         offset = 0
@@ -193,7 +192,7 @@ def owned_kfac(
     layers' input-row counts (local, float64) and the local example count."""
     engine = p.engine
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(engine.ruled)
-    rows = torch.zeros(len(engine.ruled), dtype=torch.float64, device=p.device)
+    rows = [0] * len(engine.ruled)
 
     def step(res: BatchResult | None) -> int:
         held = 0
@@ -216,7 +215,8 @@ def owned_kfac(
                 )
         return _numel(out) + held
 
-    return out, rows, p.run(step)
+    n = p.run(step)
+    return out, torch.tensor(rows, dtype=torch.float64, device=p.device), n
 
 
 def owned_eigen_sums(
