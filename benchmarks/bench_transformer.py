@@ -33,6 +33,9 @@ timed round-robin with the floor and the peer, medians of ``--repeats`` rounds a
   and scaled linearly to 256 (the cost is linear in the sequences; the scaling is the row's
   estimate, said so in the table).
 
+Hand-written minimum (``transformer_minimal.py``, in the same round robin): the Linear layers' MC
+KFAC and the product in plain torch with nothing but their arithmetic: a measured lower bound.
+
 Agreement (outside the timings): the empirical-Fisher KFAC (deterministic) of ours and curvlinops
 on the Linear layers, and the implicit products, relative difference of products with a random v
 (``positions="mean"`` against curvlinops' ``reduction="mean"``: both divide by N T).
@@ -64,6 +67,9 @@ warnings.filterwarnings("ignore", message="the exact Fisher back-propagates")
 
 import fim_linops as fl  # noqa: E402
 from fim_linops.examples.nanogpt import GPTConfig, NanoGPT, char_dataset  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transformer_minimal import minimal_fvp, minimal_kfac  # noqa: E402
 
 N, BATCH, T, V = 256, 32, 64, 65
 
@@ -175,6 +181,8 @@ def tasks(model, data, linears) -> dict[str, Callable[[], Any]]:
         "ekfac mc": ours(model, data, "ekfac"),
         "implicit F @ v": partial(torch.matmul, F_ours, v),
         "curvlinops GGN @ v": partial(G_cl.__matmul__, v),
+        "minimal kfac (Linear)": partial(minimal_kfac, model, data, linears),
+        "minimal F @ v": partial(minimal_fvp, model, data, v),
     }
 
 
@@ -219,6 +227,8 @@ def agreement(model, data, linears) -> dict[str, str]:
     )
     v = torch.randn(ours_i.shape[0], generator=gen())
     out["implicit"] = f"Fv vs CL {rel(cl_ggn(model, data, 'mean') @ v, ours_i @ v):.0e}"
+    hand = minimal_fvp(model, data, v) / T  # the hand-written product, per token like ours_i
+    out["implicit"] += f"; vs hand-written {rel(hand, ours_i @ v):.0e}"
     try:
         from curvlinops import EKFACLinearOperator
 
@@ -295,24 +305,34 @@ def main() -> None:
         file=sys.stderr,
     )
     agree = agreement(model, data, linears)
+    # (label, ours, curvlinops, hand-written minimum, note)
     rows = [
-        ("kfac mc (1 sample, expand), all params", "kfac mc (all params)", None, agree["kfac"]),
+        ("kfac mc (1 sample, expand), all params", "kfac mc (all params)", None, None, ""),
         (
             "kfac mc (1 sample, expand), Linear params",
             "kfac mc (Linear)",
             "curvlinops kfac mc (Linear)",
-            "",
+            "minimal kfac (Linear)",
+            agree["kfac"],
         ),
-        ("diag mc (1 sample)", "diag mc", None, "curvlinops: no MC diagonal"),
-        ("ekfac mc (1 sample)", "ekfac mc", None, agree["ekfac"]),
-        ("implicit F @ v", "implicit F @ v", "curvlinops GGN @ v", agree["implicit"]),
+        ("diag mc (1 sample)", "diag mc", None, None, "curvlinops: no MC diagonal"),
+        ("ekfac mc (1 sample)", "ekfac mc", None, None, agree["ekfac"]),
+        (
+            "implicit F @ v",
+            "implicit F @ v",
+            "curvlinops GGN @ v",
+            "minimal F @ v",
+            agree["implicit"],
+        ),
     ]
     floor_times: list[float] = []
     results = []
-    for label, ours_key, cl_key, note in rows:
+    for label, ours_key, cl_key, min_key, note in rows:
         sel = {"ours": fns[ours_key], "floor": fns["floor"]}
         if cl_key:
             sel["cl"] = fns[cl_key]
+        if min_key:
+            sel["min"] = fns[min_key]
         times = round_robin(sel, args.repeats, args.warmup)
         floor_times.extend(times.pop("floor"))
         results.append(
@@ -338,9 +358,9 @@ def main() -> None:
     )
     print(
         "| task | fim_linops | / floor | curvlinops | / floor | ours / curvlinops | "
-        "peak RSS ours | peak RSS curvlinops | notes |"
+        "hand-written minimum / floor | peak RSS ours | peak RSS curvlinops | notes |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for label, med, _mins, note, ok, ck in results:
         cl = (
             (
@@ -350,20 +370,21 @@ def main() -> None:
             if "cl" in med
             else "n/a | | "
         )
+        hand = f"{med['min'] / floor:.2f}x" if "min" in med else ""
         pk = "" if args.no_peak else peak(ok, args.exact_seqs)
         pc = "" if args.no_peak or not ck else peak(ck, args.exact_seqs)
         print(
             f"| {label} | {med['ours'] * 1e3:.0f} ms | {med['ours'] / floor:.2f}x | {cl} | "
-            f"{pk} | {pc} | {note} |"
+            f"{hand} | {pk} | {pc} | {note} |"
         )
     pk = "" if args.no_peak else peak("diag exact", args.exact_seqs)
     print(
         f"| diag exact (estimate: {args.exact_seqs} sequences x {N // args.exact_seqs}) | "
-        f"{t_exact:.0f} s | {t_exact / floor:.0f}x | n/a | | | {pk} (on {args.exact_seqs} "
+        f"{t_exact:.0f} s | {t_exact / floor:.0f}x | n/a | | | | {pk} (on {args.exact_seqs} "
         f"sequences) | | {T * (V - 1)} columns per sequence |"
     )
     pf = "" if args.no_peak else peak("floor", args.exact_seqs)
-    print(f"| floor | {floor * 1e3:.0f} ms | 1.00x | | | | {pf} | | |")
+    print(f"| floor | {floor * 1e3:.0f} ms | 1.00x | | | | | {pf} | | |")
     print(
         "\nRatios from the fastest rounds (ours / floor, curvlinops / floor): "
         + "; ".join(

@@ -45,13 +45,33 @@ def _is_mapping_batch(data: Any) -> bool:
     return isinstance(data, Mapping) and any(isinstance(v, Tensor) for v in data.values())
 
 
-def split_mapping(batch: Mapping) -> tuple[dict, Any]:
+def split_mapping(batch: Mapping, model: Any = None) -> tuple[dict, Any]:
     """A mapping batch -> (the model's keyword inputs: every key but "labels", the labels or
-    None). Without labels, the engine keeps the positions where ``attention_mask`` is non-zero."""
+    None). Without labels, the engine keeps the positions where ``attention_mask`` is non-zero.
+    With labels, an encoder-decoder ``model`` also gets its decoder inputs
+    (:func:`decoder_inputs`)."""
     x = {k: v for k, v in batch.items() if k != "labels"}
     if not x:
         raise ValueError("a mapping batch needs model inputs besides 'labels'")
-    return x, batch.get("labels")
+    labels = batch.get("labels")
+    return decoder_inputs(model, x, labels), labels
+
+
+def decoder_inputs(model: Any, x: dict, labels: Any) -> dict:
+    """``x`` with the ``decoder_input_ids`` an encoder-decoder Hugging Face model (T5, BART,
+    Marian, Pegasus, ...) makes from ``labels`` when it is called with them: the labels shifted
+    right behind the decoder start token (teacher forcing), by the model's own
+    ``prepare_decoder_input_ids_from_labels``. The Fisher calls the model without the labels
+    (the likelihood scores them), so without this the decoder would have no input. ``x`` as it
+    is for other models, or when it has decoder inputs already."""
+    if model is None or not isinstance(labels, Tensor):
+        return x
+    if "decoder_input_ids" in x or "decoder_inputs_embeds" in x:
+        return x
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not callable(prepare):
+        return x
+    return {**x, "decoder_input_ids": prepare(labels=labels)}
 
 
 def move(x: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
@@ -173,9 +193,12 @@ def iter_batches(
     device: torch.device | None,
     dtype: torch.dtype | None,
     need_targets: bool = True,
+    model: Any = None,
 ) -> Iterator[tuple[Any, Tensor | None]]:
     """Yield (x, y) batches moved to device/dtype, validated. ``data`` is one (x, y) batch, an
-    iterable of (x, y) batches (a DataLoader), or, when ``need_targets`` is False, also x alone."""
+    iterable of (x, y) batches (a DataLoader), or, when ``need_targets`` is False, also x alone.
+    ``model``: the model the batches are for (mapping batches of encoder-decoder models get their
+    decoder inputs from the labels, :func:`decoder_inputs`)."""
     if data is None:
         raise ValueError(
             "data is None; pass a DataLoader, an iterable of (x, y) batches or one (x, y) batch"
@@ -206,7 +229,7 @@ def iter_batches(
     y: Any
     for index, batch in enumerate(iterator):
         if isinstance(batch, Mapping):  # Hugging Face: the model takes every key but the labels
-            x, y = split_mapping(batch)
+            x, y = split_mapping(batch, model)
         elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             x, y = batch
         elif isinstance(batch, (tuple, list)) and len(batch) == 1 and not need_targets:

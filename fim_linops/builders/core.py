@@ -115,7 +115,7 @@ def implicit_operator(engine: Engine, data: Any, device, dtype, group: Any = Non
     masks: list[Tensor | None] = []
     n = 0
     run_dtype = engine.model_dtype if engine.model_dtype in HALF else dtype
-    for index, (x, y) in enumerate(iter_batches(data, device, run_dtype, need_targets=True)):
+    for index, (x, y) in enumerate(iter_batches(data, device, run_dtype, True, engine.model)):
         cols, flat = None, None
         with torch.no_grad():
             f = engine.output(x, y, index)  # validates shapes, labels and finiteness

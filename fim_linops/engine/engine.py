@@ -301,7 +301,7 @@ class Engine:
         is made, so memory stays within one chunk whatever the number of columns)."""
         if self.model_dtype in HALF:  # a half model takes half inputs; statistics in float32
             dtype = self.model_dtype
-        batches = iter_batches(data, device, dtype, need_targets=True)
+        batches = iter_batches(data, device, dtype, need_targets=True, model=self.model)
         if progress:
             from tqdm.auto import tqdm
 

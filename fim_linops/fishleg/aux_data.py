@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import Tensor
 
+from fim_linops.data import decoder_inputs
+
 
 def is_one_batch(data: Any) -> bool:
     """(x, y) with a tensor y, a bare tensor x or a mapping batch (Hugging Face): one batch;
@@ -18,13 +20,14 @@ def is_one_batch(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
-def inputs_of(batch: Any) -> tuple[Any, Tensor | None]:
+def inputs_of(batch: Any, model: Any = None) -> tuple[Any, Tensor | None]:
     """The model input of a batch and its labels, if any: x of (x, y), the keys but ``labels`` of
-    a mapping. The labels are read only for the kept positions (ignore_index); the Fisher uses
-    p(y|x)."""
+    a mapping (with an encoder-decoder ``model``'s decoder inputs:
+    :func:`~fim_linops.data.decoder_inputs`). The labels are read only for the kept positions
+    (ignore_index); the Fisher uses p(y|x)."""
     if isinstance(batch, Mapping):
         x = {k: v for k, v in batch.items() if k != "labels"}
-        return x, batch.get("labels")
+        return decoder_inputs(model, x, batch.get("labels")), batch.get("labels")
     if isinstance(batch, (tuple, list)) and len(batch) >= 1 and not isinstance(batch, Tensor):
         y = batch[1] if len(batch) == 2 and isinstance(batch[1], Tensor) else None
         return batch[0], y
@@ -36,8 +39,8 @@ class AuxData:
     (drawn on first use) and ``last_labels`` its labels (None without), ``drawn`` counts the
     batches taken from an iterable."""
 
-    def __init__(self, data: Any):
-        self.data = data
+    def __init__(self, data: Any, model: Any = None):
+        self.data, self.model = data, model
         self._iter: Iterator | None = None
         self.drawn = 0
         self._last: Any = None
@@ -45,7 +48,7 @@ class AuxData:
 
     def next(self) -> Any:
         if is_one_batch(self.data):
-            self._last, self.last_labels = inputs_of(self.data)
+            self._last, self.last_labels = inputs_of(self.data, self.model)
             return self._last
         if self._iter is None:
             self._iter = iter(self.data)
@@ -60,7 +63,7 @@ class AuxData:
                     "aux_data is empty: give FishLeg at least one (x, y) batch"
                 ) from None
         self.drawn += 1
-        self._last, self.last_labels = inputs_of(batch)
+        self._last, self.last_labels = inputs_of(batch, self.model)
         return self._last
 
     @property

@@ -156,7 +156,7 @@ class FishLeg(torch.optim.Optimizer):
         self.layout = self.options.layout_of(model)
         super().__init__(self.layout.params, h)
 
-        self._aux = AuxData(aux_data)
+        self._aux = AuxData(aux_data, model)
         self._t = 0  # step() calls so far
         like = self.layout.params[0]
         init_gen = torch.Generator().manual_seed(seed)

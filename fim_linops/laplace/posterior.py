@@ -190,7 +190,7 @@ class Laplace(GLMPredictive):
         lik = self.likelihood
         self._n_outputs = 0
         with preserved_state(self.model), torch.no_grad():
-            for x, y in iter_batches(data, self.device, self.dtype, need_targets=True):
+            for x, y in iter_batches(data, self.device, self.dtype, True, self.model):
                 f = lik.check_output(call_model(self.model, x))
                 assert y is not None  # need_targets=True
                 y = lik.check_target(f, y)

@@ -31,7 +31,6 @@ from fim_linops.layout import ParamLayout
 from fim_linops.likelihoods import Likelihood
 from fim_linops.memory_guard import DEFAULT_MAX_BYTES, check_bytes
 from fim_linops.operators.base import FisherOperator
-from fim_linops.operators.jacobian import zero_padding_rows
 from fim_linops.sharding.gather import on_gathered_model
 
 #: bytes of per-example gradient chunks kept for the Frobenius norm before recomputing them
@@ -114,10 +113,9 @@ class Implicit(FisherOperator):
         return _ScaledImplicit(self, c)
 
     def _tangents(self, rhs: Tensor) -> dict[str, Tensor]:
-        """name -> (M, *shape) tangents; rows of Embedding ``padding_idx`` are zeroed, since
-        reverse mode defines their gradient as zero while forward mode would propagate them."""
-        tangents = self.layout.unflatten(rhs.T.to(self._run_dtype))
-        return zero_padding_rows(self.model, self.layout, tangents)
+        """name -> (M, *shape) tangents (Embedding ``padding_idx`` positions carry none in the
+        forward: :mod:`fim_linops.engine.padding`)."""
+        return self.layout.unflatten(rhs.T.to(self._run_dtype))
 
     @on_gathered_model
     def _matvec_forward_ad(self, rhs: Tensor) -> Tensor:

@@ -57,25 +57,6 @@ class Outputs(Likelihood):
         return v
 
 
-def zero_padding_rows(
-    model: nn.Module, layout: ParamLayout, tangents: dict[str, Tensor]
-) -> dict[str, Tensor]:
-    """Zero the tangent rows of Embedding ``padding_idx``: reverse mode defines their gradient as
-    zero while forward mode would propagate them (so that J and J^T stay adjoint)."""
-    modules = dict(model.named_modules())
-    for e in layout.entries:
-        module = modules.get(e.module_name)
-        if (
-            isinstance(module, nn.Embedding)
-            and module.padding_idx is not None
-            and e.local_name == "weight"
-        ):
-            t = tangents[e.name].clone()
-            t[:, module.padding_idx] = 0
-            tangents[e.name] = t
-    return tangents
-
-
 class Jacobian(LinearOperator):
     r"""J (N*C, P), or J^T (P, N*C) with ``transposed``.
 
@@ -147,7 +128,7 @@ class Jacobian(LinearOperator):
     def jvp(self, v: Tensor) -> Tensor:
         """J V for V (P, M) -> (N*C, M): one forward per batch with M tangents."""
         params = self._param_dict()
-        tangents = zero_padding_rows(self.model, self.layout, self.layout.unflatten(v.T))
+        tangents = self.layout.unflatten(v.T)
         outs = []
         for x in self.batches:
             jv = jvp_columns(output_fn(self.model, x, self.outputs), params, tangents)  # (M, n, C)

@@ -61,7 +61,7 @@ class Lockstep:
         """Run the engine's first-batch checks on this rank's first batch on the gathered model;
         returns ``data`` (a one-shot iterator with its first batch put back). Every rank needs
         a batch (else every rank raises the same error)."""
-        batches = iter_batches(data, device, dtype, need_targets=True)
+        batches = iter_batches(data, device, dtype, True, self.engine.model)
         empty: EmptyData | None = None
         try:
             first = next(iter(batches), None)
@@ -105,7 +105,7 @@ class Lockstep:
 
     def _batches(self, data: Any, real: list[bool]) -> Iterator[tuple[Any, Tensor | None]]:
         device = self.engine.layout.entries[0].param.device
-        it = iter(iter_batches(data, None, None, need_targets=True))
+        it = iter(iter_batches(data, None, None, True, self.engine.model))
         last, empty = None, None
         while True:
             try:
