@@ -25,14 +25,15 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore train/eval flags and ``.grad`` of every parameter on exit, also on exceptions;
     and the values of the buffers and of the parameters that the model's forward rewrites in
     place (``max_norm`` embeddings), where their version counter moved. (The engine never calls
-    ``.backward()`` and removes its own hooks; this is the safety net.)"""
+    ``.backward()`` and removes its own hooks; this is the safety net.) Hugging Face activation
+    checkpointing is off within (:func:`checkpointing_off`)."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
     tensors = [*model.parameters(), *model.buffers()]
     versions = [t._version for t in tensors]
     saved = {id(t): t.detach().clone() for t in [*model.buffers(), *_renormed_weights(model)]}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointing_off(model):
             yield
     finally:
         for m, mode in modes:
@@ -54,3 +55,26 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+@contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Hugging Face activation checkpointing (``model.gradient_checkpointing_enable()``) off
+    within the block, back on at exit, also on exceptions.
+
+    Checkpointing changes what the forward keeps for the backward, not the function: the layers
+    recompute their forward inside the backward (``use_reentrant=True``: invisible to the
+    autograd graph, so no per-example gradient can pass; ``False``: its saved-tensor hooks do not
+    run under torch.func transforms). Hugging Face layers checkpoint only while their
+    ``gradient_checkpointing`` flag is set (and in training mode), so the flag of every module
+    that has it set is cleared here. A model in the middle of checkpointed training then gives
+    its Fisher without a change; its activations for one batch are held as without checkpointing.
+    """
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True

@@ -159,3 +159,35 @@ def test_encoder_decoder_batches_get_their_decoder_inputs_from_the_labels(name, 
     # given decoder inputs are used as they are
     F = fl.fisher(model, [{**batch, "decoder_input_ids": x["decoder_input_ids"]}], structure="diag")
     _close(F.diagonal(), ref.diagonal(), rtol)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_training_setup_gives_the_fisher_and_is_left_as_found(reentrant):
+    """A model set up for checkpointed LoRA training (train mode, gradient checkpointing, and the
+    input-embedding hook that calls requires_grad_): the Fisher as without checkpointing, and
+    the checkpointing flags and hooks left on."""
+    peft = pytest.importorskip("peft")
+    model, batch = _model("llama"), _batch()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for n, p in lora.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    ref = sequence_fisher(lora, x, "categorical", batch["labels"][:, 1:] != -100, shift=True)
+    lora.train()  # dropout is 0 in these configs: the same function as in eval mode
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert flags
+    hooks = dict(model.get_input_embeddings()._forward_hooks)
+    lik = fl.Categorical(shift_labels=True)
+    _close(fl.fisher(lora, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-6)
+    F = fl.fisher(lora, [batch], lik, structure="block_diag")
+    _close(F.to_dense(), _blocks(ref, lora, "block_diag"), 1e-6)
+    v = torch.randn(ref.shape[0], 2, generator=torch.Generator().manual_seed(2))
+    implicit = fl.fisher(lora, [batch], lik, structure="implicit")
+    _close(implicit @ v[:, :1], ref @ v[:, :1], 1e-6)
+    _close(implicit @ v, ref @ v, 1e-6)
+    assert all(m.gradient_checkpointing is True for m in flags)
+    assert dict(model.get_input_embeddings()._forward_hooks) == hooks
+    assert lora.training

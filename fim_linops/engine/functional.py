@@ -21,8 +21,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from fim_linops.data import batch_size, slice_examples
-from fim_linops.engine.attention import math_attention
-from fim_linops.engine.padding import padding_rows_constant
+from fim_linops.engine.forward_mode import transformed_forward
 from fim_linops.layout import ParamEntry
 from fim_linops.likelihoods import Likelihood
 from fim_linops.naming import class_name
@@ -31,13 +30,12 @@ from fim_linops.naming import class_name
 def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
     """model(x) at ``params``, the model's other parameters as constants (detached: a result
     differentiated w.r.t. ``params`` must not track the other parameters, which would put every
-    statistic built from it on the autograd graph); attention by its math kernel
-    (:mod:`.attention`), since every caller differentiates this forward by forward mode or under
-    vmap; Embedding ``padding_idx`` positions without derivatives in forward mode too
-    (:mod:`.padding`)."""
+    statistic built from it on the autograd graph); within :func:`.forward_mode.transformed_forward`
+    (math attention, padding rows, no checkpointing), since every caller differentiates this
+    forward by forward mode or under vmap."""
     fixed = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     params = {**{n: t for n, t in fixed.items() if n not in params}, **params}
-    with math_attention(), padding_rows_constant():
+    with transformed_forward(model):
         if isinstance(x, dict):
             return functional_call(model, params, (), x)
         if isinstance(x, (tuple, list)):

@@ -15,18 +15,16 @@ row p through that layer. So the fix is made where the lookup happens: within
 
 (out: (*ids.shape, D)). out' has out's values exactly (the second term is zero); its tangent and
 its gradient vanish at the padding positions, as F.embedding's backward defines, in forward mode,
-reverse mode and under vmap alike. Other uses of W (a tied head) are untouched. The mode catches
-the lookup wherever it is called from: nn.Embedding, its subclasses (scaled word embeddings),
-and functional calls in a model's own forward.
+reverse mode and under vmap alike. Other uses of W (a tied head) are untouched. Applied by the
+torch function mode of :mod:`.forward_mode`, it catches the lookup wherever it is called from:
+nn.Embedding, its subclasses (scaled word embeddings), and functional calls in a model's forward.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 
 def _padding_idx(args: tuple, kwargs: dict[str, Any]) -> int | None:
@@ -41,30 +39,16 @@ def _padding_idx(args: tuple, kwargs: dict[str, Any]) -> int | None:
     return int(pad)
 
 
-class PaddingRowsConstant(TorchFunctionMode):
-    """Within this mode, ``F.embedding`` with a ``padding_idx`` has no derivative at the
-    padding positions in any mode of differentiation (module docstring). Other functions run
-    unchanged (the mode is off inside its own handler, so the lookup itself is not re-entered)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is not F.embedding:
-            return out
-        pad = _padding_idx(args, kwargs)
-        if pad is None:
-            return out
-        ids = kwargs.get("input", args[0] if args else None)
-        if not isinstance(ids, Tensor) or not isinstance(out, Tensor):
-            return out
-        keep = (ids != pad).unsqueeze(-1).to(out.dtype)  # (*ids.shape, 1)
-        fixed = out.detach()
-        return fixed + keep * (out - fixed)
+def padding_rows_constant(args: tuple, kwargs: dict[str, Any], out: Any) -> Any:
+    """``out`` of ``F.embedding(*args, **kwargs)``, made out' (module docstring) when the call
+    has a ``padding_idx``; else as it is."""
+    pad = _padding_idx(args, kwargs)
+    ids = kwargs.get("input", args[0] if args else None)
+    if pad is None or not isinstance(ids, Tensor) or not isinstance(out, Tensor):
+        return out
+    keep = (ids != pad).unsqueeze(-1).to(out.dtype)  # (*ids.shape, 1)
+    fixed = out.detach()
+    return fixed + keep * (out - fixed)
 
 
-def padding_rows_constant() -> PaddingRowsConstant:
-    """The context (``with padding_rows_constant(): ...``) of :class:`PaddingRowsConstant`."""
-    return PaddingRowsConstant()
-
-
-__all__ = ["PaddingRowsConstant", "padding_rows_constant"]
+__all__ = ["padding_rows_constant"]

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from fim_linops.engine import FisherType
-from fim_linops.engine.attention import math_attention
-from fim_linops.engine.padding import padding_rows_constant
+from fim_linops.engine.forward_mode import transformed_forward
 from fim_linops.likelihoods import Likelihood
 from fim_linops.options import BuildOptions
 from fim_linops.positions import Positions, flat_mask, mapping_mask
@@ -35,11 +34,10 @@ from fim_linops.positions import Positions, flat_mask, mapping_mask
 
 def call_model(model: nn.Module, params: Mapping[str, Tensor], x: Any) -> Tensor:
     """model(x) with the tensors in ``params`` standing in for the parameters of those names;
-    ``x`` is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs. Attention
-    runs its math kernel (:mod:`fim_linops.engine.attention`) and Embedding ``padding_idx``
-    positions have no derivative (:mod:`fim_linops.engine.padding`): this forward is
-    differentiated in forward mode."""
-    with math_attention(), padding_rows_constant():
+    ``x`` is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs; within
+    :func:`fim_linops.engine.forward_mode.transformed_forward` (math attention, padding rows, no
+    checkpointing): this forward is differentiated in forward mode."""
+    with transformed_forward(model):
         if isinstance(x, dict):
             return functional_call(model, dict(params), (), x)
         if isinstance(x, (tuple, list)):
