@@ -72,9 +72,9 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
     """
     flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for m in flagged:
-        m.gradient_checkpointing = False
+        setattr(m, "gradient_checkpointing", False)  # noqa: B010  (not a declared attribute)
     try:
         yield
     finally:
         for m in flagged:
-            m.gradient_checkpointing = True
+            setattr(m, "gradient_checkpointing", True)  # noqa: B010
