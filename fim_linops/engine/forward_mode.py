@@ -5,6 +5,8 @@ implicit Fisher products, FishLeg's products) run the model inside :func:`transf
 
 * attention by its math kernel (:mod:`.attention`: the fused kernels have no forward-mode
   derivative and no batching rule);
+* Hugging Face attention and mixture-of-experts kernels without a forward-mode derivative
+  (flash, flex, grouped_mm) swapped for their eager implementations (:mod:`.hf_kernels`);
 * Hugging Face activation checkpointing off (:func:`fim_linops.state.checkpointing_off`);
 * :class:`TransformedForward`, a torch function mode that sees every torch call of the forward:
   ``F.embedding`` with a ``padding_idx`` has no derivative at the padding positions in forward
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from fim_linops.engine.attention import math_attention
+from fim_linops.engine.hf_kernels import reference_kernels
 from fim_linops.engine.padding import padding_rows_constant
 from fim_linops.state import checkpointing_off
 
@@ -52,7 +55,7 @@ class TransformedForward(TorchFunctionMode):
 def transformed_forward(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s forward can be differentiated by torch.func and forward
     mode like its reverse-mode graph (module docstring)."""
-    with math_attention(), checkpointing_off(model), TransformedForward():
+    with math_attention(), reference_kernels(model), checkpointing_off(model), TransformedForward():
         yield
 
 
