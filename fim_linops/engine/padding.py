@@ -7,9 +7,9 @@ J v and J^T u would be the derivatives of two different functions: an implicit F
 J^T H J v is then not the Fisher, and a Jacobian is not the adjoint of its transpose.
 
 Zeroing W[p]'s tangent before the forward makes them agree only while W is used by nothing else:
-a weight tied to an output layer (Gemma, OPT, BERT's masked-LM head, T5) does have a gradient at
-row p through that layer. So the fix is made where the lookup happens: within
-:class:`PaddingRowsConstant`, every ``F.embedding`` call with a ``padding_idx`` returns
+a weight tied to an output layer (Gemma, OPT, BART, BERT's masked-LM head) does have a gradient at
+row p through that layer. So the fix is made where the lookup happens: every ``F.embedding`` call
+with a ``padding_idx`` returns (:func:`padding_rows_constant`)
 
     out' = out.detach() + keep * (out - out.detach()),   keep[n, t] = [ids[n, t] != p]
 
