@@ -1,10 +1,12 @@
 """Hugging Face decoder families from tiny configs (random weights, never a download): Llama
-(RMSNorm, rotary positions, gated MLP, grouped-query attention) with a peft LoRA adapter, Gemma
-(a padded token embedding tied to the LM head) and OPT (a position embedding subclass called with
-the attention mask, a padded tied embedding), with sdpa attention, padding and shifted labels.
+(RMSNorm, rotary positions, gated MLP, grouped-query attention) with a peft LoRA adapter, Qwen2,
+Mistral (sliding-window attention), Phi-3, Gemma (a padded token embedding tied to the LM head)
+and OPT (a position embedding subclass called with the attention mask, a padded tied embedding),
+with sdpa attention, padding and shifted labels; T5 and BART with their decoder inputs from the
+labels; a LoRA model set up for checkpointed training.
 
-Llama's and Gemma's RMSNorm and rotary embeddings compute in float32 whatever the model's dtype,
-so their float64 references agree to float32 rounding only (rtol 1e-6); OPT to 1e-8.
+The RMSNorm and rotary embeddings of the Llama-like models and rotary embeddings compute in float32 whatever the model's dtype,
+so their float64 references agree to float32 rounding only (rtol 1e-6); OPT and BART to 1e-8.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ def _model(name: str) -> torch.nn.Module:
         model = transformers.GemmaForCausalLM(cfg)
         assert model.model.embed_tokens.padding_idx == 0
         assert model.lm_head.weight is model.model.embed_tokens.weight
+    elif name == "qwen2":  # biases on q, k, v
+        cfg = transformers.Qwen2Config(num_key_value_heads=1, **SIZES)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif name == "mistral":  # a sliding window shorter than the sequences
+        cfg = transformers.MistralConfig(num_key_value_heads=1, sliding_window=3, **SIZES)
+        model = transformers.MistralForCausalLM(cfg)
+    elif name == "phi3":  # fused qkv and gate_up projections
+        cfg = transformers.Phi3Config(num_key_value_heads=1, pad_token_id=0, **SIZES)
+        model = transformers.Phi3ForCausalLM(cfg)
     else:
         cfg = transformers.OPTConfig(
             vocab_size=VOCAB,
@@ -72,7 +83,17 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
 
 
-@pytest.mark.parametrize(("name", "rtol"), [("llama", 1e-6), ("gemma", 1e-6), ("opt", 1e-8)])
+@pytest.mark.parametrize(
+    ("name", "rtol"),
+    [
+        ("llama", 1e-6),
+        ("qwen2", 1e-6),
+        ("mistral", 1e-6),
+        ("phi3", 1e-6),
+        ("gemma", 1e-6),
+        ("opt", 1e-8),
+    ],
+)
 def test_decoder_fisher_and_products_match_the_reference(name, rtol):
     model, batch = _model(name), _batch()
     x = {k: v for k, v in batch.items() if k != "labels"}
