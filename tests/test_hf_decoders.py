@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_tiny import SIZES, VOCAB, close, padded_batch
 from seq_models import sequence_fisher
 
 import fim_linops as fl
@@ -23,25 +24,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
-VOCAB = 40
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=8,
-    intermediate_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_position_embeddings=32,
-)
-
-
-def _batch() -> dict[str, torch.Tensor]:
-    """Two sequences of 5 tokens, the last two of sequence 0 padding (id 0, label -100); the
-    other ids avoid 0 and 1 (the configs' padding ids)."""
-    ids = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -79,10 +61,6 @@ def _model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
-    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
-
-
 @pytest.mark.parametrize(
     ("name", "rtol"),
     [
@@ -95,15 +73,15 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
     ],
 )
 def test_decoder_fisher_and_products_match_the_reference(name, rtol):
-    model, batch = _model(name), _batch()
+    model, batch = _model(name), padded_batch()
     x = {k: v for k, v in batch.items() if k != "labels"}
     ref = sequence_fisher(model, x, "categorical", batch["labels"][:, 1:] != -100, shift=True)
     lik = fl.Categorical(shift_labels=True)
-    _close(fl.fisher(model, [batch], lik, structure="diag").diagonal(), ref.diagonal(), rtol)
+    close(fl.fisher(model, [batch], lik, structure="diag").diagonal(), ref.diagonal(), rtol)
     v = torch.randn(ref.shape[0], 2, generator=torch.Generator().manual_seed(1))
     implicit = fl.fisher(model, [batch], lik, structure="implicit")
-    _close(implicit @ v[:, :1], ref @ v[:, :1], rtol)  # forward-mode dual numbers
-    _close(implicit @ v, ref @ v, rtol)  # jvp under vmap
+    close(implicit @ v[:, :1], ref @ v[:, :1], rtol)  # forward-mode dual numbers
+    close(implicit @ v, ref @ v, rtol)  # jvp under vmap
     # KFAC builds with every layer (RMSNorm, rotary attention, the padded tied embedding) and
     # its exact blocks (embeddings, norms) hold the reference's diagonal there
     kfac = fl.fisher(model, [batch], lik, structure="kfac")
@@ -113,7 +91,7 @@ def test_decoder_fisher_and_products_match_the_reference(name, rtol):
 
 def test_llama_lora_adapters_match_the_reference():
     peft = pytest.importorskip("peft")
-    model, batch = _model("llama"), _batch()
+    model, batch = _model("llama"), padded_batch()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert len(names) == 4 and all("lora_" in n for n in names)
@@ -126,9 +104,9 @@ def test_llama_lora_adapters_match_the_reference():
     lik = fl.Categorical(shift_labels=True)
     for structure in ("dense", "block_diag"):
         F = fl.fisher(lora, [batch], lik, structure=structure)
-        _close(F.to_dense(), _blocks(ref, lora, structure), 1e-6)
+        close(F.to_dense(), _blocks(ref, lora, structure), 1e-6)
     v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(2))
-    _close(fl.fisher(lora, [batch], lik, structure="implicit") @ v, ref @ v, 1e-6)
+    close(fl.fisher(lora, [batch], lik, structure="implicit") @ v, ref @ v, 1e-6)
 
 
 def _blocks(ref: torch.Tensor, model: torch.nn.Module, structure: str) -> torch.Tensor:
@@ -166,7 +144,7 @@ def _seq2seq(name: str) -> torch.nn.Module:
 def test_encoder_decoder_batches_get_their_decoder_inputs_from_the_labels(name, rtol):
     """An encoder-decoder model called without labels has no decoder input: the batch's labels
     give it, shifted right as the model itself does (teacher forcing), and score the outputs."""
-    model, batch = _seq2seq(name), _batch()
+    model, batch = _seq2seq(name), padded_batch()
     labels = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
     labels[1, -1] = -100
     batch["labels"] = labels
@@ -174,12 +152,12 @@ def test_encoder_decoder_batches_get_their_decoder_inputs_from_the_labels(name, 
     x["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
     assert x["decoder_input_ids"].shape == labels.shape
     ref = sequence_fisher(model, x, "categorical", labels != -100)
-    _close(fl.fisher(model, [batch], structure="diag").diagonal(), ref.diagonal(), rtol)
+    close(fl.fisher(model, [batch], structure="diag").diagonal(), ref.diagonal(), rtol)
     v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(1))
-    _close(fl.fisher(model, [batch], structure="implicit") @ v, ref @ v, rtol)
+    close(fl.fisher(model, [batch], structure="implicit") @ v, ref @ v, rtol)
     # given decoder inputs are used as they are
     F = fl.fisher(model, [{**batch, "decoder_input_ids": x["decoder_input_ids"]}], structure="diag")
-    _close(F.diagonal(), ref.diagonal(), rtol)
+    close(F.diagonal(), ref.diagonal(), rtol)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -188,7 +166,7 @@ def test_checkpointed_training_setup_gives_the_fisher_and_is_left_as_found(reent
     input-embedding hook that calls requires_grad_): the Fisher as without checkpointing, and
     the checkpointing flags and hooks left on."""
     peft = pytest.importorskip("peft")
-    model, batch = _model("llama"), _batch()
+    model, batch = _model("llama"), padded_batch()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     for n, p in lora.named_parameters():
         if "lora_B" in n:
@@ -202,13 +180,13 @@ def test_checkpointed_training_setup_gives_the_fisher_and_is_left_as_found(reent
     assert flags
     hooks = dict(model.get_input_embeddings()._forward_hooks)
     lik = fl.Categorical(shift_labels=True)
-    _close(fl.fisher(lora, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-6)
+    close(fl.fisher(lora, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-6)
     F = fl.fisher(lora, [batch], lik, structure="block_diag")
-    _close(F.to_dense(), _blocks(ref, lora, "block_diag"), 1e-6)
+    close(F.to_dense(), _blocks(ref, lora, "block_diag"), 1e-6)
     v = torch.randn(ref.shape[0], 2, generator=torch.Generator().manual_seed(2))
     implicit = fl.fisher(lora, [batch], lik, structure="implicit")
-    _close(implicit @ v[:, :1], ref @ v[:, :1], 1e-6)
-    _close(implicit @ v, ref @ v, 1e-6)
+    close(implicit @ v[:, :1], ref @ v[:, :1], 1e-6)
+    close(implicit @ v, ref @ v, 1e-6)
     assert all(m.gradient_checkpointing is True for m in flags)
     assert dict(model.get_input_embeddings()._forward_hooks) == hooks
     assert lora.training

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from hf_tiny import SIZES, close, padded_batch
 from seq_models import sequence_fisher
 
 import fim_linops as fl
@@ -20,23 +21,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
-VOCAB = 40
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=8,
-    intermediate_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=32,
-)
 
-
-def _batch() -> dict[str, torch.Tensor]:
-    ids = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+KV_SIZES = {**SIZES, "num_key_value_heads": 1}
 
 
 def _eager64(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,16 +32,12 @@ def _eager64(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
-    torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * float(b.abs().max()))
-
-
 def test_mixtral_grouped_mm_products_and_jacobian_match_the_reference():
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(num_local_experts=3, num_experts_per_tok=2, **SIZES)
+    cfg = transformers.MixtralConfig(num_local_experts=3, num_experts_per_tok=2, **KV_SIZES)
     model = transformers.MixtralForCausalLM(cfg).eval()  # float32: grouped_mm's dtypes
     assert model.config._experts_implementation == "grouped_mm"
-    batch = _batch()
+    batch = padded_batch()
     x = {k: v for k, v in batch.items() if k != "labels"}
     kept = batch["labels"][:, 1:] != -100
     ref = sequence_fisher(_eager64(model), x, "categorical", kept, shift=True)
@@ -64,9 +46,9 @@ def test_mixtral_grouped_mm_products_and_jacobian_match_the_reference():
         ref.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
     implicit = fl.fisher(model, [batch], lik, structure="implicit")
-    _close(implicit @ v[:, :1].float(), ref @ v[:, :1], 1e-5)
-    _close(implicit @ v.float(), ref @ v, 1e-5)
-    _close(fl.fisher(model, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-5)
+    close(implicit @ v[:, :1].float(), ref @ v[:, :1], 1e-5)
+    close(implicit @ v.float(), ref @ v, 1e-5)
+    close(fl.fisher(model, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-5)
     jac = fl.jacobian(model, x)
     assert torch.isfinite(jac @ v[:, :1].float()).all()
     assert model.config._experts_implementation == "grouped_mm"  # put back
@@ -80,17 +62,17 @@ def test_qwen2_moe_with_a_shared_expert_matches_the_reference():
         num_experts_per_tok=2,
         moe_intermediate_size=8,
         shared_expert_intermediate_size=8,
-        **SIZES,
+        **KV_SIZES,
     )
     cfg._experts_implementation = "eager"
     model = transformers.Qwen2MoeForCausalLM(cfg).eval()
-    batch = _batch()
+    batch = padded_batch()
     x = {k: v for k, v in batch.items() if k != "labels"}
     ref = sequence_fisher(model, x, "categorical", batch["labels"][:, 1:] != -100, shift=True)
     lik = fl.Categorical(shift_labels=True)
-    _close(fl.fisher(model, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-6)
+    close(fl.fisher(model, [batch], lik, structure="diag").diagonal(), ref.diagonal(), 1e-6)
     v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(1))
-    _close(fl.fisher(model, [batch], lik, structure="implicit") @ v, ref @ v, 1e-6)
+    close(fl.fisher(model, [batch], lik, structure="implicit") @ v, ref @ v, 1e-6)
     # KFAC: the experts' 3-d parameters have no Kronecker rule, so their blocks are exact
     kfac = fl.fisher(model, [batch], lik, structure="kfac")
     start, exact = 0, []
@@ -99,16 +81,16 @@ def test_qwen2_moe_with_a_shared_expert_matches_the_reference():
             exact.extend(range(start, start + p.numel()))
         start += p.numel()
     assert exact
-    _close(kfac.diagonal()[exact], ref.diagonal()[exact], 1e-6)
+    close(kfac.diagonal()[exact], ref.diagonal()[exact], 1e-6)
 
 
 def test_flex_attention_products_use_the_eager_kernel_and_match_the_reference():
     """Flex attention has no forward-mode derivative (and no backward on CPU at all): the
     implicit product runs eager attention, and the model keeps its choice."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES)).eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**KV_SIZES)).eval()
     model.config._attn_implementation = "flex_attention"
-    batch = _batch()
+    batch = padded_batch()
     x = {k: v for k, v in batch.items() if k != "labels"}
     twin = copy.deepcopy(model).double()
     twin.config._attn_implementation = "eager"
@@ -117,6 +99,6 @@ def test_flex_attention_products_use_the_eager_kernel_and_match_the_reference():
         ref.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
     implicit = fl.fisher(model, [batch], fl.Categorical(shift_labels=True), structure="implicit")
-    _close(implicit @ v[:, :1].float(), ref @ v[:, :1], 1e-5)
-    _close(implicit @ v.float(), ref @ v, 1e-5)
+    close(implicit @ v[:, :1].float(), ref @ v[:, :1], 1e-5)
+    close(implicit @ v.float(), ref @ v, 1e-5)
     assert model.config._attn_implementation == "flex_attention"
