@@ -61,7 +61,8 @@ def decoder_inputs(model: Any, x: dict, labels: Any) -> dict:
     """``x`` with the ``decoder_input_ids`` an encoder-decoder Hugging Face model (T5, BART,
     Marian, Pegasus, ...) makes from ``labels`` when it is called with them: the labels shifted
     right behind the decoder start token (teacher forcing), by the model's own
-    ``prepare_decoder_input_ids_from_labels``. The Fisher calls the model without the labels
+    ``prepare_decoder_input_ids_from_labels``, or, for an encoder-decoder config without it
+    (Whisper), as Hugging Face's ``shift_tokens_right``. The Fisher calls the model without the labels
     (the likelihood scores them), so without this the decoder would have no input. ``x`` as it
     is for other models, or when it has decoder inputs already."""
     if model is None or not isinstance(labels, Tensor):
@@ -69,9 +70,19 @@ def decoder_inputs(model: Any, x: dict, labels: Any) -> dict:
     if "decoder_input_ids" in x or "decoder_inputs_embeds" in x:
         return x
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if not callable(prepare):
+    if callable(prepare):
+        return {**x, "decoder_input_ids": prepare(labels=labels)}
+    config = getattr(model, "config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if not getattr(config, "is_encoder_decoder", False) or start is None or pad is None:
         return x
-    return {**x, "decoder_input_ids": prepare(labels=labels)}
+    # Whisper and the others that shift inside their forward: [start, labels[:, :-1]], with
+    # ignored labels (-100) read as padding, as Hugging Face's shift_tokens_right does
+    ids = labels.new_full(labels.shape, int(pad))
+    ids[:, 1:] = labels[:, :-1]
+    ids[:, 0] = int(start)
+    return {**x, "decoder_input_ids": ids.masked_fill(ids == -100, int(pad))}
 
 
 def move(x: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:

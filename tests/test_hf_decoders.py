@@ -190,3 +190,31 @@ def test_checkpointed_training_setup_gives_the_fisher_and_is_left_as_found(reent
     assert all(m.gradient_checkpointing is True for m in flags)
     assert dict(model.get_input_embeddings()._forward_hooks) == hooks
     assert lora.training
+
+
+def test_whisper_shifts_its_labels_as_its_own_forward_does():
+    """An encoder-decoder without ``prepare_decoder_input_ids_from_labels`` (Whisper): the
+    decoder inputs are the labels shifted right behind the start token, the same as the model
+    makes when called with labels (same logits), and the Fisher equals the reference."""
+    from fim_linops.data import decoder_inputs
+
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=4, d_model=8, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, max_source_positions=8, max_target_positions=16, pad_token_id=0,
+        decoder_start_token_id=1, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    assert not hasattr(model, "prepare_decoder_input_ids_from_labels")
+    features = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    labels[1, -1] = -100
+    x = decoder_inputs(model, {"input_features": features}, labels)
+    with torch.no_grad():
+        close(model(**x).logits, model(input_features=features, labels=labels).logits, 1e-12)
+    ref = sequence_fisher(model, x, "categorical", labels != -100)
+    batch = {"input_features": features, "labels": labels}
+    close(fl.fisher(model, [batch], structure="diag").diagonal(), ref.diagonal(), 1e-8)
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(1))
+    close(fl.fisher(model, [batch], structure="implicit") @ v, ref @ v, 1e-8)
