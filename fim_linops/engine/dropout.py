@@ -2,16 +2,21 @@ r"""Active dropout: a model left in training mode draws new dropout masks at eve
 Fisher, Jacobian or NTK computed from it is that of random sub-networks (another one for each
 batch and, for implicit operators, for each product), not of the model.
 
-Only dropout *modules* (``nn.Dropout``, ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout``,
-``nn.FeatureAlphaDropout``: the subclasses of ``nn.modules.dropout._DropoutNd``) in training
-mode with ``p > 0`` are seen; a functional ``F.dropout(x, training=self.training)`` in a forward
-is not (the entry points cannot tell it from the outside).
+The entry points see dropout *modules* (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
+``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``: the subclasses of
+``nn.modules.dropout._DropoutNd``) in training mode with ``p > 0`` before anything runs. A
+functional ``F.dropout(x, p, training=self.training)`` or ``scaled_dot_product_attention(...,
+dropout_p=p)`` in a forward (Hugging Face's attention dropout) cannot be told from the outside;
+:func:`functional_dropout` recognises such a call as the transformed forwards
+(:mod:`.forward_mode`) make it, and :func:`warn_functional_dropout` says so once per computation.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import torch.nn.functional as F
 from torch import nn
 
 from fim_linops.naming import class_name
@@ -51,4 +56,47 @@ def warn_active_dropout(model: nn.Module, what: str, stacklevel: int = 3) -> Non
         "model.eval() first (fim_linops leaves the mode as it finds it)",
         UserWarning,
         stacklevel=stacklevel,
+    )
+
+
+#: F.* dropout -> (index of p, its default, index of training, its default) in its signature
+_DROPOUTS: dict[Any, tuple[int, float, int, bool]] = {
+    F.dropout: (1, 0.5, 2, True),
+    F.dropout1d: (1, 0.5, 2, True),
+    F.dropout2d: (1, 0.5, 2, True),
+    F.dropout3d: (1, 0.5, 2, True),
+    F.alpha_dropout: (1, 0.5, 2, False),
+    F.feature_alpha_dropout: (1, 0.5, 2, False),
+}
+
+
+def _arg(args: tuple, kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    return kwargs.get(name, args[index] if len(args) > index else default)
+
+
+def functional_dropout(func: Any, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """A description of the call ``func(*args, **kwargs)`` when it draws a dropout mask (an F.*
+    dropout in training mode with p > 0, or scaled_dot_product_attention with dropout_p > 0),
+    else None."""
+    if func is F.scaled_dot_product_attention:
+        p = _arg(args, kwargs, 4, "dropout_p", 0.0)
+        return f"scaled_dot_product_attention(dropout_p={p:g})" if p > 0 else None
+    spec = _DROPOUTS.get(func)
+    if spec is None:
+        return None
+    p = _arg(args, kwargs, spec[0], "p", spec[1])
+    training = _arg(args, kwargs, spec[2], "training", spec[3])
+    return f"{func.__name__}(p={p:g}, training=True)" if training and p > 0 else None
+
+
+def warn_functional_dropout(call: str) -> None:
+    """A ``UserWarning``: the forward being differentiated draws dropout masks by ``call``."""
+    warnings.warn(
+        f"the model's forward calls {call}: it draws new dropout masks at every forward, so "
+        "Jacobian products, implicit Fisher products and the other torch.func computations are "
+        "those of random sub-networks (another one for each product), not of the model. Call "
+        "model.eval() first, or set the dropout probability to 0 (Hugging Face: "
+        "attention_dropout=0.0)",
+        UserWarning,
+        stacklevel=2,
     )

@@ -13,7 +13,9 @@ implicit Fisher products, FishLeg's products) run the model inside :func:`transf
   mode either (:mod:`.padding`), and ``Tensor.requires_grad_`` on a tensor of a torch.func
   transform is inert (the transform tracks the derivatives; torch raises on the call, which
   Hugging Face's ``enable_input_require_grads`` hook makes on the input embeddings of a model
-  set up for checkpointed or LoRA training).
+  set up for checkpointed or LoRA training). A functional dropout call that draws a mask
+  (``F.dropout`` in training mode, attention with ``dropout_p > 0``) gets a warning
+  (:mod:`.dropout`), unless the entry point named active dropout modules already.
 
 Each switch is restored on exit, also when an exception flies. The mode adds one Python call per
 torch call of the forward (no measurable time on the nanoGPT benchmark's product).
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from fim_linops.engine.attention import math_attention
+from fim_linops.engine.dropout import active_dropout, functional_dropout, warn_functional_dropout
 from fim_linops.engine.hf_kernels import reference_kernels
 from fim_linops.engine.padding import padding_rows_constant
 from fim_linops.state import checkpointing_off
@@ -41,10 +44,17 @@ class TransformedForward(TorchFunctionMode):
     """The torch function mode of :func:`transformed_forward` (module docstring). The mode is
     off inside its own handler, so the calls it makes are not seen again."""
 
+    def __init__(self, warn_dropout: bool = True) -> None:
+        super().__init__()
+        self.warn_dropout = warn_dropout
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is Tensor.requires_grad_ and args and _is_wrapped(args[0]):
             return args[0]
+        if self.warn_dropout and (call := functional_dropout(func, args, kwargs)) is not None:
+            self.warn_dropout = False  # once per forward
+            warn_functional_dropout(call)
         out = func(*args, **kwargs)
         if func is F.embedding:
             return padding_rows_constant(args, kwargs, out)
@@ -55,7 +65,9 @@ class TransformedForward(TorchFunctionMode):
 def transformed_forward(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s forward can be differentiated by torch.func and forward
     mode like its reverse-mode graph (module docstring)."""
-    with math_attention(), reference_kernels(model), checkpointing_off(model), TransformedForward():
+    # active dropout modules were named by the entry point already
+    mode = TransformedForward(warn_dropout=not active_dropout(model))
+    with math_attention(), reference_kernels(model), checkpointing_off(model), mode:
         yield
 
 

@@ -167,11 +167,17 @@ _UNSUPPORTED = (
 @contextmanager
 def transform_errors(what: str) -> Iterator[None]:
     """Turn torch's errors for models that forward-mode AD or torch.func cannot differentiate
-    (activation checkpointing, custom autograd.Functions) into a ValueError that says what to do;
-    other errors pass unchanged."""
+    (activation checkpointing, custom autograd.Functions, random draws such as active dropout
+    under vmap) into a ValueError that says what to do; other errors pass unchanged."""
     try:
         yield
     except (RuntimeError, NotImplementedError) as e:
+        if "called random operation while in randomness error mode" in str(e):
+            raise ValueError(
+                f"{what}: the model draws random numbers in its forward (dropout in training "
+                "mode, most often), so its Jacobian is that of another random sub-network for "
+                "each vector; call model.eval() first, or set the dropout probability to 0"
+            ) from e
         if isinstance(e, torch.OutOfMemoryError) or not any(m in str(e) for m in _UNSUPPORTED):
             raise
         raise ValueError(
