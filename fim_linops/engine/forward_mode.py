@@ -18,7 +18,8 @@ implicit Fisher products, FishLeg's products) run the model inside :func:`transf
   (:mod:`.dropout`), unless the entry point named active dropout modules already.
 
 Each switch is restored on exit, also when an exception flies. The mode adds one Python call per
-torch call of the forward (no measurable time on the nanoGPT benchmark's product).
+torch call of the forward: on the nanoGPT benchmark's product 1,939 against 1,908 ms without it
+(medians of 7, within the run's spread).
 """
 
 from __future__ import annotations
