@@ -59,14 +59,14 @@ def warn_active_dropout(model: nn.Module, what: str, stacklevel: int = 3) -> Non
     )
 
 
-#: F.* dropout -> (index of p, its default, index of training, its default) in its signature
-_DROPOUTS: dict[Any, tuple[int, float, int, bool]] = {
-    F.dropout: (1, 0.5, 2, True),
-    F.dropout1d: (1, 0.5, 2, True),
-    F.dropout2d: (1, 0.5, 2, True),
-    F.dropout3d: (1, 0.5, 2, True),
-    F.alpha_dropout: (1, 0.5, 2, False),
-    F.feature_alpha_dropout: (1, 0.5, 2, False),
+#: F.* dropout -> the default of its ``training`` argument; every one is f(input, p, training, ...)
+_DROPOUTS: dict[Any, bool] = {
+    F.dropout: True,
+    F.dropout1d: True,
+    F.dropout2d: True,
+    F.dropout3d: True,
+    F.alpha_dropout: False,
+    F.feature_alpha_dropout: False,
 }
 
 
@@ -81,11 +81,10 @@ def functional_dropout(func: Any, args: tuple, kwargs: dict[str, Any]) -> str | 
     if func is F.scaled_dot_product_attention:
         p = _arg(args, kwargs, 4, "dropout_p", 0.0)
         return f"scaled_dot_product_attention(dropout_p={p:g})" if p > 0 else None
-    spec = _DROPOUTS.get(func)
-    if spec is None:
+    if func not in _DROPOUTS:
         return None
-    p = _arg(args, kwargs, spec[0], "p", spec[1])
-    training = _arg(args, kwargs, spec[2], "training", spec[3])
+    p = _arg(args, kwargs, 1, "p", 0.5)
+    training = _arg(args, kwargs, 2, "training", _DROPOUTS[func])
     return f"{func.__name__}(p={p:g}, training=True)" if training and p > 0 else None
 
 

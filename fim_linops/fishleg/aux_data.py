@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fim_linops.data import decoder_inputs
+from fim_linops.data import split_mapping
 
 
 def is_one_batch(data: Any) -> bool:
@@ -23,11 +23,10 @@ def is_one_batch(data: Any) -> bool:
 def inputs_of(batch: Any, model: Any = None) -> tuple[Any, Tensor | None]:
     """The model input of a batch and its labels, if any: x of (x, y), the keys but ``labels`` of
     a mapping (with an encoder-decoder ``model``'s decoder inputs:
-    :func:`~fim_linops.data.decoder_inputs`). The labels are read only for the kept positions
+    :func:`~fim_linops.data.split_mapping`). The labels are read only for the kept positions
     (ignore_index); the Fisher uses p(y|x)."""
     if isinstance(batch, Mapping):
-        x = {k: v for k, v in batch.items() if k != "labels"}
-        return decoder_inputs(model, x, batch.get("labels")), batch.get("labels")
+        return split_mapping(batch, model)
     if isinstance(batch, (tuple, list)) and len(batch) >= 1 and not isinstance(batch, Tensor):
         y = batch[1] if len(batch) == 2 and isinstance(batch[1], Tensor) else None
         return batch[0], y
