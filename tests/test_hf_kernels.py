@@ -102,3 +102,25 @@ def test_flex_attention_products_use_the_eager_kernel_and_match_the_reference():
     close(implicit @ v[:, :1].float(), ref @ v[:, :1], 1e-5)
     close(implicit @ v.float(), ref @ v, 1e-5)
     assert model.config._attn_implementation == "flex_attention"
+
+
+def test_kernels_and_checkpointing_are_put_back_when_the_forward_raises():
+    """Inside the transformed forward the kernels are eager and checkpointing is off; an
+    exception leaves the model's choices and flags as they were."""
+    from fim_linops.engine.forward_mode import transformed_forward
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(num_local_experts=3, num_experts_per_tok=2, **KV_SIZES)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    model.config._attn_implementation = "flex_attention"
+    model.gradient_checkpointing_enable()
+    flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert flags
+    with pytest.raises(RuntimeError, match="inside"), transformed_forward(model):
+        assert model.config._attn_implementation == "eager"
+        assert model.config._experts_implementation == "eager"
+        assert not any(m.gradient_checkpointing for m in flags)
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == "flex_attention"
+    assert model.config._experts_implementation == "grouped_mm"
+    assert all(m.gradient_checkpointing is True for m in flags)
